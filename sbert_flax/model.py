@@ -1,0 +1,200 @@
+"""BERT encoder in Flax NNX: token ids in, hidden states out (no pooler: UER's conversion never
+writes one, and sentence embeddings are pooled from the last hidden states).
+
+Numerics follow Hugging Face `BertModel` exactly in float32: post-LN layers, exact erf GELU,
+LayerNorm eps from the config (1e-12), additive attention mask. With `dtype=bfloat16` the matmuls run
+in bf16 while params stay float32 and softmax / LayerNorm statistics stay float32.
+
+Every parameter carries logical axis names (`sharding_names`, e.g. ("embed", "mlp")); a rules table
+in `sharding.py` maps them onto a mesh. The model never sees a mesh. Eager sharding is off so the
+model can be built outside any mesh context (inference on one device, tests, conversion).
+
+Dropout takes an explicit PRNG key argument instead of NNX Rngs state: the model state is then just
+parameters, which keeps the jitted train step a pure function of (params, batch, key).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sbert_flax.config import BertConfig
+
+Array = jax.Array
+
+# Mask fill for padded keys. Finite (not finfo.min) so a row whose keys are all masked -- the
+# zero-weight rows that pad a batch -- gives a uniform softmax instead of NaN.
+_MASK_VALUE = -1e30
+
+
+def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None, ...],
+           init: str, std: float = 0.02) -> nnx.Param:
+    if init == "normal":
+        key = rngs.params() if rngs is not None else jax.random.key(0)
+        value = std * jax.random.normal(key, shape, jnp.float32)
+    elif init == "ones":
+        value = jnp.ones(shape, jnp.float32)
+    else:
+        value = jnp.zeros(shape, jnp.float32)
+    return nnx.Param(value, sharding_names=axes, eager_sharding=False)
+
+
+def activation(name: str):
+    """HF activation names -> functions. "gelu" is HF's exact erf GELU."""
+    if name == "gelu":
+        return lambda x: jax.nn.gelu(x, approximate=False)
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return lambda x: jax.nn.gelu(x, approximate=True)
+    if name == "relu":
+        return jax.nn.relu
+    raise ValueError(f"unsupported activation {name!r}")
+
+
+def dropout(x: Array, rate: float, key: Array | None) -> Array:
+    """Inverted dropout; identity when `key` is None (inference) or rate is 0."""
+    if key is None or rate <= 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def _split(key: Array | None, n: int) -> list[Array | None]:
+    return [None] * n if key is None else list(jax.random.split(key, n))
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with float32 statistics whatever the compute dtype (bf16 variance underflows)."""
+
+    def __init__(self, dim: int, eps: float):
+        self.eps = eps
+        self.scale = _param(None, (dim,), ("norm",), "ones")
+        self.bias = _param(None, (dim,), ("norm",), "zeros")
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale.value + self.bias.value
+        return y.astype(x.dtype)
+
+
+class Embeddings(nnx.Module):
+    def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
+        std = cfg.initializer_range
+        d = cfg.hidden_size
+        self.word_embeddings = _param(rngs, (cfg.vocab_size, d), ("vocab", "embed"), "normal", std)
+        self.position_embeddings = _param(rngs, (cfg.max_position_embeddings, d), (None, "embed"),
+                                          "normal", std)
+        self.token_type_embeddings = _param(rngs, (cfg.type_vocab_size, d), (None, "embed"),
+                                            "normal", std)
+        self.layer_norm = LayerNorm(d, cfg.layer_norm_eps)
+        self.dropout_rate = cfg.hidden_dropout_prob
+
+    def __call__(self, input_ids: Array, token_type_ids: Array, dtype: jnp.dtype,
+                 dropout_key: Array | None) -> Array:
+        seq_len = input_ids.shape[1]
+        x = (jnp.take(self.word_embeddings.value, input_ids, axis=0)
+             + jnp.take(self.token_type_embeddings.value, token_type_ids, axis=0)
+             + self.position_embeddings.value[None, :seq_len])  # [B, L, D], summed in f32 like HF
+        x = self.layer_norm(x).astype(dtype)
+        return dropout(x, self.dropout_rate, dropout_key)
+
+
+class SelfAttention(nnx.Module):
+    """Multi-head self-attention with one fused QKV projection (one GEMM instead of three)."""
+
+    def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
+        d, h, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
+        std = cfg.initializer_range
+        self.num_heads, self.head_dim = h, hd
+        self.qkv_kernel = _param(rngs, (d, 3, h, hd), ("embed", None, "heads", "kv"), "normal", std)
+        self.qkv_bias = _param(None, (3, h, hd), (None, "heads", "kv"), "zeros")
+        self.out_kernel = _param(rngs, (h, hd, d), ("heads", "kv", "embed"), "normal", std)
+        self.out_bias = _param(None, (d,), ("embed",), "zeros")
+        self.attn_dropout_rate = cfg.attention_probs_dropout_prob
+        self.dropout_rate = cfg.hidden_dropout_prob
+
+    def __call__(self, x: Array, mask_bias: Array, dropout_key: Array | None) -> Array:
+        b, seq, d = x.shape
+        dtype = x.dtype
+        k_attn, k_out = _split(dropout_key, 2)
+        # 2-D GEMMs ([B*L, D] x [D, 3D]) hit XLA:CPU's fastest matmul path.
+        qkv = x.reshape(b * seq, d) @ self.qkv_kernel.value.reshape(d, 3 * d).astype(dtype)
+        qkv = (qkv + self.qkv_bias.value.reshape(3 * d).astype(dtype))
+        qkv = qkv.reshape(b, seq, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, L, H, Dh]
+        q = q * jnp.asarray(self.head_dim ** -0.5, dtype)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        probs = jax.nn.softmax(scores + mask_bias, axis=-1)  # f32 softmax, [B, H, L, L]
+        probs = dropout(probs, self.attn_dropout_rate, k_attn).astype(dtype)
+        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b * seq, d)
+        out = ctx @ self.out_kernel.value.reshape(d, d).astype(dtype) + self.out_bias.value.astype(dtype)
+        return dropout(out.reshape(b, seq, d), self.dropout_rate, k_out)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        std = cfg.initializer_range
+        self.wi_kernel = _param(rngs, (d, f), ("embed", "mlp"), "normal", std)
+        self.wi_bias = _param(None, (f,), ("mlp",), "zeros")
+        self.wo_kernel = _param(rngs, (f, d), ("mlp", "embed"), "normal", std)
+        self.wo_bias = _param(None, (d,), ("embed",), "zeros")
+        self.act = activation(cfg.hidden_act)
+        self.dropout_rate = cfg.hidden_dropout_prob
+
+    def __call__(self, x: Array, dropout_key: Array | None) -> Array:
+        b, seq, d = x.shape
+        dtype = x.dtype
+        h = x.reshape(b * seq, d) @ self.wi_kernel.value.astype(dtype) + self.wi_bias.value.astype(dtype)
+        h = self.act(h)
+        out = h @ self.wo_kernel.value.astype(dtype) + self.wo_bias.value.astype(dtype)
+        return dropout(out.reshape(b, seq, d), self.dropout_rate, dropout_key)
+
+
+class Layer(nnx.Module):
+    """One post-LN transformer layer: x = LN(x + Attn(x)); x = LN(x + MLP(x))."""
+
+    def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
+        self.attention = SelfAttention(cfg, rngs)
+        self.attention_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
+        self.mlp = MLP(cfg, rngs)
+        self.output_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
+
+    def __call__(self, x: Array, mask_bias: Array, dropout_key: Array | None) -> Array:
+        k_attn, k_mlp = _split(dropout_key, 2)
+        x = self.attention_norm(x + self.attention(x, mask_bias, k_attn))
+        return self.output_norm(x + self.mlp(x, k_mlp))
+
+
+class BertModel(nnx.Module):
+    """Backbone: ids in, last hidden states out.
+
+    Args:
+      cfg: architecture.
+      rngs: initialisation randomness (converted weights overwrite it).
+      dtype: compute dtype of activations and matmuls; params stay float32.
+    """
+
+    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32):
+        self.config = cfg
+        self.dtype = jnp.dtype(dtype)
+        self.embeddings = Embeddings(cfg, rngs)
+        self.layers = nnx.List([Layer(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
+
+    def __call__(self, input_ids: Array, attention_mask: Array, token_type_ids: Array | None = None,
+                 *, dropout_key: Array | None = None) -> Array:
+        """Returns the last hidden states [B, L, D] in the compute dtype.
+
+        Dropout runs iff `dropout_key` is given (training); inference passes None.
+        """
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        keys = _split(dropout_key, len(self.layers) + 1)
+        # [B, 1, 1, L] additive bias over keys, float32 so it is exact under bf16 compute.
+        mask_bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, _MASK_VALUE).astype(jnp.float32)
+        x = self.embeddings(input_ids, token_type_ids, self.dtype, keys[0])
+        for layer, key in zip(self.layers, keys[1:], strict=True):
+            x = layer(x, mask_bias, key)
+        return x

@@ -1,0 +1,114 @@
+"""Host-side tokenization (the model's own HF fast tokenizer) and length bucketing.
+
+Nothing here runs under jit: text -> numpy ids on the host, then fixed-shape padded batches go to
+the device. Length buckets bound the number of compiled shapes.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
+
+# Default bucket lengths (tokens, incl. [CLS]/[SEP]). Dense where Chinese sentences live (most
+# are 10-60 tokens), geometric after: 11 shapes up to 512 with at most ~33% padding per batch
+# (and ~15% on STS-B-zh, see README's performance section).
+DEFAULT_BUCKETS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+def bucket_lengths(max_seq_length: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> tuple[int, ...]:
+    """The buckets not longer than `max_seq_length`, which is always the last bucket."""
+    out = [b for b in buckets if b < max_seq_length]
+    return (*out, max_seq_length)
+
+
+def bucket_for(length: int, buckets: Sequence[int]) -> int:
+    """Smallest bucket >= length (buckets sorted ascending; length <= buckets[-1])."""
+    i = bisect.bisect_left(buckets, length)
+    if i == len(buckets):
+        raise ValueError(f"length {length} exceeds the largest bucket {buckets[-1]}")
+    return buckets[i]
+
+
+class Tokenizer:
+    """Wraps a `transformers` fast tokenizer: texts -> lists of token ids with [CLS]/[SEP].
+
+    Args:
+      hf_tokenizer: a `PreTrainedTokenizerFast`.
+      lowercase_text: lowercase the text before tokenizing (sentence-transformers'
+        `do_lower_case` in sentence_bert_config.json; distinct from the tokenizer's own flag).
+    """
+
+    def __init__(self, hf_tokenizer, lowercase_text: bool = False):
+        self.hf = hf_tokenizer
+        self.lowercase_text = lowercase_text
+        self.pad_id = int(hf_tokenizer.pad_token_id or 0)
+
+    @property
+    def model_max_length(self) -> int:
+        return int(getattr(self.hf, "model_max_length", 512) or 512)
+
+    def encode(self, texts: Sequence[str], max_length: int) -> list[np.ndarray]:
+        """Token ids per text (int32), truncated to `max_length` keeping the final [SEP]."""
+        # sentence-transformers strips surrounding whitespace before tokenizing; so do we.
+        texts = [t.strip() for t in texts]
+        if self.lowercase_text:
+            texts = [t.lower() for t in texts]
+        if not texts:
+            return []
+        enc = self.hf(texts, add_special_tokens=True, truncation="longest_first",
+                      max_length=max_length, padding=False, return_attention_mask=False,
+                      return_token_type_ids=False)
+        return [np.asarray(ids, dtype=np.int32) for ids in enc["input_ids"]]
+
+    def save(self, directory: str) -> None:
+        self.hf.save_pretrained(directory)
+
+
+def load_tokenizer(path: str, lowercase_text: bool = False, do_lower_case: bool | None = None) -> Tokenizer:
+    """Loads the tokenizer of a model folder (tokenizer.json or vocab.txt) or a bare vocab file.
+
+    Args:
+      path: a model directory, or a `vocab.txt`-style file (one token a line, e.g. UER-py's
+        models/google_zh_vocab.txt).
+      lowercase_text: see `Tokenizer`.
+      do_lower_case: override the tokenizer's own lowercasing; None keeps what the folder says
+        (its tokenizer_config.json; m3e-small has it off, all-MiniLM on).
+    """
+    from transformers import AutoTokenizer, BertTokenizerFast
+
+    if os.path.isfile(path):
+        kwargs = {} if do_lower_case is None else {"do_lower_case": do_lower_case}
+        try:
+            hf = BertTokenizerFast(vocab_file=path, **kwargs)
+        except Exception as e:
+            raise ValueError(f"{path}: cannot build a WordPiece tokenizer from this vocab file ({e})") from None
+        return Tokenizer(hf, lowercase_text)
+    if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{path}: no tokenizer found (need tokenizer.json or vocab.txt); pass vocab_path= "
+            "to point at a vocab file"
+        )
+    kwargs = {} if do_lower_case is None else {"do_lower_case": do_lower_case}
+    try:
+        hf = AutoTokenizer.from_pretrained(path, use_fast=True, **kwargs)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot load tokenizer ({type(e).__name__}: {e})") from None
+    if not getattr(hf, "is_fast", False):
+        raise ValueError(f"{path}: only fast (Rust) tokenizers are supported")
+    return Tokenizer(hf, lowercase_text)
+
+
+def pad_batch(seqs: Sequence[np.ndarray], length: int, batch: int, pad_id: int = 0
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Packs id sequences into fixed [batch, length] ids and mask; extra rows are all padding."""
+    ids = np.full((batch, length), pad_id, dtype=np.int32)
+    mask = np.zeros((batch, length), dtype=np.int32)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = s
+        mask[i, : len(s)] = 1
+    return ids, mask

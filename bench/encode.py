@@ -1,0 +1,125 @@
+"""Benchmark: sentence-transformers (PyTorch) vs sbert-flax encode, side by side in ONE process.
+
+Same model folder, same sentences (STS-B-zh test: 2,722 sentences), same thread count, fp32 and
+bf16. Reports sentences/s, the ratio, padding waste, compile count and compile time. The machine
+is shared and noisy, so both sides are timed alternately within one run and the best of
+`--repeats` is kept for each.
+
+    python bench/encode.py                      # random BERT-base-sized Chinese model (12L/768)
+    python bench/encode.py --model ~/.cache/sbert_flax/models/m3e-small
+    python bench/encode.py --sentences 500 --dtypes float32   # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from sbert_flax.xla import apply_cpu_performance_flags  # noqa: E402  (before jax starts)
+
+apply_cpu_performance_flags()
+
+
+def bert_base_dir() -> str:
+    """A random BERT-base-sized Chinese model (stand-in for uer/sbert-base-chinese-nli)."""
+    from sbert_flax.devdata import data_path, model_cache_dir
+
+    d = os.path.join(model_cache_dir(), "bert-base-zh-random")
+    if os.path.isfile(os.path.join(d, "config.json")):
+        return d
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=21128, hidden_size=768, num_hidden_layers=12,
+                                 num_attention_heads=12, intermediate_size=3072),
+                      add_pooling_layer=False)
+    tmp = d + ".tmp"
+    model.save_pretrained(tmp)
+    BertTokenizerFast(vocab_file=data_path("vocab", "google_zh_vocab.txt")).save_pretrained(tmp)
+    os.replace(tmp, d)
+    return d
+
+
+def load_sentences(n: int | None) -> list[str]:
+    from sbert_flax.devdata import data_path
+
+    path = data_path("stsb-zh", "test.tsv")
+    if path is None:
+        sys.exit("STS-B-zh test.tsv not found: set SBERT_FLAX_DATA to the shared data folder")
+    sents = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            parts = line.rstrip("\n").split("\t")
+            sents += parts[:2]
+    return sents[:n] if n else sents
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="HF / sentence-transformers folder (default: random BERT-base)")
+    ap.add_argument("--sentences", type=int, default=None, help="use only the first N sentences")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    args = ap.parse_args()
+
+    import jax
+    import numpy as np
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from sbert_flax import SentenceEncoder
+
+    torch.set_num_threads(args.threads)
+    model_dir = args.model or bert_base_dir()
+    sents = load_sentences(args.sentences)
+    print(f"model {model_dir}\n{len(sents)} sentences, batch {args.batch_size}, "
+          f"torch threads {torch.get_num_threads()}, jax devices {jax.devices()}, "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+
+    rows = []
+    for dtype in args.dtypes.split(","):
+        st = SentenceTransformer(model_dir, device="cpu")
+        if dtype == "bfloat16":
+            st = st.to(torch.bfloat16)
+        enc = SentenceEncoder.from_pretrained(model_dir, dtype=dtype, compilation_cache=False,
+                                              devices=jax.local_devices()[:1])
+
+        t0 = time.perf_counter()
+        ours = enc.encode(sents, batch_size=args.batch_size)
+        first = time.perf_counter() - t0
+        compiles = enc.num_traces
+        with torch.inference_mode():
+            ref = st.encode(sents, batch_size=args.batch_size, convert_to_numpy=True)  # warm-up
+        t_st, t_ours = [], []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                st.encode(sents, batch_size=args.batch_size)
+            t_st.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            enc.encode(sents, batch_size=args.batch_size)
+            t_ours.append(time.perf_counter() - t0)
+        ref = np.asarray(ref, np.float32)
+        cos = np.sum(ours * ref, 1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(ref, axis=1))
+        st_sps, our_sps = len(sents) / min(t_st), len(sents) / min(t_ours)
+        stats = enc.last_stats
+        rows.append((dtype, st_sps, our_sps, our_sps / st_sps, stats.padding_waste, compiles,
+                     max(first - min(t_ours), 0.0), float(cos.min())))
+        print(f"{dtype}: torch {st_sps:.1f}/s  sbert-flax {our_sps:.1f}/s  shapes {stats.shapes}")
+
+    print("\n| dtype | sentence-transformers (sent/s) | sbert-flax (sent/s) | ratio | padding waste "
+          "| compiles | compile time (s) | min cosine vs torch |")
+    print("|---|---|---|---|---|---|---|---|")
+    for dtype, a, b, r, waste, n, ct, cmin in rows:
+        print(f"| {dtype} | {a:.1f} | {b:.1f} | {r:.2f} | {waste:.1%} | {n} | {ct:.1f} | {cmin:.6f} |")
+
+
+if __name__ == "__main__":
+    main()

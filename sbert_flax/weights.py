@@ -41,6 +41,19 @@ def _torch_to_numpy(t) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
+def _torch_load_reason(e: Exception) -> str:
+    """The informative part of a `torch.load` error, on one line.
+
+    With weights_only=True torch wraps every unpickling failure in a long message that suggests
+    retrying with weights_only=False; for a corrupt file that advice is wrong (and unsafe), so
+    keep only the unpickler's own reason.
+    """
+    msg = str(e)
+    if "WeightsUnpickler error:" in msg:
+        msg = msg.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+    return " ".join(msg.split()) or type(e).__name__
+
+
 def read_state_dict(path: str | os.PathLike) -> StateDict:
     """Reads `*.safetensors` (no torch needed) or `*.bin`/`*.pt` (needs torch) into numpy.
 
@@ -58,7 +71,8 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
         try:
             return dict(load_file(path))
         except Exception as e:  # safetensors raises several error types for corrupt files
-            raise WeightsError(f"{path}: cannot read safetensors file ({type(e).__name__}: {e})") from None
+            raise WeightsError(f"{path}: cannot read safetensors file: it is corrupt, truncated or not "
+                               f"safetensors ({type(e).__name__}: {e})") from None
     try:
         import torch
     except ImportError:
@@ -70,7 +84,8 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise WeightsError(f"{path}: cannot read PyTorch checkpoint ({type(e).__name__}: {e})") from None
+        raise WeightsError(f"{path}: cannot read PyTorch checkpoint: it is corrupt, truncated or not "
+                           f"saved with torch.save ({type(e).__name__}: {_torch_load_reason(e)})") from None
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):

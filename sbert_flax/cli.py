@@ -1,0 +1,305 @@
+"""The `sbert-flax` console script: convert, encode, similarity, eval-sts (and a `train` slot).
+
+Only this module parses argv. Errors a user can fix (missing files, corrupt weights, bad config,
+malformed input) become one line on stderr and exit code 2; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from sbert_flax.config import POOLING_MODES, ConfigError
+from sbert_flax.weights import WeightsError
+
+PROG = "sbert-flax"
+# Exceptions that mean "the input is wrong", shown without a traceback.
+USER_ERRORS = (FileNotFoundError, FileExistsError, WeightsError, ConfigError, ValueError, TypeError,
+               ImportError, OSError)
+
+
+class UsageError(ValueError):
+    """A bad combination of command-line arguments."""
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+def _load_encoder(args: argparse.Namespace, **kwargs):
+    from sbert_flax.encoder import SentenceEncoder
+
+    return SentenceEncoder.from_pretrained(
+        args.model, pooling=args.pooling, max_seq_length=args.max_seq_length,
+        dtype=getattr(args, "dtype", "float32"), **kwargs)
+
+
+def read_lines(path: str) -> list[str]:
+    """One sentence per line, so row i of the output is line i (1-based i+1) of the file.
+
+    Lines are split on "\\n" only (a trailing "\\r" is dropped), not on the other characters
+    `str.splitlines` treats as breaks, and empty lines stay empty sentences. A final newline
+    does not start an extra sentence.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"input file not found: {path}")
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data:
+        return []
+    chunks = data.split(b"\n")
+    if data.endswith(b"\n"):
+        chunks.pop()
+    lines = []
+    for i, raw in enumerate(chunks, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}:{i}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        if i == 1:
+            line = line.removeprefix("\ufeff")
+        lines.append(line.removesuffix("\r"))
+    return lines
+
+
+def save_npy_atomic(path: str, array: np.ndarray) -> None:
+    """Writes `array` to exactly `path` (no `.npy` appended) via a temp file + rename."""
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"output directory does not exist: {parent}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _check_dest(dest: str, overwrite: bool) -> None:
+    # The library refuses too, but only after loading the model; fail before the slow part.
+    if os.path.exists(dest) and not overwrite and not (os.path.isdir(dest) and not os.listdir(dest)):
+        raise FileExistsError(f"{dest} already exists and is not empty; pass --overwrite to replace it")
+
+
+# --------------------------------------------------------------------------------------------
+# Subcommands
+# --------------------------------------------------------------------------------------------
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import jax
+
+    from sbert_flax.encoder import SentenceEncoder
+
+    _check_dest(args.dest, args.overwrite)
+    # Conversion runs no computation; one device is enough to hold the params.
+    kwargs = {"devices": jax.local_devices()[:1], "compilation_cache": False}
+    if os.path.isfile(args.src):
+        if not (args.uer_config and args.vocab):
+            raise UsageError(f"{args.src} is a file, read as a UER-py checkpoint: pass --uer-config "
+                             "(UER or HF config json) and --vocab (vocab.txt)")
+        enc = SentenceEncoder.from_uer(args.src, args.vocab, args.uer_config,
+                                       pooling=args.pooling or "cls",
+                                       max_seq_length=args.max_seq_length or 128,
+                                       tower=args.tower, **kwargs)
+    else:
+        if args.uer_config or args.vocab:
+            raise UsageError("--uer-config/--vocab apply to a UER-py .bin file; "
+                             f"{args.src} is not a file")
+        enc = SentenceEncoder.from_pretrained(args.src, pooling=args.pooling,
+                                              max_seq_length=args.max_seq_length, **kwargs)
+    if args.to == "pytorch":
+        enc.export_pytorch(args.dest, overwrite=args.overwrite)
+        what = "sentence-transformers (PyTorch)"
+    else:
+        enc.save(args.dest, overwrite=args.overwrite)
+        what = "sbert-flax"
+    print(f"wrote {what} model to {args.dest} (pooling={enc.pooling.mode}, "
+          f"normalize={enc.pooling.normalize}, max_seq_length={enc.max_seq_length}, "
+          f"{enc.config.num_hidden_layers} layers, dim {enc.dim})")
+    return 0
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    sentences = read_lines(args.input)
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(out_dir):  # before the slow part, not after it
+        raise FileNotFoundError(f"output directory does not exist: {out_dir}")
+    enc = _load_encoder(args)
+    t0 = time.perf_counter()
+    emb = enc.encode(sentences, batch_size=args.batch_size, normalize=args.normalize,
+                     show_progress_bar=args.progress)
+    secs = time.perf_counter() - t0
+    save_npy_atomic(args.output, emb)
+    print(f"wrote {emb.shape[0]} x {emb.shape[1]} float32 embeddings to {args.output} "
+          f"({secs:.1f} s)", file=sys.stderr)
+    return 0
+
+
+def cmd_similarity(args: argparse.Namespace) -> int:
+    enc = _load_encoder(args)
+    sentences = [args.sentence, *args.others]
+    emb = enc.encode(sentences, normalize=True)
+    cos = enc.similarity(emb[:1], emb[1:])[0]
+    for c, s in zip(cos, args.others, strict=True):
+        print(f"{c:.4f}\t{s}")
+    return 0
+
+
+def cmd_eval_sts(args: argparse.Namespace) -> int:
+    from sbert_flax.evaluation import evaluate_sts, read_sts
+
+    read_sts(args.data)  # report a malformed file before the slow model load
+    enc = _load_encoder(args)
+    t0 = time.perf_counter()
+    r = evaluate_sts(enc, args.data, batch_size=args.batch_size)
+    secs = time.perf_counter() - t0
+    print(f"{args.data}: {r['pairs']} pairs, cosine vs gold ({secs:.1f} s)")
+    print(f"spearman x100: {100 * r['spearman']:.2f}")
+    print(f"pearson  x100: {100 * r['pearson']:.2f}")
+    return 0
+
+
+def cmd_train(argv: Sequence[str]) -> int:
+    """Forwards to `sbert_flax.training.cli.main(argv)` when training is installed."""
+    try:
+        training_cli = importlib.import_module("sbert_flax.training.cli")
+    except ModuleNotFoundError as e:
+        # Only a missing training CLI means "not available"; a broken dependency inside it
+        # (e.g. optax absent) is a real error and keeps its traceback.
+        if e.name not in ("sbert_flax.training", "sbert_flax.training.cli"):
+            raise
+        print(f"{PROG}: training is not available in this installation "
+              "(sbert_flax.training.cli not found)", file=sys.stderr)
+        return 2
+    return int(training_cli.main(list(argv)) or 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Parsers
+# --------------------------------------------------------------------------------------------
+
+def _model_args(p: argparse.ArgumentParser, dtype: bool = False) -> None:
+    p.add_argument("--model", required=True,
+                   help="sbert-flax dir, HF / sentence-transformers dir, or hub id")
+    p.add_argument("--pooling", choices=POOLING_MODES, help="override the model's pooling")
+    p.add_argument("--max-seq-length", type=int, help="tokens per sentence incl. [CLS]/[SEP]; "
+                   "longer input is truncated (default: the model's)")
+    if dtype:
+        p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                       help="compute dtype (the output is float32 either way)")
+
+
+def add_convert_args(p: argparse.ArgumentParser, to: str | None = None, uer: bool = False) -> None:
+    """The `convert` options; `to` fixes the direction, `uer` makes the UER options required."""
+    p.add_argument("src", metavar="SRC", help="UER-py .bin file" if uer else
+                   "HF / sentence-transformers / sbert-flax dir (or hub id), or a UER-py .bin file")
+    p.add_argument("dest", metavar="DEST", help="output directory (written only on success)")
+    if to is None:
+        p.add_argument("--to", choices=("flax", "pytorch"), default="flax",
+                       help="flax: sbert-flax dir (default); pytorch: sentence-transformers folder")
+    else:
+        p.set_defaults(to=to)
+    p.add_argument("--pooling", choices=POOLING_MODES,
+                   help="override the pooling (default: the folder's; cls for UER checkpoints)")
+    p.add_argument("--max-seq-length", type=int,
+                   help="sequence length to record (default: the folder's; 128 for UER)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty DEST")
+    g = p.add_argument_group("UER-py checkpoints")
+    g.add_argument("--uer-config", required=uer, help="UER-py (or HF) config json of the .bin file")
+    g.add_argument("--vocab", required=uer, help="vocab.txt of the UER-py model")
+    g.add_argument("--tower", type=int, choices=(0, 1), default=0,
+                   help="which sbert tower to take when the towers are not tied")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Chinese Sentence-BERT in JAX/Flax: convert, encode, evaluate.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("convert", help="convert between HF / sentence-transformers / UER-py and sbert-flax",
+                       description="HF / sentence-transformers dir -> sbert-flax dir (default); "
+                       "--to pytorch writes a sentence-transformers folder; a UER-py .bin SRC "
+                       "needs --uer-config and --vocab.")
+    add_convert_args(p)
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("encode", help="embed one sentence per line into a .npy file")
+    _model_args(p, dtype=True)
+    p.add_argument("--input", required=True, help="UTF-8 text, one sentence per line")
+    p.add_argument("--output", required=True, help=".npy file, float32 [lines, dim], row i = line i")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
+    p.add_argument("--progress", action="store_true", help="show a progress bar")
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("similarity", help="cosine of the first sentence against each of the rest")
+    _model_args(p)
+    p.add_argument("sentence", metavar="S1")
+    p.add_argument("others", metavar="S2", nargs="+")
+    p.set_defaults(func=cmd_similarity)
+
+    p = sub.add_parser("eval-sts", help="Spearman / Pearson x100 of cosine vs gold on s1<TAB>s2<TAB>score")
+    _model_args(p, dtype=True)
+    p.add_argument("--data", required=True, help="TSV: s1 \\t s2 \\t score per line")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=cmd_eval_sts)
+
+    sub.add_parser("train", help="siamese fine-tuning (arguments go to the training CLI)",
+                   add_help=False)
+    return parser
+
+
+def _one_line(e: BaseException) -> str:
+    return re.sub(r"\s*\n\s*", " ", str(e)).strip() or type(e).__name__
+
+
+def _run(func, args, debug: bool) -> int:
+    try:
+        return func(args)
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code (argparse exits with 2 on usage errors)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `train` owns everything after it (its own options and --help), so it bypasses our parser.
+    first = next((a for a in argv if a != "--debug"), None)
+    if first == "train":
+        return cmd_train(argv[argv.index("train") + 1:])
+    args = build_parser().parse_args(argv)
+    return _run(args.func, args, args.debug)
+
+
+def convert_main(argv: Sequence[str] | None = None, *, to: str, uer: bool = False,
+                 prog: str | None = None, description: str | None = None) -> int:
+    """Entry point of the convert/ scripts: `convert` with a fixed direction."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    add_convert_args(parser, to=to, uer=uer)
+    args = parser.parse_args(argv)
+    return _run(cmd_convert, args, args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

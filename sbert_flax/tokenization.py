@@ -86,10 +86,21 @@ def load_tokenizer(path: str, lowercase_text: bool = False, do_lower_case: bool 
 
     if os.path.isfile(path):
         kwargs = {} if do_lower_case is None else {"do_lower_case": do_lower_case}
+        # transformers 5 renamed the argument to `vocab` and silently ignores `vocab_file`,
+        # leaving a 5-token vocab that maps every character to [UNK]; pick the name this
+        # version takes and check the vocab really loaded.
+        import inspect
+
+        arg = "vocab" if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters else "vocab_file"
         try:
-            hf = BertTokenizerFast(vocab_file=path, **kwargs)
+            hf = BertTokenizerFast(**{arg: path}, **kwargs)
+            with open(path, encoding="utf-8") as f:
+                want = len({line.rstrip("\n") for line in f} - {""})
         except Exception as e:
             raise ValueError(f"{path}: cannot build a WordPiece tokenizer from this vocab file ({e})") from None
+        if len(hf.get_vocab()) != want:
+            raise ValueError(f"{path}: the tokenizer loaded {len(hf.get_vocab())} tokens but the file "
+                             f"has {want}; is it a one-token-a-line vocab.txt?")
         return Tokenizer(hf, lowercase_text)
     if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
         raise FileNotFoundError(

@@ -27,6 +27,17 @@ def zh_vocab_file() -> str | None:
     return ZH_VOCAB if os.path.isfile(ZH_VOCAB) else None
 
 
+def wordpiece_tokenizer(vocab_file: str, **kwargs):
+    """`BertTokenizerFast` over a vocab.txt. transformers 5 calls the argument `vocab` and silently
+    ignores `vocab_file` (a 5-token vocab: every character becomes [UNK])."""
+    import inspect
+
+    from transformers import BertTokenizerFast
+
+    arg = "vocab" if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters else "vocab_file"
+    return BertTokenizerFast(**{arg: vocab_file}, **kwargs)
+
+
 def _write_json(path: str, obj) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
@@ -81,7 +92,7 @@ def make_tiny_bert_dir(path: str, *, hidden: int = 32, layers: int = 2, heads: i
       `path`.
     """
     import torch
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    from transformers import BertConfig, BertModel
 
     vocab_file = vocab_file or zh_vocab_file()
     if vocab_file is None:
@@ -102,7 +113,8 @@ def make_tiny_bert_dir(path: str, *, hidden: int = 32, layers: int = 2, heads: i
             else:
                 p.copy_(std * torch.randn_like(p))
     model.save_pretrained(path)
-    tok = BertTokenizerFast(vocab_file=vocab_file, model_max_length=max_position)
+    tok = wordpiece_tokenizer(vocab_file, model_max_length=max_position)
+    assert len(tok.get_vocab()) == vocab_size, "the vocab file did not load"
     tok.save_pretrained(path)
     if pooling is not None:
         write_st_modules(path, hidden, pooling, normalize, max_position)

@@ -158,8 +158,9 @@ class SentenceEncoder:
         else:
             st = read_st_folder(local)
             cfg = st.config
-            params = weights.hf_to_flax(weights.read_weights(weights.find_weights_file(st.model_dir)),
-                                        cfg, source=st.model_dir)
+            wfile = weights.find_weights_file(st.model_dir)
+            # Errors name the weights file; the config they were checked against is beside it.
+            params = weights.hf_to_flax(weights.read_weights(wfile), cfg, source=wfile)
             pool_cfg, msl, lower, tok_dir = st.pooling, st.max_seq_length, st.lowercase_text, st.model_dir
         tokenizer = load_tokenizer(tok_dir, lowercase_text=lower)
         if msl is None:
@@ -173,6 +174,7 @@ class SentenceEncoder:
     def from_uer(cls, checkpoint_path: str, vocab_path: str, config_path: str, pooling: str = "cls",
                  max_seq_length: int = 128, tower: int = 0, **kwargs) -> SentenceEncoder:
         """Loads a UER-py checkpoint (sbert or single-tower `.bin`) with its UER or HF config."""
+        tokenizer = load_tokenizer(vocab_path)  # cheap: a bad vocab path fails before the big read
         state = weights.read_state_dict(checkpoint_path)
         cfg_dict = read_json(config_path)
         if "model_type" in cfg_dict or "num_hidden_layers" in cfg_dict:
@@ -181,7 +183,6 @@ class SentenceEncoder:
             cfg = weights.config_from_uer(cfg_dict, state, source=checkpoint_path)
         hf = weights.uer_to_hf(state, tower=tower, source=checkpoint_path)
         params = weights.hf_to_flax(hf, cfg, source=checkpoint_path)
-        tokenizer = load_tokenizer(vocab_path)
         return cls(cfg, params, tokenizer, PoolingConfig(pooling), max_seq_length, **kwargs)
 
     # ---- encoding -----------------------------------------------------------------------------

@@ -84,6 +84,8 @@ def load_tokenizer(path: str, lowercase_text: bool = False, do_lower_case: bool 
     """
     from transformers import AutoTokenizer, BertTokenizerFast
 
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"tokenizer not found: {path} is neither a vocab file nor a model directory")
     if os.path.isfile(path):
         kwargs = {} if do_lower_case is None else {"do_lower_case": do_lower_case}
         # transformers 5 renamed the argument to `vocab` and silently ignores `vocab_file`,

@@ -172,15 +172,19 @@ class SentenceEncoder:
 
     @classmethod
     def from_uer(cls, checkpoint_path: str, vocab_path: str, config_path: str, pooling: str = "cls",
-                 max_seq_length: int = 128, tower: int = 0, **kwargs) -> SentenceEncoder:
-        """Loads a UER-py checkpoint (sbert or single-tower `.bin`) with its UER or HF config."""
+                 max_seq_length: int = 128, tower: int | None = None, **kwargs) -> SentenceEncoder:
+        """Loads a UER-py checkpoint (sbert or single-tower `.bin`) with its UER or HF config.
+
+        `tower` (sbert checkpoints): None takes tower 0 and requires the towers to be tied;
+        0 or 1 takes that tower and ignores the other (see `weights.uer_to_hf`).
+        """
         tokenizer = load_tokenizer(vocab_path)  # cheap: a bad vocab path fails before the big read
         state = weights.read_state_dict(checkpoint_path)
         cfg_dict = read_json(config_path)
         if "model_type" in cfg_dict or "num_hidden_layers" in cfg_dict:
             cfg = BertConfig.from_hf_dict(cfg_dict, source=config_path)
         else:
-            cfg = weights.config_from_uer(cfg_dict, state, source=checkpoint_path)
+            cfg = weights.config_from_uer(cfg_dict, state, source=checkpoint_path, tower=tower)
         hf = weights.uer_to_hf(state, tower=tower, source=checkpoint_path)
         params = weights.hf_to_flax(hf, cfg, source=checkpoint_path)
         return cls(cfg, params, tokenizer, PoolingConfig(pooling), max_seq_length, **kwargs)

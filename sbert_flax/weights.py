@@ -367,15 +367,20 @@ def uer_num_layers(state: Mapping[str, np.ndarray], layout: UerLayout, tower: in
     return max(idx) + 1
 
 
-def uer_to_hf(state: Mapping[str, np.ndarray], layout: UerLayout | None = None, tower: int = 0,
-              source: str = "checkpoint") -> StateDict:
+def uer_to_hf(state: Mapping[str, np.ndarray], layout: UerLayout | None = None,
+              tower: int | None = None, source: str = "checkpoint") -> StateDict:
     """Translates a UER-py sbert / single-tower state dict into HF `BertModel` keys.
 
     UER's segment table has a row for "padding segment" 0 before segments A and B; HF's
     token-type table has no such row, so the first row is dropped (as UER-py's converter does).
-    For the sbert layout the other tower's keys are accepted only if they equal this tower's
-    (UER's `tie_weights`), so untied towers are never silently dropped.
+    For the sbert layout with `tower=None` the other tower's keys are accepted only if they equal
+    tower 0's (UER's `tie_weights`), so untied towers are never silently dropped; an explicit
+    `tower=0` or `tower=1` takes that tower and ignores the other.
     """
+    # An explicit tower is the only way to load an untied checkpoint (the error below says so);
+    # before, the tie check ran whatever tower was asked for, so that advice could not be followed.
+    check_tied = tower is None
+    tower = 0 if tower is None else tower
     layout = layout or detect_uer_layout(state)
     n = uer_num_layers(state, layout, tower)
     table = uer_key_map(layout, n, tower)
@@ -398,7 +403,7 @@ def uer_to_hf(state: Mapping[str, np.ndarray], layout: UerLayout | None = None, 
             if uk in state:
                 mine = uk.replace(f"embedding_{other}.", f"embedding_{tower}.").replace(
                     f"encoder_{other}.", f"encoder_{tower}.")
-                if not np.array_equal(state[uk], state[mine]):
+                if check_tied and not np.array_equal(state[uk], state[mine]):
                     raise WeightsError(
                         f"{source}: towers are not tied ({uk!r} differs from {mine!r}); "
                         f"choose one explicitly with tower=0 or tower=1")
@@ -424,13 +429,15 @@ def hf_to_uer(state: Mapping[str, np.ndarray], layout: UerLayout, num_layers: in
     return out
 
 
-def config_from_uer(uer_cfg: Mapping, state: Mapping[str, np.ndarray], source: str) -> BertConfig:
+def config_from_uer(uer_cfg: Mapping, state: Mapping[str, np.ndarray], source: str,
+                    tower: int | None = None) -> BertConfig:
     """A BertConfig from a UER-py model config json plus shapes read off the weights.
 
     Only what changes the maths is read; UER training fields (batch size, lr, ...) are ignored.
     The LayerNorm eps defaults to 1e-12, what the published HF conversions declare.
+    `tower` as in `uer_to_hf`.
     """
-    hf = uer_to_hf(state, source=source)
+    hf = uer_to_hf(state, tower=tower, source=source)
     vocab, hidden = hf["embeddings.word_embeddings.weight"].shape
     heads = uer_cfg.get("heads_num")
     if heads is None:

@@ -50,11 +50,11 @@ def test_console_script_and_convert_script_help():
     r = subprocess.run(["sbert-flax", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     for command in ("convert", "encode", "similarity", "eval-sts", "train"):
-        assert command in r.stdout
+        assert command in r.stdout, (r.stdout, r.stderr)
     r = subprocess.run([sys.executable, "convert/pytorch_to_flax.py", "--help"], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "SRC" in r.stdout and "DEST" in r.stdout and "--to {" not in r.stdout
+    assert "SRC" in r.stdout and "DEST" in r.stdout and "--to {" not in r.stdout, (r.stdout, r.stderr)
 
 
 # ---- convert ---------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from sbert_flax.training.data import (
     bucket_of,
     epoch_batches,
     eval_batches,
+    iter_epoch_batches,
     read_pair_tsv,
     skip_batches,
     steps_per_epoch,
@@ -383,3 +384,27 @@ def test_skip_batches():
     assert list(skip_batches(iter(range(5)), 2)) == [2, 3, 4]
     with pytest.raises(ValueError):
         skip_batches([1], -1)
+
+
+def test_iter_epoch_batches_is_epoch_batches_from_start():
+    p = synthetic_pairs(90)
+    kw = dict(global_batch=8, seq_length=128, seed=4, epoch=1, process_index=1, process_count=2)
+    whole = epoch_batches(p, **kw)
+    for start in (0, 3, len(whole), len(whole) + 2):
+        lazy = list(iter_epoch_batches(p, start=start, **kw))
+        assert len(lazy) == len(whole[start:])
+        for x, y in zip(lazy, whole[start:], strict=True):
+            assert x.keys() == y.keys()
+            for k in x:
+                np.testing.assert_array_equal(x[k], y[k])
+    with pytest.raises(DataError, match="not divisible"):  # raised at the call, not lazily
+        iter_epoch_batches(p, global_batch=9, seq_length=128, seed=0, epoch=0, process_count=2)
+
+
+def test_no_buckets_is_uer_batching():
+    # buckets=() pads everything to seq_length: ceil(n / batch) batches, like UER-py's loader.
+    p = synthetic_pairs(50)
+    bs = epoch_batches(p, global_batch=8, seq_length=128, seed=0, epoch=0, buckets=())
+    assert len(bs) == steps_per_epoch(p, 8, 128, buckets=()) == 7
+    assert {b["a_ids"].shape for b in bs} == {(8, 128)}
+    assert sum(b["weights"].sum() for b in bs) == 50

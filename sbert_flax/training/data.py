@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TypeVar
 
 import numpy as np
@@ -307,20 +307,37 @@ def _make_batch(pairs: TokenizedPairs, idx: np.ndarray, length: int, rows: int) 
             "weights": weights, "index": index}
 
 
-def _batches(pairs: TokenizedPairs, *, global_batch: int, seq_length: int, buckets: Sequence[int],
-             rng: np.random.Generator | None, process_index: int, process_count: int) -> list[Batch]:
-    rows = _check_process(global_batch, process_index, process_count)
-    n = len(pairs)
-    order = rng.permutation(n) if rng is not None else np.arange(n)
-    # Global batches as (length, example indices); pad rows are implicit in short index arrays.
+def _plan(pairs: TokenizedPairs, *, global_batch: int, seq_length: int, buckets: Sequence[int],
+          rng: np.random.Generator | None) -> list[tuple[int, np.ndarray]]:
+    """The epoch's global batches as (padded length, example indices); short ones get pad rows."""
+    order = rng.permutation(len(pairs)) if rng is not None else np.arange(len(pairs))
     plan: list[tuple[int, np.ndarray]] = []
     for length, idx in _bucket_groups(pairs, order, seq_length, buckets):
         plan.extend((length, idx[s: s + global_batch]) for s in range(0, len(idx), global_batch))
     if rng is not None:
         plan = [plan[j] for j in rng.permutation(len(plan))]
+    return plan
+
+
+def _iter_batches(pairs: TokenizedPairs, *, global_batch: int, seq_length: int,
+                  buckets: Sequence[int], rng: np.random.Generator | None, process_index: int,
+                  process_count: int, start: int, with_index: bool) -> Iterator[Batch]:
+    # Not a generator itself: bad arguments raise here, at the call, not at the first batch.
+    rows = _check_process(global_batch, process_index, process_count)
+    if start < 0:
+        raise DataError(f"start must be >= 0, got {start}")
+    plan = _plan(pairs, global_batch=global_batch, seq_length=seq_length, buckets=buckets, rng=rng)
     lo = process_index * rows
-    # Only this process's rows are materialised: slicing the global row list, pads included.
-    return [_make_batch(pairs, idx[lo: lo + rows], length, rows) for length, idx in plan]
+
+    def gen() -> Iterator[Batch]:
+        for length, idx in plan[start:]:
+            # Only this process's rows are built: a slice of the global row list, pads included.
+            batch = _make_batch(pairs, idx[lo: lo + rows], length, rows)
+            if not with_index:
+                del batch["index"]
+            yield batch
+
+    return gen()
 
 
 def epoch_batches(pairs: TokenizedPairs, *, global_batch: int, seq_length: int, seed: int,
@@ -332,7 +349,8 @@ def epoch_batches(pairs: TokenizedPairs, *, global_batch: int, seq_length: int, 
     smallest bucket >= the longer side), cut into batches of `global_batch` within each bucket
     (the last partial one padded with zero-weight rows), and the batch order is shuffled with the
     same generator. `shuffle=False` keeps file order within each bucket and orders batches by
-    bucket.
+    bucket. `buckets=()` pads every batch to seq_length: UER-py's own batching (random batches,
+    last one partial), at the cost of padding.
 
     Args:
       pairs: tokenized pairs (each side at most `seq_length` tokens).
@@ -353,12 +371,24 @@ def epoch_batches(pairs: TokenizedPairs, *, global_batch: int, seq_length: int, 
       DataError: global_batch not divisible by process_count, or a sequence longer than
         seq_length.
     """
+    return list(iter_epoch_batches(
+        pairs, global_batch=global_batch, seq_length=seq_length, seed=seed, epoch=epoch,
+        shuffle=shuffle, buckets=buckets, process_index=process_index, process_count=process_count))
+
+
+def iter_epoch_batches(pairs: TokenizedPairs, *, global_batch: int, seq_length: int, seed: int,
+                       epoch: int, shuffle: bool = True, buckets: Sequence[int] = TRAIN_BUCKETS,
+                       process_index: int = 0, process_count: int = 1,
+                       start: int = 0) -> Iterator[Batch]:
+    """`epoch_batches` built one batch at a time, from batch `start` on.
+
+    Holds one batch in memory instead of the epoch, and resuming mid-epoch with `start=n` skips
+    the first n batches without building them. Yields exactly `epoch_batches(...)[start:]`.
+    """
     rng = np.random.default_rng((seed, epoch)) if shuffle else None
-    out = _batches(pairs, global_batch=global_batch, seq_length=seq_length, buckets=buckets,
-                   rng=rng, process_index=process_index, process_count=process_count)
-    for b in out:
-        del b["index"]
-    return out
+    return _iter_batches(pairs, global_batch=global_batch, seq_length=seq_length, buckets=buckets,
+                         rng=rng, process_index=process_index, process_count=process_count,
+                         start=start, with_index=False)
 
 
 def eval_batches(pairs: TokenizedPairs, *, global_batch: int, seq_length: int,
@@ -370,8 +400,9 @@ def eval_batches(pairs: TokenizedPairs, *, global_batch: int, seq_length: int,
     index in `pairs` (-1 for pad rows), so predictions can be put back in file order with
     `preds[index[index >= 0]] = ...`.
     """
-    return _batches(pairs, global_batch=global_batch, seq_length=seq_length, buckets=buckets,
-                    rng=None, process_index=process_index, process_count=process_count)
+    return list(_iter_batches(pairs, global_batch=global_batch, seq_length=seq_length,
+                              buckets=buckets, rng=None, process_index=process_index,
+                              process_count=process_count, start=0, with_index=True))
 
 
 def steps_per_epoch(pairs: TokenizedPairs, global_batch: int, seq_length: int,

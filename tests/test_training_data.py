@@ -118,6 +118,13 @@ def test_skip_bad_lines_records_line_numbers(tmp_path):
     d = read_pair_tsv(write(tmp_path, BAD), skip_bad_lines=True)
     assert d.skipped_lines == (3, 4, 5, 6, 7, 8)
     assert d.text_a == ["ok", "fine"] and d.labels.tolist() == [0, 2] and d.num_labels == 3
+    assert d.skipped_summary(first=2).endswith("skipped 6 malformed line(s), first: 3, 4, ...; kept 2")
+    assert read_pair_tsv(write(tmp_path, "text_a\ttext_b\tlabel\na\tb\t0\n", "ok.tsv")).skipped_summary() == ""
+
+
+def test_huge_label_is_malformed(tmp_path):
+    with pytest.raises(DataError, match=r":2: label 99999999999 is too large"):
+        read_pair_tsv(write(tmp_path, "text_a\ttext_b\tlabel\na\tb\t99999999999\n"))
 
 
 def test_label_out_of_range_when_num_labels_given(tmp_path):
@@ -186,6 +193,8 @@ def test_cnli_dev_raw_malformed_count():
         read_pair_tsv(path, **kw)
     d = read_pair_tsv(path, skip_bad_lines=True, **kw)
     assert len(d) == 9824 and list(d.skipped_lines) == bad and d.num_labels == 3
+    assert d.skipped_summary() == (f"{path}: skipped 176 malformed line(s), first: "
+                                   f"{', '.join(map(str, bad[:5]))}, ...; kept 9824")
     assert d.text_a == [f[1] for f in good] and d.text_b == [f[2] for f in good]
     assert d.labels.tolist() == [NLI_LABELS[f[3]] for f in good]
 

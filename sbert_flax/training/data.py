@@ -35,6 +35,7 @@ _MAX_REPORTED = 5
 
 _INT_RE = re.compile(r"\s*\+?[0-9]+\s*")
 _NEG_RE = re.compile(r"\s*-[0-9]+\s*")
+_MAX_LABEL = np.iinfo(np.int32).max - 1  # labels are int32 and num_labels = max + 1 must fit
 
 Batch = dict[str, np.ndarray]
 T = TypeVar("T")
@@ -66,6 +67,15 @@ class PairData:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def skipped_summary(self, first: int = _MAX_REPORTED) -> str:
+        """One log line about skipped malformed lines ("" when none were skipped)."""
+        if not self.skipped_lines:
+            return ""
+        shown = ", ".join(map(str, self.skipped_lines[:first]))
+        more = ", ..." if len(self.skipped_lines) > first else ""
+        return (f"{self.path}: skipped {len(self.skipped_lines)} malformed line(s), "
+                f"first: {shown}{more}; kept {len(self)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,6 +223,9 @@ def read_pair_tsv(path: str, *, skip_bad_lines: bool = False,
                 continue
         elif _INT_RE.fullmatch(raw_label):
             label = int(raw_label)
+            if label > _MAX_LABEL:
+                bad.append((lineno, f"label {label} is too large for a class id"))
+                continue
         elif _NEG_RE.fullmatch(raw_label):
             bad.append((lineno, f"negative label {raw_label.strip()}"))
             continue

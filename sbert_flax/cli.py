@@ -219,8 +219,9 @@ def add_convert_args(p: argparse.ArgumentParser, to: str | None = None, uer: boo
     g = p.add_argument_group("UER-py checkpoints")
     g.add_argument("--uer-config", required=uer, help="UER-py (or HF) config json of the .bin file")
     g.add_argument("--vocab", required=uer, help="vocab.txt of the UER-py model")
-    g.add_argument("--tower", type=int, choices=(0, 1), default=0,
-                   help="which sbert tower to take when the towers are not tied")
+    g.add_argument("--tower", type=int, choices=(0, 1), default=None,
+                   help="sbert checkpoints: take this tower and ignore the other (default: "
+                   "require tied towers, i.e. identical, and take tower 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:

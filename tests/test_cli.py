@@ -85,8 +85,12 @@ def test_convert_uer_checkpoint(tiny, tiny_enc, tmp_path, capsys, one_device, zh
     hf = weights.flax_to_hf(tiny_enc.param_dict(), tiny_enc.config)
     uer = weights.hf_to_uer(hf, "sbert", tiny_enc.config.num_hidden_layers, tower=0)
     uer.update(weights.hf_to_uer(hf, "sbert", tiny_enc.config.num_hidden_layers, tower=1))
-    ckpt = str(tmp_path / "model.bin")
+    untied = dict(uer)
+    untied["encoder.encoder_1.transformer.0.layer_norm_1.gamma"] = uer[
+        "encoder.encoder_1.transformer.0.layer_norm_1.gamma"] + 1.0
+    ckpt, untied_ckpt = str(tmp_path / "model.bin"), str(tmp_path / "untied.bin")
     torch.save({k: torch.from_numpy(np.array(v)) for k, v in uer.items()}, ckpt)
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in untied.items()}, untied_ckpt)
     uer_cfg = tmp_path / "config.json"
     uer_cfg.write_text(json.dumps({"emb_size": 32, "hidden_size": 32, "heads_num": 4,
                                    "feedforward_size": 37, "layers_num": 2}))
@@ -97,6 +101,16 @@ def test_convert_uer_checkpoint(tiny, tiny_enc, tmp_path, capsys, one_device, zh
     assert got.pooling.mode == "cls" and got.max_seq_length == 128  # UER defaults
     ref = SentenceEncoder.from_pretrained(tiny, pooling="cls", devices=one_device)
     np.testing.assert_allclose(got.encode(SENTS), ref.encode(SENTS), atol=1e-6)
+
+    # Untied towers: refused unless a tower is named; --tower 0 takes tower 0's weights.
+    args = ["--uer-config", str(uer_cfg), "--vocab", zh_vocab]
+    rc, _, err = run(capsys, "convert", untied_ckpt, str(tmp_path / "u"), *args)
+    assert_user_error(rc, err, "towers are not tied", "tower=0 or tower=1")
+    assert not os.path.exists(tmp_path / "u")
+    rc, _, err = run(capsys, "convert", untied_ckpt, str(tmp_path / "u"), *args, "--tower", "0")
+    assert rc == 0, err
+    u = SentenceEncoder.from_pretrained(str(tmp_path / "u"), devices=one_device)
+    np.testing.assert_array_equal(u.encode(SENTS[:2]), got.encode(SENTS[:2]))
 
     rc, _, err = run(capsys, "convert", ckpt, str(tmp_path / "x"))
     assert_user_error(rc, err, "--uer-config", "--vocab")

@@ -1,0 +1,103 @@
+"""The siamese classifier of UER-py's `run_classifier_siamese.py`, and its loss.
+
+Two towers with shared weights (one `BertModel` run on both sides), each side pooled ("cls" =
+UER's "first", the default; or mean / max), features `[u, v, |u-v|, u*v]`, one linear layer to
+the labels, softmax cross-entropy. The head is float32 whatever the backbone's compute dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sbert_flax.config import BertConfig
+from sbert_flax.model import BertModel
+from sbert_flax.pooling import pool
+
+Array = jax.Array
+
+
+class Classifier(nnx.Module):
+    """Linear(4 * hidden, num_labels) with PyTorch's nn.Linear init, as UER-py builds it."""
+
+    def __init__(self, in_features: int, num_labels: int, rngs: nnx.Rngs):
+        bound = 1.0 / math.sqrt(in_features)  # kaiming_uniform(a=sqrt(5)) and bias bound
+        kk, kb = rngs.params(), rngs.params()
+        self.kernel = nnx.Param(
+            jax.random.uniform(kk, (in_features, num_labels), jnp.float32, -bound, bound),
+            sharding_names=(None, None), eager_sharding=False)
+        self.bias = nnx.Param(jax.random.uniform(kb, (num_labels,), jnp.float32, -bound, bound),
+                              sharding_names=(None,), eager_sharding=False)
+
+    def __call__(self, x: Array) -> Array:
+        return x @ self.kernel.value + self.bias.value
+
+
+class SiameseClassifier(nnx.Module):
+    """Shared-weight towers + [u, v, |u-v|, u*v] + linear head.
+
+    Args:
+      cfg: backbone architecture.
+      num_labels: classes.
+      pooling: "cls" | "mean" | "max".
+      rngs: init randomness (the head's init; the backbone is overwritten by pretrained params).
+      dtype: backbone compute dtype (float32 or bfloat16); params stay float32.
+    """
+
+    def __init__(self, cfg: BertConfig, num_labels: int, pooling: str, *, rngs: nnx.Rngs,
+                 dtype: Any = jnp.float32):
+        self.pooling = pooling
+        self.backbone = BertModel(cfg, rngs=rngs, dtype=dtype)
+        self.classifier = Classifier(4 * cfg.hidden_size, num_labels, rngs)
+
+    def embed(self, ids: Array, mask: Array, dropout_key: Array | None = None) -> Array:
+        """Pooled sentence vectors, float32 [B, D]."""
+        return pool(self.backbone(ids, mask, dropout_key=dropout_key), mask, self.pooling)
+
+    def __call__(self, a_ids: Array, a_mask: Array, b_ids: Array, b_mask: Array, *,
+                 dropout_key: Array | None = None) -> Array:
+        """Logits float32 [B, num_labels]; dropout iff `dropout_key` is given."""
+        n = a_ids.shape[0]
+        # Both sides in one backbone call ([2B, L]): the same weights, twice the GEMM rows.
+        emb = self.embed(jnp.concatenate([a_ids, b_ids]), jnp.concatenate([a_mask, b_mask]),
+                         dropout_key)
+        u, v = emb[:n], emb[n:]
+        return self.classifier(jnp.concatenate([u, v, jnp.abs(u - v), u * v], axis=-1))
+
+
+def weighted_cross_entropy(logits: Array, labels: Array, weights: Array) -> Array:
+    """Mean softmax cross-entropy weighted by `weights` (zero-weight pad rows change nothing)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
+    return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1e-9)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDef:
+    """The classifier's structure: graphdef, abstract params and their logical axis names."""
+
+    graphdef: nnx.GraphDef
+    abstract_params: dict  # pure dict of ShapeDtypeStruct
+    logical_specs: dict  # pure dict of PartitionSpec of logical names
+
+
+def model_def(cfg: BertConfig, num_labels: int, pooling: str, dtype: Any = jnp.float32) -> ModelDef:
+    """Builds the classifier abstractly (no weights allocated)."""
+    model = nnx.eval_shape(lambda: SiameseClassifier(cfg, num_labels, pooling, rngs=nnx.Rngs(0),
+                                                     dtype=dtype))
+    graphdef, state = nnx.split(model)
+    specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
+    return ModelDef(graphdef, nnx.to_pure_dict(state), specs)
+
+
+def initial_params(backbone: dict, cfg: BertConfig, num_labels: int, seed: int) -> dict:
+    """Host params: the pretrained backbone plus a freshly initialised head (from `seed`)."""
+    head = Classifier(4 * cfg.hidden_size, num_labels, nnx.Rngs(params=seed))
+    return {"backbone": jax.tree.map(np.asarray, backbone),
+            "classifier": jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(head)))}

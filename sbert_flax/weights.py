@@ -437,6 +437,9 @@ def config_from_uer(uer_cfg: Mapping, state: Mapping[str, np.ndarray], source: s
     The LayerNorm eps defaults to 1e-12, what the published HF conversions declare.
     `tower` as in `uer_to_hf`.
     """
+    if isinstance(uer_cfg.get("stream_0"), Mapping):
+        # UER's sbert configs (models/sbert/*.json) nest each tower's fields under stream_0/1.
+        uer_cfg = {**uer_cfg, **uer_cfg["stream_0"]}
     hf = uer_to_hf(state, tower=tower, source=source)
     vocab, hidden = hf["embeddings.word_embeddings.weight"].shape
     heads = uer_cfg.get("heads_num")

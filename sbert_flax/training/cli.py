@@ -1,0 +1,174 @@
+"""Command line of siamese fine-tuning: UER-py's `run_classifier_siamese.py` flags, or a config file.
+
+    python train/run_classifier_siamese.py --pretrained_model_path M --train_path T --dev_path D ...
+    sbert-flax train --config run.json epochs_num=2 output_dir=/tmp/run
+
+Multi-host: pass `--coordinator_address host:port --num_processes N --process_id I` on every
+host, or nothing on TPU pods / SLURM (auto-detected). Exit codes: 0 done (or preempted and
+checkpointed), 1 diverged (NaN/inf), 2 bad input (data, config, paths).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from sbert_flax.training.train_config import TrainConfig
+
+# UER-py flags that describe its own model plumbing; accepted so UER command lines run unchanged,
+# and ignored with a warning (the architecture comes from the weights and config).
+UER_IGNORED_FLAGS = frozenset({
+    "tokenizer", "spm_model_path", "embedding", "encoder", "mask", "layernorm_positioning",
+    "remove_embedding_layernorm", "feed_forward", "layernorm", "relative_position_embedding",
+    "remove_transformer_bias", "remove_attention_scale", "tie_weights", "factorized_embedding_parameterization",
+    "parameter_sharing", "optimizer", "scheduler", "fp16", "fp16_opt_level", "soft_targets", "soft_alpha",
+    "dropout", "frozen", "vocab_size", "data_processor", "deepspeed", "world_size", "log_path", "log_level",
+    "log_file_level",
+})
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="run_classifier_siamese.py",
+                                description="Siamese (Sentence-BERT) fine-tuning, UER-py compatible.")
+    a = p.add_argument
+    a("--pretrained_model_path", required=True, help="HF/sentence-transformers/sbert-flax dir or UER .bin")
+    a("--vocab_path", help="vocab file (required for a UER .bin)")
+    a("--config_path", help="UER config json (heads_num, pooling ...) or HF config.json")
+    a("--pooling", choices=["first", "cls", "mean", "max"], help="default: the UER config's, else first")
+    a("--train_path", required=True)
+    a("--dev_path")
+    a("--test_path")
+    a("--sts-dev", "--sts_dev", "--sts_dev_path", dest="sts_dev_path", help="s1\\ts2\\tscore file")
+    a("--labels_num", type=int)
+    a("--label_names", help="comma-separated label strings in id order, e.g. entailment,neutral,contradiction")
+    a("--columns", help="text_a,text_b,label field indices (e.g. 1,2,3 for the raw CNLI file)")
+    a("--no_header", action="store_true", help="the files have no header line (needs --columns)")
+    a("--skip_bad_lines", "--skip-bad-lines", action="store_true")
+    a("--output_dir", help="run directory (default ./runs/siamese)")
+    a("--output_model_path", help="UER's flag: a .bin path becomes the run directory without .bin")
+    a("--learning_rate", type=float, default=2e-5)
+    a("--epochs_num", type=int, default=3)
+    a("--batch_size", type=int, default=64)
+    a("--seq_length", type=int, default=128)
+    a("--warmup", type=float, default=0.1)
+    a("--weight_decay", type=float, default=0.01)
+    a("--uer-adamw", "--uer_adamw", dest="uer_adamw", action="store_true")
+    a("--max_grad_norm", type=float)
+    a("--seed", type=int, default=7)
+    a("--eval_batch_size", type=int)
+    a("--param-sharding", "--param_sharding", dest="param_sharding", default="replicated",
+      choices=["replicated", "fsdp"])
+    a("--mesh_fsdp", type=int, help="fsdp axis size (default: all devices with fsdp, else 1)")
+    a("--bf16", action="store_true", help="bfloat16 compute, float32 master params")
+    a("--save_every_steps", type=int, default=0)
+    a("--max_to_keep", type=int, default=3)
+    a("--best_metric", default="accuracy", choices=["accuracy", "macro_f1", "sts_spearman"])
+    a("--resume", action="store_true")
+    a("--no_export", action="store_true")
+    a("--log_every_steps", "--report_steps", dest="log_every_steps", type=int, default=10)
+    a("--nan_check_every", type=int, default=1)
+    a("--no_progress_bar", action="store_true")
+    a("--debug_nan_at_step", type=int, help="TEST HOOK: make this step's loss NaN")
+    a("--debug_step_delay", type=float, default=0.0, help="TEST HOOK: sleep after each step")
+    _distributed_flags(p)
+    return p
+
+
+def _distributed_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--coordinator_address", help="host:port of process 0 (multi-host)")
+    p.add_argument("--num_processes", type=int)
+    p.add_argument("--process_id", type=int)
+
+
+def init_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
+    """`jax.distributed.initialize` from explicit flags, or auto-detected on TPU pods / SLURM."""
+    import jax
+
+    if coordinator or num_processes or process_id is not None:
+        if not (coordinator and num_processes and process_id is not None):
+            raise ValueError("multi-host needs all of --coordinator_address, --num_processes, --process_id")
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+    elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        jax.distributed.initialize()  # JAX reads the cluster from the environment
+
+
+def _ints(s: str | None) -> tuple[int, ...] | None:
+    return tuple(int(x) for x in s.split(",")) if s else None
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    out = args.output_dir
+    if out is None and args.output_model_path:
+        out = args.output_model_path[:-4] if args.output_model_path.endswith(".bin") else args.output_model_path
+    return TrainConfig(
+        pretrained_model_path=args.pretrained_model_path, vocab_path=args.vocab_path,
+        config_path=args.config_path, pooling=args.pooling, train_path=args.train_path,
+        dev_path=args.dev_path, test_path=args.test_path, sts_dev_path=args.sts_dev_path,
+        labels_num=args.labels_num,
+        label_names=tuple(args.label_names.split(",")) if args.label_names else None,
+        columns=_ints(args.columns), has_header=not args.no_header, skip_bad_lines=args.skip_bad_lines,
+        learning_rate=args.learning_rate, epochs_num=args.epochs_num, batch_size=args.batch_size,
+        seq_length=args.seq_length, warmup=args.warmup, weight_decay=args.weight_decay,
+        uer_adamw=args.uer_adamw, max_grad_norm=args.max_grad_norm, seed=args.seed,
+        eval_batch_size=args.eval_batch_size, param_sharding=args.param_sharding,
+        mesh_fsdp=args.mesh_fsdp, bf16=args.bf16, output_dir=out or TrainConfig.output_dir,
+        save_every_steps=args.save_every_steps, max_to_keep=args.max_to_keep,
+        best_metric=args.best_metric, resume=args.resume, export=not args.no_export,
+        log_every_steps=args.log_every_steps, nan_check_every=args.nan_check_every,
+        progress_bar=not args.no_progress_bar, debug_nan_at_step=args.debug_nan_at_step,
+        debug_step_delay=args.debug_step_delay,
+    )
+
+
+def _parse(argv: Sequence[str]) -> tuple[TrainConfig, argparse.Namespace]:
+    if "--config" in argv:
+        p = argparse.ArgumentParser(prog="sbert-flax train",
+                                    description="Siamese fine-tuning from a TrainConfig JSON file.")
+        p.add_argument("--config", required=True, help="JSON object of TrainConfig fields")
+        p.add_argument("overrides", nargs="*", help="key=value (values parsed as JSON if they can be)")
+        _distributed_flags(p)
+        args = p.parse_args(argv)
+        bad = [o for o in args.overrides if "=" not in o]
+        if bad:
+            p.error(f"overrides must be key=value, got {bad}")
+        return TrainConfig.from_json(args.config, dict(o.split("=", 1) for o in args.overrides)), args
+    p = _parser()
+    args, rest = p.parse_known_args(argv)
+    unknown = [r[2:].split("=")[0] for r in rest if r.startswith("--")]
+    bad = [u for u in unknown if u not in UER_IGNORED_FLAGS]
+    if bad:
+        p.error(f"unrecognized arguments: {' '.join('--' + b for b in bad)}")
+    if unknown:
+        print(f"warning: ignoring UER-py flag(s) that do not apply here: {', '.join(unknown)}",
+              file=sys.stderr)
+    return config_from_args(args), args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `sbert-flax train ...` and train/run_classifier_siamese.py; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg, args = _parse(argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    init_distributed(args.coordinator_address, args.num_processes, args.process_id)
+
+    from sbert_flax.training.data import DataError
+    from sbert_flax.training.loop import TrainingDiverged, train_and_evaluate
+    from sbert_flax.weights import WeightsError
+
+    try:
+        summary = train_and_evaluate(cfg)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (DataError, WeightsError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if summary.get("preempted"):
+        print(f"preempted: checkpoint saved at step {summary['step']} in {cfg.output_dir}/checkpoints; "
+              "rerun with --resume to continue", file=sys.stderr)
+    return 0

@@ -131,12 +131,22 @@ class PoolingConfig:
     @classmethod
     def from_st_dict(cls, d: dict[str, Any], normalize: bool = False,
                      source: str = "1_Pooling/config.json") -> PoolingConfig:
-        """Reads sentence-transformers' `1_Pooling/config.json`."""
-        modes = [m for m, key in (("cls", "pooling_mode_cls_token"),
-                                  ("mean", "pooling_mode_mean_tokens"),
-                                  ("max", "pooling_mode_max_tokens")) if d.get(key)]
-        unsupported = [k for k in ("pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens",
-                                   "pooling_mode_lasttoken") if d.get(k)]
+        """Reads sentence-transformers' `1_Pooling/config.json` (legacy booleans or, as
+        sentence-transformers >= 6 writes it, `"pooling_mode": "mean"` or a list of modes)."""
+        if "pooling_mode" in d:
+            # The >= 6 format: without this branch every folder that sentence-transformers 6
+            # saves was rejected with "found none".
+            pm = d["pooling_mode"]
+            names = [pm] if isinstance(pm, str) else list(pm or [])
+            modes = [m for m in names if m in POOLING_MODES]
+            unsupported = [m for m in names if m not in POOLING_MODES]
+        else:
+            modes = [m for m, key in (("cls", "pooling_mode_cls_token"),
+                                      ("mean", "pooling_mode_mean_tokens"),
+                                      ("max", "pooling_mode_max_tokens")) if d.get(key)]
+            unsupported = [k for k in ("pooling_mode_mean_sqrt_len_tokens",
+                                       "pooling_mode_weightedmean_tokens",
+                                       "pooling_mode_lasttoken") if d.get(k)]
         if unsupported or len(modes) != 1:
             raise ConfigError(
                 f"{source}: exactly one of cls/mean/max pooling must be enabled "

@@ -82,6 +82,37 @@ def test_token_output_matches_sentence_transformers(tiny_bert, one_device):
         assert _max_abs(g, r.numpy()) <= 1e-5
 
 
+# ---- folder formats ------------------------------------------------------------------------------
+
+def test_folder_saved_by_sentence_transformers(tiny_bert, one_device, tmp_path):
+    """sentence-transformers >= 6 writes `"pooling_mode": "max"` and new module type names."""
+    model = _st(tiny_bert(hidden=48, heads=3, layers=1, pooling="max", normalize=True))
+    out = str(tmp_path / "saved")
+    model.save(out)
+    enc = SentenceEncoder.from_pretrained(out, devices=one_device, buckets=(128,))
+    assert enc.pooling.mode == "max" and enc.pooling.normalize
+    assert enc.max_seq_length == model.max_seq_length
+    assert _max_abs(enc.encode(SENTENCES, batch_size=32), model.encode(SENTENCES)) <= 1e-5
+
+
+def test_transformer_in_subfolder(tiny_bert, one_device, tmp_path):
+    """Older sentence-transformers layout: the HF model under 0_Transformer/."""
+    import json
+    import shutil
+
+    src = tiny_bert(hidden=60, heads=5, layers=1, pooling="cls")
+    dst = tmp_path / "st"
+    shutil.copytree(src, dst / "0_Transformer", ignore=shutil.ignore_patterns("modules.json", "1_*"))
+    shutil.copytree(os.path.join(src, "1_Pooling"), dst / "1_Pooling")
+    modules = json.load(open(os.path.join(src, "modules.json")))
+    modules[0]["path"] = "0_Transformer"
+    json.dump(modules, open(dst / "modules.json", "w"))
+    enc = SentenceEncoder.from_pretrained(str(dst), devices=one_device, buckets=(128,))
+    assert enc.pooling.mode == "cls"
+    ref = _st(str(dst)).encode(SENTENCES)
+    assert _max_abs(enc.encode(SENTENCES, batch_size=32), ref) <= 1e-5
+
+
 # ---- round trips ---------------------------------------------------------------------------------
 
 def _assert_trees_equal(a, b):

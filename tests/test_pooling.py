@@ -109,3 +109,31 @@ def test_cosine_similarity_matrix():
     got = np.asarray(pooling.cosine_similarity(a, b))
     assert got.shape == (3, 5)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+# ---- sentence-transformers' 1_Pooling/config.json -------------------------------------------------
+
+@pytest.mark.parametrize("d,mode", [
+    ({"pooling_mode_mean_tokens": True, "pooling_mode_cls_token": False}, "mean"),  # <= 5
+    ({"pooling_mode_cls_token": True}, "cls"),
+    ({"embedding_dimension": 8, "pooling_mode": "max", "include_prompt": True}, "max"),  # >= 6
+    ({"pooling_mode": ["cls"]}, "cls"),
+])
+def test_pooling_config_formats(d, mode):
+    from sbert_flax.config import PoolingConfig
+
+    assert PoolingConfig.from_st_dict(d).mode == mode
+
+
+@pytest.mark.parametrize("d,named", [
+    ({"pooling_mode": "lasttoken"}, "lasttoken"),
+    ({"pooling_mode": ["mean", "max"]}, "mean"),
+    ({"pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": True}, "mean"),
+    ({"pooling_mode_weightedmean_tokens": True}, "weightedmean"),
+    ({}, "none"),
+])
+def test_pooling_config_rejects_what_we_cannot_reproduce(d, named):
+    from sbert_flax.config import ConfigError, PoolingConfig
+
+    with pytest.raises(ConfigError, match=named):
+        PoolingConfig.from_st_dict(d, source="1_Pooling/config.json")

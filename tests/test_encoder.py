@@ -113,6 +113,33 @@ def test_transformer_in_subfolder(tiny_bert, one_device, tmp_path):
     assert _max_abs(enc.encode(SENTENCES, batch_size=32), ref) <= 1e-5
 
 
+def test_lowercase_text_and_truncation_override(tiny_bert, zh_vocab, one_device, tmp_path):
+    """sentence_bert_config's do_lower_case lowercases the text even when the tokenizer keeps
+    case; encode(max_seq_length=...) truncates like sentence-transformers' max_seq_length."""
+    import json
+    import shutil
+
+    from helpers import wordpiece_tokenizer
+
+    dst = tmp_path / "cased"
+    shutil.copytree(tiny_bert(hidden=48, heads=3, layers=1, pooling="mean"), dst)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        os.remove(dst / f)
+    wordpiece_tokenizer(zh_vocab, do_lower_case=False, model_max_length=128).save_pretrained(dst)
+    json.dump({"max_seq_length": 128, "do_lower_case": True},
+              open(dst / "sentence_bert_config.json", "w"))
+    sents = ["Hello WORLD", "HELLO world", "Machine Learning 机器学习", "GPU和CPU"] + SENTENCES
+    enc = SentenceEncoder.from_pretrained(str(dst), devices=one_device, buckets=(16, 128))
+    model = _st(str(dst))
+    got = enc.encode(sents, batch_size=32)
+    assert _max_abs(got, model.encode(sents)) <= 1e-5
+    assert _max_abs(got[0], got[1]) == 0.0  # lowercased before tokenizing
+    model.max_seq_length = 16
+    short = enc.encode(sents, batch_size=32, max_seq_length=16)
+    assert _max_abs(short, model.encode(sents)) <= 1e-5
+    assert enc.last_stats.shapes == ((32, 16),)
+
+
 # ---- round trips ---------------------------------------------------------------------------------
 
 def _assert_trees_equal(a, b):

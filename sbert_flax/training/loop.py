@@ -263,6 +263,7 @@ def train_and_evaluate(cfg: TrainConfig) -> dict[str, Any]:
                 meta.update(epoch=epoch + 1, batch=0)
                 ckpts.save(state, position(epoch + 1, 0))
             summary.update(_finish(cfg, state, meta, evaluator, ckpts, layout, pre, num_labels, is_main))
+            summary["params"] = state.params  # the final global arrays (for callers / tests)
             summary["train_step_traces"] = counter.count
             summary["eval_step_traces"] = evaluator.counter.count
             return summary

@@ -1,0 +1,88 @@
+"""Two processes x 4 CPU devices (gloo, loopback) train to the same params as 1 process x 8."""
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import helpers
+import jax
+import numpy as np
+import pytest
+
+from sbert_flax import sharding
+from sbert_flax.training.loop import train_and_evaluate
+from sbert_flax.training.train_config import TrainConfig
+
+DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_driver.py")
+TIMEOUT_S = 120
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _write_pairs(path: str, n: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    sents = helpers.random_zh_sentences(n, 2, 10, seed=seed)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("text_a\ttext_b\tlabel\n")
+        for i, s in enumerate(sents):
+            same = bool(rng.integers(2))
+            f.write(f"{s}\t{s if same else sents[(i + 1) % n]}\t{int(same)}\n")
+
+
+def _flat(tree) -> dict:
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def test_two_processes_equal_one_process(tmp_path, tiny_bert):
+    model = tiny_bert(hidden=32, layers=1, heads=4, intermediate=64, max_position=64)
+    _write_pairs(str(tmp_path / "train.tsv"), 72, seed=1)  # 5 batches of 16, the last padded
+    _write_pairs(str(tmp_path / "dev.tsv"), 24, seed=2)
+    cfg = TrainConfig(pretrained_model_path=model, train_path=str(tmp_path / "train.tsv"),
+                      dev_path=str(tmp_path / "dev.tsv"), epochs_num=1, batch_size=16, seq_length=16,
+                      learning_rate=1e-3, param_sharding="fsdp", mesh_fsdp=2, export=False,
+                      progress_bar=False, output_dir=str(tmp_path / "multi"))
+    cfg_json = tmp_path / "cfg.json"
+    cfg_json.write_text(json.dumps(cfg.to_dict()))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(os.path.dirname(DRIVER)), os.environ.get("PYTHONPATH", "")]))
+    env.pop("XLA_FLAGS", None)
+    port = _free_port()
+    procs = []
+    try:
+        for pid in range(2):
+            procs.append(subprocess.Popen(
+                [sys.executable, DRIVER, str(port), str(pid), str(tmp_path), str(cfg_json)],
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        deadline = time.monotonic() + TIMEOUT_S
+        outs = []
+        for p in procs:
+            out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            outs.append(out)
+        for pid, (p, out) in enumerate(zip(procs, outs, strict=True)):
+            assert p.returncode == 0, f"process {pid} failed:\n{out[-3000:]}"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+    # The same run in this process (8 devices, one process).
+    summary = train_and_evaluate(dataclasses.replace(cfg, output_dir=str(tmp_path / "single")))
+    assert dict(summary["params"]["classifier"]["kernel"].sharding.mesh.shape) == {"data": 4, "fsdp": 2}
+    single = _flat(sharding.host_tree(summary["params"], summary["params"]["classifier"]["kernel"]
+                                      .sharding.mesh))
+    multi = dict(np.load(tmp_path / "params.npz"))
+    assert sorted(multi) == sorted(single)
+    for k, b in single.items():
+        err = np.max(np.abs(multi[k] - b)) / np.max(np.abs(b))
+        assert err <= 1e-5, (k, err)
+    hist = json.loads((tmp_path / "history.json").read_text())
+    assert hist[0]["accuracy"] == pytest.approx(summary["history"][0]["accuracy"])

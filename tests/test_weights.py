@@ -84,6 +84,27 @@ def _leaves(tree):
     return jax.tree.leaves(tree)
 
 
+def test_sharded_and_half_precision_checkpoints(tiny_bert, tmp_path):
+    import transformers
+
+    src = tiny_bert(hidden=48, heads=3, layers=2)
+    cfg, sd = _load(src)
+    ref = weights.hf_to_flax(sd, cfg)
+    model = transformers.BertModel.from_pretrained(src)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="300KB")
+    wfile = weights.find_weights_file(tmp_path / "sharded")
+    assert wfile.endswith(".index.json")
+    for a, b in zip(_leaves(ref), _leaves(weights.hf_to_flax(weights.read_weights(wfile), cfg)),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    half = weights.read_weights(weights.find_weights_file(tmp_path / "bf16"))
+    got = weights.hf_to_flax(half, cfg)
+    for a, b in zip(_leaves(ref), _leaves(got), strict=True):
+        assert b.dtype == np.float32
+        np.testing.assert_allclose(a, b, rtol=2 ** -8)  # bf16 rounding of the stored values
+
+
 # ---- strict errors -------------------------------------------------------------------------------
 
 def test_missing_key_is_named(tiny):

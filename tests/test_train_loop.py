@@ -1,0 +1,277 @@
+"""The training loop end to end at toy size: learning, compile counts, outputs, resume after
+SIGKILL, SIGTERM, NaN, malformed data, UER inputs and the command line."""
+
+import dataclasses
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import helpers
+import jax
+import numpy as np
+import pytest
+
+from sbert_flax import sharding
+from sbert_flax.devdata import data_path
+from sbert_flax.training import cli
+from sbert_flax.training.data import TRAIN_BUCKETS, bucket_of
+from sbert_flax.training.loop import TrainingDiverged, train_and_evaluate
+from sbert_flax.training.pretrained import load_pretrained, read_uer_config
+from sbert_flax.training.train_config import TrainConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "train", "run_classifier_siamese.py")
+SUBPROCESS_TIMEOUT_S = 150
+
+
+def write_pairs(path, n, seed, min_len=2, max_len=10):
+    """Synthetic task: two disjoint sets of 16 characters; each sentence draws from one set, and
+    the label is 1 iff both sentences of a pair come from the same set. Nothing to memorise:
+    every pair is new, only the set of each character can be learned."""
+    chars = [c for c in helpers.random_zh_sentences(1, 400, 400, seed=0)[0]]
+    sets = [list(dict.fromkeys(chars))[:16], list(dict.fromkeys(chars))[16:32]]
+    rng = np.random.default_rng(seed)
+
+    def sentence(k):
+        return "".join(rng.choice(sets[k], rng.integers(min_len, max_len + 1)))
+
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("text_a\ttext_b\tlabel\n")
+        for _ in range(n):
+            ka, kb = rng.integers(2), rng.integers(2)
+            f.write(f"{sentence(ka)}\t{sentence(kb)}\t{int(ka == kb)}\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_bert):
+    return tiny_bert(hidden=32, layers=1, heads=4, intermediate=64, max_position=64)
+
+
+def _flat(tree):
+    # orbax restores without a target give layer keys as strings ('0'); normalise to ints.
+    return {re.sub(r"\['(\d+)'\]", r"[\1]", jax.tree_util.keystr(p)): np.asarray(v)
+            for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _final_params(summary):
+    params = summary["params"]
+    return _flat(sharding.host_tree(params, params["classifier"]["kernel"].sharding.mesh))
+
+
+def _env(tmp_path):
+    # The subprocesses run exactly like this process (8 CPU devices); the second one loads the
+    # first one's compiled executables from a per-test cache.
+    return dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="8", SBERT_FLAX_COMPILATION_CACHE="1",
+                SBERT_FLAX_CACHE_DIR=str(tmp_path / "jax_cache"), PYTHONPATH=REPO)
+
+
+def _args(cfg: TrainConfig, *extra):
+    return [sys.executable, SCRIPT, "--pretrained_model_path", cfg.pretrained_model_path,
+            "--train_path", cfg.train_path, "--dev_path", cfg.dev_path, "--epochs_num", str(cfg.epochs_num),
+            "--batch_size", str(cfg.batch_size), "--seq_length", str(cfg.seq_length),
+            "--learning_rate", str(cfg.learning_rate), "--save_every_steps", str(cfg.save_every_steps),
+            "--output_dir", cfg.output_dir, "--no_export", "--no_progress_bar", *extra]
+
+
+def _steps(ckpt_dir):
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+
+
+def test_learns_synthetic_task_and_writes_outputs(tmp_path, model):
+    train = write_pairs(tmp_path / "train.tsv", 512, seed=1, max_len=40)
+    dev = write_pairs(tmp_path / "dev.tsv", 128, seed=2, max_len=40)
+    out = str(tmp_path / "run")
+    cfg = TrainConfig(pretrained_model_path=model, train_path=train, dev_path=dev, test_path=dev,
+                      epochs_num=4, batch_size=32, seq_length=48, learning_rate=1e-3, pooling="mean",
+                      output_dir=out, progress_bar=False, log_every_steps=5)
+    t0 = time.perf_counter()
+    summary = train_and_evaluate(cfg)
+    print(f"trained {summary['step']} steps in {time.perf_counter() - t0:.1f}s; history "
+          f"{[round(h['accuracy'], 3) for h in summary['history']]}")
+    assert summary["best"]["value"] >= 0.9
+    assert summary["test"]["accuracy"] >= 0.9
+    # Lengths 2..40 chars -> buckets 32 and 48: one compiled train step per bucket for all epochs.
+    buckets = {bucket_of(n, 48, TRAIN_BUCKETS) for n in (4, 42)}
+    assert buckets == {32, 48}
+    assert 1 <= summary["train_step_traces"] <= len(buckets)
+    assert 1 <= summary["eval_step_traces"] <= len(buckets)
+    for name in ("config.json", "metrics.jsonl", "results.json", "train.log"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    assert any(f.startswith("events") for f in os.listdir(os.path.join(out, "tb")))
+    recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"), encoding="utf-8")]
+    assert {"train", "dev"} <= {r["kind"] for r in recs}
+    assert all(np.isfinite(r["loss"]) and "lr" in r and "sentences_per_s" in r
+               for r in recs if r["kind"] == "train")
+    assert TrainConfig.from_dict(json.load(open(os.path.join(out, "config.json")))) == cfg
+    assert os.path.isfile(os.path.join(out, "best_model_pytorch", "modules.json"))
+    from sbert_flax.encoder import SentenceEncoder
+
+    enc = SentenceEncoder.from_pretrained(os.path.join(out, "best_model"), devices=jax.devices()[:1])
+    assert enc.pooling.mode == "mean" and enc.max_seq_length == 48
+    best = summary["best"]
+    assert best["epoch"] == 1 + int(np.argmax([h["accuracy"] for h in summary["history"]]))
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path, model):
+    train = write_pairs(tmp_path / "train.tsv", 150, seed=3)
+    dev = write_pairs(tmp_path / "dev.tsv", 40, seed=4)
+    cfg = TrainConfig(pretrained_model_path=model, train_path=train, dev_path=dev, epochs_num=2,
+                      batch_size=16, seq_length=16, learning_rate=1e-3, save_every_steps=3,
+                      export=False, progress_bar=False, output_dir=str(tmp_path / "killed"))
+    ckpt_dir = os.path.join(cfg.output_dir, "checkpoints")
+    proc = subprocess.Popen(_args(cfg, "--debug_step_delay", "0.4"), env=_env(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
+        while not _steps(ckpt_dir) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.stdout.read()[-3000:]}"
+        assert _steps(ckpt_dir), "no checkpoint appeared in time"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    killed_at = _steps(ckpt_dir)
+    assert killed_at and max(killed_at) < 20  # 10 steps/epoch x 2: it really stopped early
+    r = subprocess.run(_args(cfg, "--resume"), env=_env(tmp_path), capture_output=True, text=True,
+                       timeout=SUBPROCESS_TIMEOUT_S)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from step" in r.stderr
+
+    full = train_and_evaluate(dataclasses.replace(cfg, output_dir=str(tmp_path / "full")))
+    assert full["step"] == 20
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ck:
+        resumed = _flat(ck.restore(os.path.join(ckpt_dir, "20", "state"))["params"])
+    for k, v in _final_params(full).items():
+        np.testing.assert_allclose(resumed[k], v, rtol=1e-6, atol=1e-6, err_msg=k)
+    res = json.load(open(os.path.join(cfg.output_dir, "results.json")))
+    assert [h["accuracy"] for h in res["history"]] == [h["accuracy"] for h in full["history"]]
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path, model):
+    train = write_pairs(tmp_path / "train.tsv", 150, seed=5)
+    dev = write_pairs(tmp_path / "dev.tsv", 20, seed=6)
+    cfg = TrainConfig(pretrained_model_path=model, train_path=train, dev_path=dev, epochs_num=3,
+                      batch_size=16, seq_length=16, learning_rate=1e-3, save_every_steps=0,
+                      output_dir=str(tmp_path / "run"))
+    metrics = os.path.join(cfg.output_dir, "metrics.jsonl")
+    proc = subprocess.Popen(_args(cfg, "--debug_step_delay", "0.3", "--log_every_steps", "1"),
+                            env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
+        while time.monotonic() < deadline and proc.poll() is None and not (
+                os.path.exists(metrics) and os.path.getsize(metrics) > 0):
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out[-3000:]
+    assert "SIGTERM: saved checkpoint at step" in out and "--resume" in out
+    steps = _steps(os.path.join(cfg.output_dir, "checkpoints"))
+    assert steps and max(steps) < 30  # 10 steps/epoch x 3
+
+
+def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, model, capsys):
+    train = write_pairs(tmp_path / "train.tsv", 150, seed=7)
+    cfg_file = tmp_path / "run.json"
+    cfg_file.write_text(json.dumps({
+        "pretrained_model_path": model, "train_path": train, "epochs_num": 1, "batch_size": 16,
+        "seq_length": 16, "learning_rate": 1e-3, "save_every_steps": 2, "progress_bar": False,
+        "output_dir": str(tmp_path / "run")}))
+    # The config-file entry (`sbert-flax train --config FILE key=value`), with the NaN test hook.
+    rc = cli.main(["--config", str(cfg_file), "debug_nan_at_step=5", "export=false"])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert "at step 5" in err and "last good checkpoint is step 4" in err
+    import orbax.checkpoint as ocp
+
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    assert _steps(str(ckpt_dir)) == [2, 4]
+    with ocp.StandardCheckpointer() as ck:
+        state = ck.restore(str(ckpt_dir / "4" / "state"))
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state))
+    with pytest.raises(TrainingDiverged, match="step 3"):
+        train_and_evaluate(TrainConfig.from_json(str(cfg_file), {
+            "output_dir": str(tmp_path / "run2"), "debug_nan_at_step": "3", "export": "false"}))
+
+
+CNLI_RAW = data_path("nli-zh", "cnli_dev_raw.txt")
+
+
+@pytest.mark.skipif(CNLI_RAW is None, reason="shared/data/nli-zh/cnli_dev_raw.txt is absent")
+def test_malformed_lines_stop_or_are_skipped(tmp_path, model, capsys, caplog):
+    names = "entailment,neutral,contradiction"
+    base = ["--pretrained_model_path", model, "--columns", "1,2,3", "--no_header", "--label_names", names,
+            "--epochs_num", "1", "--batch_size", "16", "--seq_length", "16", "--no_progress_bar",
+            "--no_export"]
+    rc = cli.main(base + ["--train_path", CNLI_RAW, "--output_dir", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "cnli_dev_raw.txt:" in err and "176" in err, err[-2000:]
+    assert not os.path.exists(tmp_path / "a" / "checkpoints")  # stopped before training
+    # Train on a small well-formed subset; the real file (as dev set) is read with --skip_bad_lines.
+    subset = tmp_path / "subset.tsv"
+    with open(CNLI_RAW, encoding="utf-8") as f:
+        lines = [ln for ln in f.readlines()[:400] if len(ln.rstrip("\n").split("\t")) == 4][:64]
+    subset.write_text("".join(lines), encoding="utf-8")
+    rc = cli.main(base + ["--train_path", str(subset), "--dev_path", CNLI_RAW, "--skip_bad_lines",
+                          "--eval_batch_size", "512", "--output_dir", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert rc == 0, err[-3000:]
+    assert "skipped 176 malformed line(s)" in open(tmp_path / "b" / "train.log", encoding="utf-8").read()
+
+
+def test_uer_checkpoint_and_config(tmp_path, model, caplog):
+    import torch
+
+    from sbert_flax import weights
+    from sbert_flax.encoder import SentenceEncoder
+
+    hf = weights.read_weights(weights.find_weights_file(model))
+    uer = weights.hf_to_uer(hf, "single", 1)
+    torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in uer.items()}, tmp_path / "uer.bin")
+    cfg_path = tmp_path / "sbert_config.json"
+    cfg_path.write_text(json.dumps({
+        "stream_0": {"emb_size": 32, "feedforward_size": 64, "hidden_size": 32, "hidden_act": "gelu",
+                     "heads_num": 4, "layers_num": 1, "max_seq_length": 64, "dropout": 0.1,
+                     "embedding": ["word", "pos", "seg"], "encoder": "transformer"},
+        "pooling": "first", "tie_weights": True, "labels_num": 3, "learning_rate": 5e-5}))
+    pooling, ignored = read_uer_config(str(cfg_path))
+    assert pooling == "cls" and ignored == ["labels_num", "learning_rate"]
+    pre = load_pretrained(str(tmp_path / "uer.bin"), vocab_path=helpers.zh_vocab_file(),
+                          config_path=str(cfg_path), seq_length=32)
+    ref = SentenceEncoder.from_pretrained(model, devices=jax.devices()[:1])
+    assert pre.pooling == "cls" and pre.config == ref.config
+    for k, v in _flat(ref.param_dict()).items():
+        np.testing.assert_array_equal(_flat(pre.params)[k], v, err_msg=k)
+    with pytest.raises(ValueError, match="vocab_path"):
+        load_pretrained(str(tmp_path / "uer.bin"), config_path=str(cfg_path))
+
+
+def test_cli_accepts_the_model_card_command():
+    cfg, _ = cli._parse([
+        "--pretrained_model_path", "models/google_zh_model.bin", "--vocab_path", "models/google_zh_vocab.txt",
+        "--config_path", "models/sbert/base_config.json", "--train_path", "train.tsv", "--dev_path", "dev.tsv",
+        "--learning_rate", "5e-5", "--epochs_num", "5", "--batch_size", "64", "--seq_length", "128",
+        "--output_model_path", "models/sbert_nli.bin", "--embedding", "word", "pos", "seg",
+        "--encoder", "transformer", "--mask", "fully_visible", "--uer-adamw", "--param-sharding", "fsdp"])
+    assert (cfg.learning_rate, cfg.epochs_num, cfg.batch_size, cfg.seq_length) == (5e-5, 5, 64, 128)
+    assert cfg.output_dir == "models/sbert_nli" and cfg.uer_adamw and cfg.param_sharding == "fsdp"
+    assert cfg.seed == 7 and cfg.warmup == 0.1 and cfg.weight_decay == 0.01
+    with pytest.raises(SystemExit):
+        cli._parse(["--pretrained_model_path", "m", "--train_path", "t", "--no_such_flag", "1"])

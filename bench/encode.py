@@ -32,7 +32,9 @@ def bert_base_dir() -> str:
     if os.path.isfile(os.path.join(d, "config.json")):
         return d
     import torch
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    from transformers import BertConfig, BertModel
+
+    from sbert_flax.tokenization import load_tokenizer
 
     torch.manual_seed(0)
     model = BertModel(BertConfig(vocab_size=21128, hidden_size=768, num_hidden_layers=12,
@@ -40,7 +42,7 @@ def bert_base_dir() -> str:
                       add_pooling_layer=False)
     tmp = d + ".tmp"
     model.save_pretrained(tmp)
-    BertTokenizerFast(vocab_file=data_path("vocab", "google_zh_vocab.txt")).save_pretrained(tmp)
+    load_tokenizer(data_path("vocab", "google_zh_vocab.txt")).save(tmp)
     os.replace(tmp, d)
     return d
 

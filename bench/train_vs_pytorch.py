@@ -75,7 +75,7 @@ def run_jax(args, train_path: str, dev_path: str, sts_dev: str) -> dict:
     cfg = TrainConfig(pretrained_model_path=args.model, train_path=train_path, dev_path=dev_path,
                       sts_dev_path=sts_dev, learning_rate=args.lr, epochs_num=args.epochs,
                       batch_size=args.batch_size, seq_length=args.seq_length, seed=args.seed,
-                      pooling=args.pooling, output_dir=out, export=False, progress_bar=False,
+                      pooling=args.pooling, output_dir=out, export=False, progress_bar=False, log_every_steps=1,
                       bf16=args.bf16)
     t0 = time.perf_counter()
     summary = train_and_evaluate(cfg)
@@ -85,7 +85,7 @@ def run_jax(args, train_path: str, dev_path: str, sts_dev: str) -> dict:
     last = summary["history"][-1]
     # Steady-state rate between the first and last logged steps (compilation mostly excluded);
     # the epoch-average rate (compilation included) is the last row's own figure.
-    first, final = train_rows[0], train_rows[-1]
+    first, final = train_rows[min(5, len(train_rows) - 2)], train_rows[-1]
     steady = (final["step"] - first["step"]) * args.batch_size / max(final["time"] - first["time"], 1e-9)
     return {"dev_accuracy": float(last["accuracy"]), "sts_dev_spearman": float(last["sts_spearman"]),
             "pairs_per_s": steady, "pairs_per_s_with_compile": final["sentences_per_s"] / 2.0,

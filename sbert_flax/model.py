@@ -5,7 +5,7 @@ Numerics follow Hugging Face `BertModel` exactly in float32: post-LN layers, exa
 LayerNorm eps from the config (1e-12), additive attention mask. With `dtype=bfloat16` the matmuls run
 in bf16 while params stay float32 and softmax / LayerNorm statistics stay float32.
 
-Every parameter carries logical axis names (`sharding_names`, e.g. ("embed", "mlp")); a rules table
+Every parameter carries logical axis names (`out_sharding` metadata, e.g. ("embed", "mlp")); a rules table
 in `sharding.py` maps them onto a mesh. The model never sees a mesh. Eager sharding is off so the
 model can be built outside any mesh context (inference on one device, tests, conversion).
 
@@ -37,7 +37,7 @@ def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None
         value = jnp.ones(shape, jnp.float32)
     else:
         value = jnp.zeros(shape, jnp.float32)
-    return nnx.Param(value, sharding_names=axes, eager_sharding=False)
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
 def activation(name: str):
@@ -75,7 +75,7 @@ class LayerNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale.value + self.bias.value
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
         return y.astype(x.dtype)
 
 
@@ -94,9 +94,9 @@ class Embeddings(nnx.Module):
     def __call__(self, input_ids: Array, token_type_ids: Array, dtype: jnp.dtype,
                  dropout_key: Array | None) -> Array:
         seq_len = input_ids.shape[1]
-        x = (jnp.take(self.word_embeddings.value, input_ids, axis=0)
-             + jnp.take(self.token_type_embeddings.value, token_type_ids, axis=0)
-             + self.position_embeddings.value[None, :seq_len])  # [B, L, D], summed in f32 like HF
+        x = (jnp.take(self.word_embeddings[...], input_ids, axis=0)
+             + jnp.take(self.token_type_embeddings[...], token_type_ids, axis=0)
+             + self.position_embeddings[...][None, :seq_len])  # [B, L, D], summed in f32 like HF
         x = self.layer_norm(x).astype(dtype)
         return dropout(x, self.dropout_rate, dropout_key)
 
@@ -120,8 +120,8 @@ class SelfAttention(nnx.Module):
         dtype = x.dtype
         k_attn, k_out = _split(dropout_key, 2)
         # 2-D GEMMs ([B*L, D] x [D, 3D]) hit XLA:CPU's fastest matmul path.
-        qkv = x.reshape(b * seq, d) @ self.qkv_kernel.value.reshape(d, 3 * d).astype(dtype)
-        qkv = (qkv + self.qkv_bias.value.reshape(3 * d).astype(dtype))
+        qkv = x.reshape(b * seq, d) @ self.qkv_kernel[...].reshape(d, 3 * d).astype(dtype)
+        qkv = (qkv + self.qkv_bias[...].reshape(3 * d).astype(dtype))
         qkv = qkv.reshape(b, seq, 3, self.num_heads, self.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, L, H, Dh]
         q = q * jnp.asarray(self.head_dim ** -0.5, dtype)
@@ -129,7 +129,7 @@ class SelfAttention(nnx.Module):
         probs = jax.nn.softmax(scores + mask_bias, axis=-1)  # f32 softmax, [B, H, L, L]
         probs = dropout(probs, self.attn_dropout_rate, k_attn).astype(dtype)
         ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b * seq, d)
-        out = ctx @ self.out_kernel.value.reshape(d, d).astype(dtype) + self.out_bias.value.astype(dtype)
+        out = ctx @ self.out_kernel[...].reshape(d, d).astype(dtype) + self.out_bias[...].astype(dtype)
         return dropout(out.reshape(b, seq, d), self.dropout_rate, k_out)
 
 
@@ -147,9 +147,9 @@ class MLP(nnx.Module):
     def __call__(self, x: Array, dropout_key: Array | None) -> Array:
         b, seq, d = x.shape
         dtype = x.dtype
-        h = x.reshape(b * seq, d) @ self.wi_kernel.value.astype(dtype) + self.wi_bias.value.astype(dtype)
+        h = x.reshape(b * seq, d) @ self.wi_kernel[...].astype(dtype) + self.wi_bias[...].astype(dtype)
         h = self.act(h)
-        out = h @ self.wo_kernel.value.astype(dtype) + self.wo_bias.value.astype(dtype)
+        out = h @ self.wo_kernel[...].astype(dtype) + self.wo_bias[...].astype(dtype)
         return dropout(out.reshape(b, seq, d), self.dropout_rate, dropout_key)
 
 

@@ -33,7 +33,11 @@ def _restore_int_keys(tree: Any) -> Any:
 def save_params(directory: str, params: Mapping) -> None:
     """Writes `params` (nested dict of arrays) to `directory/params` with orbax."""
     host = jax.tree.map(lambda x: np.asarray(x), _stringify_keys(params))
-    with ocp.StandardCheckpointer() as ckptr:
+    # Host arrays are written by the calling process alone: in a multi-process job only one
+    # process exports, so orbax must not wait for the others at its barriers.
+    me = jax.process_index()
+    mp = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    with ocp.StandardCheckpointer(multiprocessing_options=mp) as ckptr:
         ckptr.save(os.path.abspath(os.path.join(directory, PARAMS_DIR)), host)
         ckptr.wait_until_finished()
 

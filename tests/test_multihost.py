@@ -47,7 +47,7 @@ def test_two_processes_equal_one_process(tmp_path, tiny_bert):
     _write_pairs(str(tmp_path / "dev.tsv"), 24, seed=2)
     cfg = TrainConfig(pretrained_model_path=model, train_path=str(tmp_path / "train.tsv"),
                       dev_path=str(tmp_path / "dev.tsv"), epochs_num=1, batch_size=16, seq_length=16,
-                      learning_rate=1e-3, param_sharding="fsdp", mesh_fsdp=2, export=False,
+                      learning_rate=1e-3, param_sharding="fsdp", mesh_fsdp=2, export=True,
                       progress_bar=False, output_dir=str(tmp_path / "multi"))
     cfg_json = tmp_path / "cfg.json"
     cfg_json.write_text(json.dumps(cfg.to_dict()))

@@ -53,6 +53,9 @@ def enable_compilation_cache(cache_dir: str | None = None) -> str | None:
     cache_dir = cache_dir or os.environ.get("SBERT_FLAX_CACHE_DIR") or os.path.join(
         os.path.expanduser("~"), ".cache", "sbert_flax", "jax")
     jax.config.update("jax_compilation_cache_dir", cache_dir)
+    # JAX only caches compilations slower than 1 s by default; small models and short buckets
+    # compile faster than that on GPU/TPU hosts, and a restart should recompile none of them.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return cache_dir
 
 

@@ -133,3 +133,20 @@ def test_nan_hook_and_eval_step():
     out = ev(create_train_state(_host_params(), tx, layout).params, sharding.put_batch(eb, mesh))
     assert out["logits"].shape == (ROWS, NUM_LABELS)
     np.testing.assert_array_equal(np.asarray(out["index"]), np.arange(ROWS))
+
+
+def test_bf16_compute_keeps_float32_master_state():
+    mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+    host, batch = _host_params(), _batch()
+    losses = {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        mdef = model_def(CFG, NUM_LABELS, "cls", dtype)
+        tx = optim.make_optimizer(1e-3, 10, params_for_mask=mdef.abstract_params)
+        layout = state_layout(mdef, tx, mesh, sharding.REPLICATED_RULES)
+        state, m = make_train_step(mdef.graphdef, tx, layout, seed=7)(
+            create_train_state(host, tx, layout), sharding.put_batch(batch, mesh))
+        assert bool(m["finite"])
+        assert {x.dtype for x in jax.tree.leaves((state.params, state.opt_state))
+                if x.ndim} == {jnp.dtype(jnp.float32)}
+        losses[jnp.dtype(dtype).name] = float(m["loss"])
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=2e-2)

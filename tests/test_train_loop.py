@@ -88,14 +88,19 @@ def test_learns_synthetic_task_and_writes_outputs(tmp_path, model):
     train = write_pairs(tmp_path / "train.tsv", 512, seed=1, max_len=40)
     dev = write_pairs(tmp_path / "dev.tsv", 128, seed=2, max_len=40)
     out = str(tmp_path / "run")
+    sts = tmp_path / "sts.tsv"
+    sents = helpers.random_zh_sentences(24, 2, 12, seed=3)
+    pairs = zip(sents[::2], sents[1::2], strict=True)
+    sts.write_text("".join(f"{a}\t{b}\t{i % 6}\n" for i, (a, b) in enumerate(pairs)), encoding="utf-8")
     cfg = TrainConfig(pretrained_model_path=model, train_path=train, dev_path=dev, test_path=dev,
-                      epochs_num=4, batch_size=32, seq_length=48, learning_rate=1e-3, pooling="mean",
+                      sts_dev_path=str(sts), epochs_num=4, batch_size=32, seq_length=48, learning_rate=1e-3, pooling="mean",
                       output_dir=out, progress_bar=False, log_every_steps=5)
     t0 = time.perf_counter()
     summary = train_and_evaluate(cfg)
     print(f"trained {summary['step']} steps in {time.perf_counter() - t0:.1f}s; history "
           f"{[round(h['accuracy'], 3) for h in summary['history']]}")
     assert summary["best"]["value"] >= 0.9
+    assert all(-1.0 <= h["sts_spearman"] <= 1.0 for h in summary["history"])
     assert summary["test"]["accuracy"] >= 0.9
     # Lengths 2..40 chars -> buckets 32 and 48: one compiled train step per bucket for all epochs.
     buckets = {bucket_of(n, 48, TRAIN_BUCKETS) for n in (4, 42)}

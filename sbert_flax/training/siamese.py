@@ -31,12 +31,12 @@ class Classifier(nnx.Module):
         kk, kb = rngs.params(), rngs.params()
         self.kernel = nnx.Param(
             jax.random.uniform(kk, (in_features, num_labels), jnp.float32, -bound, bound),
-            sharding_names=(None, None), eager_sharding=False)
+            out_sharding=(None, None), eager_sharding=False)
         self.bias = nnx.Param(jax.random.uniform(kb, (num_labels,), jnp.float32, -bound, bound),
-                              sharding_names=(None,), eager_sharding=False)
+                              out_sharding=(None,), eager_sharding=False)
 
     def __call__(self, x: Array) -> Array:
-        return x @ self.kernel.value + self.bias.value
+        return x @ self.kernel[...] + self.bias[...]
 
 
 class SiameseClassifier(nnx.Module):

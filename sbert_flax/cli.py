@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from sbert_flax.config import POOLING_MODES, ConfigError
+from sbert_flax.files import read_text_lines
 from sbert_flax.weights import WeightsError
 
 PROG = "sbert-flax"
@@ -43,31 +44,11 @@ def _load_encoder(args: argparse.Namespace, **kwargs):
 
 
 def read_lines(path: str) -> list[str]:
-    """One sentence per line, so row i of the output is line i (1-based i+1) of the file.
-
-    Lines are split on "\\n" only (a trailing "\\r" is dropped), not on the other characters
-    `str.splitlines` treats as breaks, and empty lines stay empty sentences. A final newline
-    does not start an extra sentence.
-    """
+    """One sentence per line, so row i of the output is line i+1 of the file; empty lines stay
+    empty sentences."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"input file not found: {path}")
-    with open(path, "rb") as f:
-        data = f.read()
-    if not data:
-        return []
-    chunks = data.split(b"\n")
-    if data.endswith(b"\n"):
-        chunks.pop()
-    lines = []
-    for i, raw in enumerate(chunks, 1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}:{i}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-        if i == 1:
-            line = line.removeprefix("\ufeff")
-        lines.append(line.removesuffix("\r"))
-    return lines
+    return read_text_lines(path)
 
 
 def save_npy_atomic(path: str, array: np.ndarray) -> None:

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from sbert_flax.files import read_text_lines
+
 # Third-field names that mark a header line rather than a score (UER-py TSVs have a header).
 _HEADER_SCORE_NAMES = ("score", "label", "similarity", "gold")
 
@@ -83,32 +85,24 @@ def read_sts(path: str) -> tuple[list[str], list[str], np.ndarray]:
     s1: list[str] = []
     s2: list[str] = []
     scores: list[float] = []
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-            if line_no == 1:
-                line = line.removeprefix("\ufeff")
-            line = line.rstrip("\r\n")
-            if not line.strip():
+    for line_no, line in enumerate(read_text_lines(path), 1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) != 3:
+            raise ValueError(f"{path}:{line_no}: expected 3 tab-separated fields "
+                             f"(s1, s2, score), got {len(fields)}")
+        try:
+            score = float(fields[2])
+        except ValueError:
+            if line_no == 1 and fields[2].strip().lower() in _HEADER_SCORE_NAMES:
                 continue
-            fields = line.split("\t")
-            if len(fields) != 3:
-                raise ValueError(f"{path}:{line_no}: expected 3 tab-separated fields "
-                                 f"(s1, s2, score), got {len(fields)}")
-            try:
-                score = float(fields[2])
-            except ValueError:
-                if line_no == 1 and fields[2].strip().lower() in _HEADER_SCORE_NAMES:
-                    continue
-                raise ValueError(f"{path}:{line_no}: score {fields[2]!r} is not a number") from None
-            if not math.isfinite(score):
-                raise ValueError(f"{path}:{line_no}: score {fields[2]!r} is not finite")
-            s1.append(fields[0])
-            s2.append(fields[1])
-            scores.append(score)
+            raise ValueError(f"{path}:{line_no}: score {fields[2]!r} is not a number") from None
+        if not math.isfinite(score):
+            raise ValueError(f"{path}:{line_no}: score {fields[2]!r} is not finite")
+        s1.append(fields[0])
+        s2.append(fields[1])
+        scores.append(score)
     if not scores:
         raise ValueError(f"{path}: no sentence pairs found")
     return s1, s2, np.asarray(scores, np.float64)

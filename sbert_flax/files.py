@@ -61,3 +61,30 @@ def atomic_directory(dest: str, overwrite: bool = False) -> Iterator[str]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, dest)
+
+
+def read_text_lines(path: str) -> list[str]:
+    """Lines of a UTF-8 text file (a leading BOM dropped, newline characters removed).
+
+    Splits on \\n, \\r\\n and lone \\r like Python's text mode (what UER-py reads with), but not on
+    the Unicode separators `str.splitlines` also breaks at, which can occur inside Chinese text.
+    A final newline ends the last line; it does not start an empty one.
+
+    Raises:
+      FileNotFoundError: `path` is missing (or a directory).
+      ValueError: `path:line: not valid UTF-8 ...`.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"file not found: {path}")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {e.start}); "
+                         "re-save the file as UTF-8") from None
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines

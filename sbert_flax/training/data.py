@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TypeVar
 
 import numpy as np
 
+from sbert_flax.files import read_text_lines
 from sbert_flax.tokenization import Tokenizer, bucket_for, bucket_lengths
 
 # Three padded lengths for training: few compiled shapes, and NLI sentences (mostly < 60 tokens)
@@ -110,28 +112,15 @@ class TokenizedPairs:
 
 
 def _read_lines(path: str) -> list[str]:
-    """Lines of a UTF-8 file, newline characters removed, a leading BOM dropped.
-
-    Splits on \\n, \\r\\n and lone \\r like Python's text mode (which UER-py reads with), but not on
-    the Unicode separators `str.splitlines` also breaks at, which can occur inside Chinese text.
-    """
+    """`files.read_text_lines`, with its errors as DataError (raised before any training)."""
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory, expected a TSV file")
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        return read_text_lines(path)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a directory, expected a TSV file") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {e.start}); "
-                        "re-save the file as UTF-8") from None
-    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()  # the final newline ends the last line, it does not start a new one
-    return lines
+    except ValueError as e:
+        raise DataError(str(e)) from None
 
 
 def _header_columns(path: str, header: str) -> tuple[int, int, int, int]:

@@ -20,6 +20,7 @@ import numpy as np
 from sbert_flax.config import POOLING_MODES, ConfigError
 from sbert_flax.files import read_text_lines
 from sbert_flax.weights import WeightsError
+from sbert_flax.xla import apply_cpu_performance_flags
 
 PROG = "sbert-flax"
 # Exceptions that mean "the input is wrong", shown without a traceback.
@@ -264,6 +265,8 @@ def _run(func, args, debug: bool) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (argparse exits with 2 on usage errors)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Before any JAX computation initialises the backend (flags set later are ignored).
+    apply_cpu_performance_flags()
     # `train` owns everything after it (its own options and --help), so it bypasses our parser.
     first = next((a for a in argv if a != "--debug"), None)
     if first == "train":

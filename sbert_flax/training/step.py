@@ -63,8 +63,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, la
         (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(params))
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(params))
         w = batch["weights"]
         correct = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
         metrics = {

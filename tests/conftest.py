@@ -82,17 +82,18 @@ def minilm_dir() -> str:
     return _reference_model("all-MiniLM-L6-v2")
 
 
+def _stsb(split: str):
+    d = helpers.read_stsb(split)
+    if d is None:
+        pytest.skip(f"shared/data/stsb-zh/{split}.tsv is absent")
+    return d
+
+
 @pytest.fixture(scope="session")
 def stsb_test():
-    d = helpers.read_stsb("test")
-    if d is None:
-        pytest.skip("shared/data/stsb-zh/test.tsv is absent")
-    return d
+    return _stsb("test")
 
 
 @pytest.fixture(scope="session")
 def stsb_dev():
-    d = helpers.read_stsb("dev")
-    if d is None:
-        pytest.skip("shared/data/stsb-zh/dev.tsv is absent")
-    return d
+    return _stsb("dev")

@@ -37,11 +37,14 @@ def test_logical_rules():
         sharding.rules_for("zero3")
 
 
-def test_fsdp_shards_every_big_matrix():
+def _tiny_def_and_mesh():
     cfg = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                      intermediate_size=64, max_position_embeddings=64)
-    mdef = model_def(cfg, 3, "cls")
-    mesh = sharding.make_mesh(4, 2)
+    return model_def(cfg, 3, "cls"), sharding.make_mesh(4, 2)
+
+
+def test_fsdp_shards_every_big_matrix():
+    mdef, mesh = _tiny_def_and_mesh()
     sh = sharding.param_shardings(mdef.logical_specs, mdef.abstract_params, sharding.FSDP_RULES, mesh)
     shapes = jax.tree.leaves(mdef.abstract_params)
     for (path, s), x in zip(jax.tree_util.tree_leaves_with_path(sh), shapes, strict=True):
@@ -56,10 +59,7 @@ def test_fsdp_shards_every_big_matrix():
 def test_tree_shardings_like_matches_moments():
     import optax
 
-    cfg = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64)
-    mdef = model_def(cfg, 3, "cls")
-    mesh = sharding.make_mesh(4, 2)
+    mdef, mesh = _tiny_def_and_mesh()
     p_sh = sharding.param_shardings(mdef.logical_specs, mdef.abstract_params, sharding.FSDP_RULES, mesh)
     opt = jax.eval_shape(optax.adamw(1e-3).init, mdef.abstract_params)
     o_sh = sharding.tree_shardings_like(opt, mdef.abstract_params, p_sh, mesh)
@@ -80,8 +80,6 @@ def test_put_batch_is_sharded_over_all_devices():
 
 
 def test_model_params_carry_logical_names():
-    cfg = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64)
-    mdef = model_def(cfg, 3, "cls")
+    mdef, _ = _tiny_def_and_mesh()
     assert tuple(mdef.logical_specs["backbone"]["layers"][0]["mlp"]["wi_kernel"]) == ("embed", "mlp")
     assert isinstance(mdef.graphdef, nnx.GraphDef)

@@ -184,11 +184,11 @@ class SentenceEncoder:
         tokenizer = load_tokenizer(vocab_path)  # cheap: a bad vocab path fails before the big read
         state = weights.read_state_dict(checkpoint_path)
         cfg_dict = read_json(config_path)
+        hf = weights.uer_to_hf(state, tower=tower, source=checkpoint_path)
         if "model_type" in cfg_dict or "num_hidden_layers" in cfg_dict:
             cfg = BertConfig.from_hf_dict(cfg_dict, source=config_path)
         else:
-            cfg = weights.config_from_uer(cfg_dict, state, source=checkpoint_path, tower=tower)
-        hf = weights.uer_to_hf(state, tower=tower, source=checkpoint_path)
+            cfg = weights.config_from_uer_hf(cfg_dict, hf, source=checkpoint_path)
         params = weights.hf_to_flax(hf, cfg, source=checkpoint_path)
         return cls(cfg, params, tokenizer, PoolingConfig(pooling), max_seq_length, **kwargs)
 

@@ -8,6 +8,7 @@ Reading: `config.json` + weights + tokenizer, and when present `modules.json`,
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import numpy as np
@@ -46,8 +47,6 @@ def read_st_folder(path: str) -> STFolder:
     modules_path = os.path.join(path, "modules.json")
     model_dir, pooling, normalize = path, PoolingConfig("mean"), False
     if os.path.isfile(modules_path):
-        import json
-
         try:
             with open(modules_path, encoding="utf-8") as f:
                 modules = json.load(f)

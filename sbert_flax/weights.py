@@ -437,10 +437,14 @@ def config_from_uer(uer_cfg: Mapping, state: Mapping[str, np.ndarray], source: s
     The LayerNorm eps defaults to 1e-12, what the published HF conversions declare.
     `tower` as in `uer_to_hf`.
     """
+    return config_from_uer_hf(uer_cfg, uer_to_hf(state, tower=tower, source=source), source)
+
+
+def config_from_uer_hf(uer_cfg: Mapping, hf: Mapping[str, np.ndarray], source: str) -> BertConfig:
+    """`config_from_uer` for weights already translated by `uer_to_hf` (saves a second pass)."""
     if isinstance(uer_cfg.get("stream_0"), Mapping):
         # UER's sbert configs (models/sbert/*.json) nest each tower's fields under stream_0/1.
         uer_cfg = {**uer_cfg, **uer_cfg["stream_0"]}
-    hf = uer_to_hf(state, tower=tower, source=source)
     vocab, hidden = hf["embeddings.word_embeddings.weight"].shape
     heads = uer_cfg.get("heads_num")
     if heads is None:

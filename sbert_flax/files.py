@@ -1,4 +1,10 @@
-"""Small file helpers shared by conversion, checkpointing and training: nothing half-written."""
+"""Small file helpers shared by conversion, checkpointing and training: nothing half-written.
+
+Everything written atomically (a temp name, then a rename) ends with the modes a plain `open` /
+`os.makedirs` would give under the user's umask (0644 files, 0755 folders under umask 022):
+`mkstemp` / `mkdtemp` create 0600 / 0700, which would leave a model saved on a shared server
+unreadable by a colleague or a serving account.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +13,82 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import IO, Any
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows.
+
+    Linux reports it in /proc/self/status; elsewhere it can only be read by setting it, which is
+    done under a lock and restored at once (other threads creating files in that instant would
+    briefly see umask 077: only more restrictive, never less).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """What `open(path, "w")` gives a new file: 0o666 less the umask (0644 under umask 022)."""
+    return 0o666 & ~current_umask()
+
+
+def default_dir_mode() -> int:
+    """What `os.makedirs` gives a new folder: 0o777 less the umask (0755 under umask 022)."""
+    return 0o777 & ~current_umask()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """Yields a temp file name next to `path`; renames it to `path` only if the block succeeds.
+
+    For writers that want a file name rather than a file object (`numpy.lib.format.open_memmap`,
+    `np.save(name)`). The temp file exists (empty) when the block starts; on success it gets the
+    umask's mode and replaces `path`, on any error it is removed and `path` is untouched.
+    """
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"output directory does not exist: {parent}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, default_file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "wb", encoding: str | None = None) -> Iterator[IO]:
+    """`open(path, mode)` that readers only ever see complete: a temp file renamed on success.
+
+    Args:
+      path: destination file; its folder must exist.
+      mode: "w" (text) or "wb" (binary).
+      encoding: text mode's encoding (default UTF-8).
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write mode must be 'w' or 'wb', got {mode!r}")
+    if mode == "w" and encoding is None:
+        encoding = "utf-8"
+    with atomic_path(path) as tmp, open(tmp, mode, encoding=encoding) as f:
+        yield f
 
 
 def read_json(path: str) -> dict[str, Any]:
@@ -27,11 +107,9 @@ def read_json(path: str) -> dict[str, Any]:
 
 def write_json(path: str, obj: Any) -> None:
     """Writes JSON through a temp file + rename, so readers never see half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
         f.write("\n")
-    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -39,7 +117,8 @@ def atomic_directory(dest: str, overwrite: bool = False) -> Iterator[str]:
     """Yields a temp directory next to `dest`; renames it to `dest` only if the block succeeds.
 
     On any error the temp directory is removed and `dest` is untouched. With `overwrite`, an
-    existing `dest` is replaced only after the new content is complete.
+    existing `dest` is replaced only after the new content is complete. `dest` ends with the
+    umask's folder mode (what is written inside keeps the modes its writers gave it).
     """
     dest = os.path.abspath(dest)
     if os.path.exists(dest) and not overwrite:
@@ -49,6 +128,7 @@ def atomic_directory(dest: str, overwrite: bool = False) -> Iterator[str]:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.tmp-", dir=parent)
     try:
+        os.chmod(tmp, default_dir_mode())  # mkdtemp's 0700 would hide the folder from others
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

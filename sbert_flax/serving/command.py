@@ -1,0 +1,131 @@
+"""The `sbert-flax serve` subcommand: argparse setup and the uvicorn run.
+
+`sbert_flax.cli` calls `add_parser(subparsers)`; the parsed namespace goes to `run(args)`.
+`python -m sbert_flax.serving.command --model ...` runs the same without the main CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+DESCRIPTION = """Serve a sentence-embedding model over HTTP with dynamic batching: TEI routes
+(/embed, /similarity, /tokenize, /info, /health, /metrics) and OpenAI routes (/v1/embeddings,
+/embeddings). Every device shape is compiled before /health answers 200."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The serve options, on any parser."""
+    p.add_argument("--model", required=True,
+                   help="sbert-flax dir, HF / sentence-transformers dir, or hub id")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute dtype (responses are float32 either way)")
+    p.add_argument("--pooling", choices=("cls", "mean", "max"), help="override the model's pooling")
+    p.add_argument("--max-input-length", type=int, default=None,
+                   help="tokens per input incl. [CLS]/[SEP] (default: the model's max_seq_length); "
+                   "longer input is truncated or refused with 413, per request")
+    p.add_argument("--max-batch-tokens", type=int, default=None,
+                   help="token budget of one device batch; concurrent requests are merged up to "
+                   "it (default: the encoder's, 4096, right for CPU; 16384 or more on a GPU/TPU)")
+    p.add_argument("--max-client-batch-size", type=int, default=256,
+                   help="most inputs in one request (more: 413)")
+    p.add_argument("--max-concurrent-requests", type=int, default=512,
+                   help="most embedding requests in flight (more: 429)")
+    p.add_argument("--payload-limit", type=int, default=2_000_000,
+                   help="most bytes in a request body (more: 413)")
+    p.add_argument("--auto-truncate", action="store_true",
+                   help="truncate over-long inputs unless a request says truncate=false (the "
+                   "OpenAI routes always follow this); default: refuse them with 413")
+    p.add_argument("--api-key", default=os.environ.get("SBERT_FLAX_API_KEY"),
+                   help="require `Authorization: Bearer KEY` on every route but /health and "
+                   "/metrics (default: $SBERT_FLAX_API_KEY, else none)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the `model` name OpenAI clients send (default: the --model argument); "
+                   "other names get 404")
+    p.add_argument("--log-level", default="info",
+                   choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument("--access-log", action="store_true", help="log every request (uvicorn)")
+
+
+def add_parser(subparsers) -> None:
+    """Adds the `serve` subcommand to the main CLI's subparsers."""
+    p = subparsers.add_parser("serve", help="serve embeddings over HTTP (TEI and OpenAI APIs)",
+                              description=DESCRIPTION)
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def load_encoder(args: argparse.Namespace):
+    """The encoder the server runs, with the token budget when the encoder takes one."""
+    import sbert_flax
+    from sbert_flax.encoder import SentenceEncoder
+
+    # CLIs turn the persistent compilation cache on (a restart then compiles nothing);
+    # SBERT_FLAX_COMPILATION_CACHE=0 opts out.
+    enable = getattr(sbert_flax, "enable_compilation_cache", None)
+    if enable is None:
+        from sbert_flax.encoder import enable_compilation_cache as enable
+    enable()
+    kwargs = {}
+    accepts = set(inspect.signature(SentenceEncoder.from_pretrained).parameters)
+    accepts |= set(inspect.signature(SentenceEncoder.__init__).parameters)
+    if "max_batch_tokens" in accepts and args.max_batch_tokens is not None:
+        kwargs["max_batch_tokens"] = args.max_batch_tokens
+    return SentenceEncoder.from_pretrained(args.model, pooling=args.pooling,
+                                           max_seq_length=args.max_input_length,
+                                           dtype=args.dtype, **kwargs)
+
+
+def settings_from_args(args: argparse.Namespace):
+    import sbert_flax
+    from sbert_flax.serving.settings import ServeSettings
+
+    return ServeSettings(
+        model_id=args.model, served_model_name=args.served_model_name,
+        max_batch_tokens=args.max_batch_tokens, max_client_batch_size=args.max_client_batch_size,
+        max_concurrent_requests=args.max_concurrent_requests, payload_limit=args.payload_limit,
+        api_key=args.api_key or None, auto_truncate=args.auto_truncate,
+        version=getattr(sbert_flax, "__version__", ""))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Loads the model, serves until SIGTERM / Ctrl-C (finishing requests in flight), returns 0."""
+    import uvicorn
+
+    from sbert_flax.serving.app import create_app
+
+    settings = settings_from_args(args)  # bad limits fail before the slow model load
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    encoder = load_encoder(args)
+    app = create_app(encoder, settings)
+    # timeout_graceful_shutdown=None: on SIGTERM uvicorn stops accepting and waits for every
+    # request in flight; the lifespan then drains the batcher.
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                access_log=args.access_log, timeout_graceful_shutdown=None)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from sbert_flax.xla import apply_cpu_performance_flags
+
+    apply_cpu_performance_flags()
+    parser = argparse.ArgumentParser(prog="sbert-flax serve", description=DESCRIPTION)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        print(f"sbert-flax serve: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -86,7 +86,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     _check_dest(args.dest, args.overwrite)
     # Conversion runs no computation; one device is enough to hold the params.
-    kwargs = {"devices": jax.local_devices()[:1], "compilation_cache": False}
+    kwargs = {"devices": jax.local_devices()[:1]}
     if os.path.isfile(args.src):
         if not (args.uer_config and args.vocab):
             raise UsageError(f"{args.src} is a file, read as a UER-py checkpoint: pass --uer-config "

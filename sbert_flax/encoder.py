@@ -1,15 +1,19 @@
-"""`SentenceEncoder`: load a model, encode sentences with one jitted function per shape, save it.
+"""`SentenceEncoder`: streaming, packed, jit-compiled encode over the local devices.
 
-The serving path is torch-free: HF / sentence-transformers folders are read with safetensors
-(`pytorch_model.bin` needs torch only to unpickle), tokenization is host-side, and the device runs
-`forward(params, ids, mask)` compiled once per (batch, bucket) shape.
+The serving path is torch-free: host-side tokenization, then packed batches of a few fixed shapes
+(`packing.Packer`) go to one `jax.jit` per output kind, params passed as arguments. Input is read
+lazily in windows; a window is tokenized and packed longest-first, its batches are dispatched with
+at most `IN_FLIGHT` on the devices, and each result is copied to the host as soon as it is done.
+Device memory is therefore O(batch) and host memory O(window) plus the output the caller keeps.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Literal
 
 import jax
@@ -19,31 +23,41 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sbert_flax import checkpoint, weights
+from sbert_flax import weights
 from sbert_flax.config import BertConfig, PoolingConfig
-from sbert_flax.files import atomic_directory, read_json, write_json
-from sbert_flax.model import BertModel
-from sbert_flax.pooling import cosine_similarity, l2_normalize, pool
-from sbert_flax.st_format import read_st_folder, write_st_folder
-from sbert_flax.tokenization import (
-    DEFAULT_BUCKETS,
-    Tokenizer,
-    bucket_for,
-    bucket_lengths,
-    load_tokenizer,
-    pad_batch,
-)
+from sbert_flax.embedder import abstract_embedder, embedder_params
+from sbert_flax.files import atomic_directory
+from sbert_flax.flax_format import write_flax_folder
+from sbert_flax.loading import DEFAULT_MODEL, LoadedModel, load_model
+from sbert_flax.packing import ROW_LENGTHS, PackedBatch, Packer
+from sbert_flax.pooling import cosine_similarity
+from sbert_flax.st_format import write_st_folder
+from sbert_flax.tokenization import Tokenizer
 
-FORMAT_FILE = "sbert_flax.json"
-FORMAT_VERSION = 1
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Token budget of one device batch by default: 64 rows of 64 tokens. On CPU bigger batches gain
+# nothing; on a GPU/TPU pass a larger `max_batch_tokens` (e.g. 16384, TEI's default).
+DEFAULT_MAX_BATCH_TOKENS = 4096
+ROW_UNIT = 64  # `encode(batch_size=N)` means a budget of N rows of this many tokens
+IN_FLIGHT = 2  # batches dispatched but not yet copied back: bounds device memory
+WINDOW_BATCHES = 64  # sentences are sorted and packed within a window of about this many batches
+
+
+class InputTooLong(ValueError):
+    """An input exceeds the model's limit and truncation is off."""
+
+    def __init__(self, index: int, length: int, limit: int):
+        super().__init__(f"input {index} has {length} tokens, more than the limit of {limit} "
+                         "(pass truncate=true to cut it)")
+        self.index, self.length, self.limit = index, length, limit
 
 
 def enable_compilation_cache(cache_dir: str | None = None) -> str | None:
-    """Turns on JAX's persistent compilation cache unless the user configured one already.
+    """Turns on JAX's persistent compilation cache, unless the user configured one already.
 
-    A second process start then loads compiled executables instead of recompiling. Opt out
-    with `SBERT_FLAX_COMPILATION_CACHE=0` or `SentenceEncoder(..., compilation_cache=False)`.
+    A second process start then loads compiled executables instead of recompiling. The library
+    never calls this itself (it changes process-wide JAX config); the `sbert-flax` CLI does.
+    Opt out with `SBERT_FLAX_COMPILATION_CACHE=0`. Returns the cache directory, or None.
     """
     if os.environ.get("SBERT_FLAX_COMPILATION_CACHE", "1") == "0":
         return None
@@ -53,30 +67,10 @@ def enable_compilation_cache(cache_dir: str | None = None) -> str | None:
     cache_dir = cache_dir or os.environ.get("SBERT_FLAX_CACHE_DIR") or os.path.join(
         os.path.expanduser("~"), ".cache", "sbert_flax", "jax")
     jax.config.update("jax_compilation_cache_dir", cache_dir)
-    # JAX only caches compilations slower than 1 s by default; small models and short buckets
+    # JAX only caches compilations slower than 1 s by default; small models and short rows
     # compile faster than that on GPU/TPU hosts, and a restart should recompile none of them.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return cache_dir
-
-
-def abstract_model(cfg: BertConfig, dtype=jnp.float32) -> tuple[nnx.GraphDef, nnx.State]:
-    """The model's structure and abstract param shapes, without allocating weights."""
-    model = nnx.eval_shape(lambda: BertModel(cfg, rngs=nnx.Rngs(0), dtype=dtype))
-    return nnx.split(model)
-
-
-def check_params(params: dict, cfg: BertConfig, source: str) -> None:
-    """Every expected param present with the config's shape, nothing extra; errors name the path."""
-    _, abstract = abstract_model(cfg)
-    want = {jax.tree_util.keystr(p): v.shape for p, v in
-            jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(abstract))}
-    have = {jax.tree_util.keystr(p): np.shape(v) for p, v in jax.tree_util.tree_leaves_with_path(params)}
-    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
-    if missing or extra:
-        raise weights.WeightsError(f"{source}: params missing {missing[:5]}, unexpected {extra[:5]}")
-    for k, shape in want.items():
-        if tuple(have[k]) != tuple(shape):
-            raise weights.WeightsError(f"{source}: param {k} has shape {have[k]}, config needs {shape}")
 
 
 @dataclasses.dataclass
@@ -93,52 +87,65 @@ class EncodeStats:
     def padding_waste(self) -> float:
         return 1.0 - self.real_tokens / self.padded_slots if self.padded_slots else 0.0
 
+    def add(self, batch: PackedBatch) -> None:
+        self.sentences += len(batch.index)
+        self.batches += 1
+        self.real_tokens += batch.real_tokens
+        self.padded_slots += batch.shape[0] * batch.shape[1]
+        if batch.shape not in self.shapes:
+            self.shapes = tuple(sorted({*self.shapes, batch.shape}))
+
 
 class SentenceEncoder:
-    """A BERT sentence encoder: tokenizer + Flax backbone + pooling.
+    """A BERT sentence encoder: tokenizer + `SentenceEmbedder`, data-parallel over local devices.
 
     Args:
-      config: the backbone architecture.
-      params: nested dict of float32 arrays, as produced by `weights.hf_to_flax`.
-      tokenizer: host-side tokenizer.
-      pooling: pooling mode and whether the model normalises (sentence-transformers' Normalize).
-      max_seq_length: tokens per sentence incl. [CLS]/[SEP]; longer input is truncated.
+      model: what `loading.load_model` returns (host config, params, tokenizer, pooling, length).
       dtype: compute dtype, "float32" (default) or "bfloat16"; params stay float32.
-      buckets: candidate padded lengths; see `tokenization.DEFAULT_BUCKETS`.
-      compilation_cache: use JAX's persistent compilation cache (see `enable_compilation_cache`).
       devices: devices for data-parallel encode; default all local devices.
+      max_batch_tokens: token budget of a device batch (see `packing`).
+      row_lengths: candidate packed row lengths (`buckets` is an alias); max_seq_length is
+        always one.
+      attention_impl: None (XLA) or "cudnn" (flash attention on NVIDIA GPUs, bf16/fp16).
     """
 
-    def __init__(self, config: BertConfig, params: dict, tokenizer: Tokenizer, pooling: PoolingConfig,
-                 max_seq_length: int, dtype: str = "float32", buckets: Sequence[int] = DEFAULT_BUCKETS,
-                 compilation_cache: bool = True, devices: Sequence[jax.Device] | None = None):
+    def __init__(self, model: LoadedModel, *, dtype: str = "float32",
+                 devices: Sequence[jax.Device] | None = None,
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+                 row_lengths: Sequence[int] | None = None, buckets: Sequence[int] | None = None,
+                 attention_impl: str | None = None):
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}; expected one of {tuple(DTYPES)}")
-        if not 2 <= max_seq_length <= config.max_position_embeddings:
-            raise ValueError(f"max_seq_length={max_seq_length} must be in [2, "
-                             f"max_position_embeddings={config.max_position_embeddings}]")
-        if compilation_cache:
-            enable_compilation_cache()
-        self.config = config
-        self.tokenizer = tokenizer
-        self.pooling = pooling
-        self.max_seq_length = int(max_seq_length)
+        self.model = model
+        self.config: BertConfig = model.config
+        self.tokenizer: Tokenizer = model.tokenizer
+        self.pooling: PoolingConfig = model.pooling
+        self.max_seq_length = int(model.max_seq_length)
         self.dtype = dtype
-        self.buckets = tuple(sorted(buckets))
+        self.max_batch_tokens = int(max_batch_tokens)
+        self.row_lengths = tuple(row_lengths or buckets or ROW_LENGTHS)
+        self.attention_impl = attention_impl
         self.devices = list(devices or jax.local_devices())
         self.mesh = Mesh(np.array(self.devices), ("data",))
-        self._graphdef, abstract = abstract_model(config)
-        nnx.replace_by_pure_dict(abstract, params)
+        graphdef, abstract = abstract_embedder(model.config, model.pooling)
+        nnx.replace_by_pure_dict(abstract, embedder_params(model.params))
+        self._graphdef = graphdef
         self.params = jax.device_put(abstract, NamedSharding(self.mesh, P()))  # replicated
         self._fns: dict = {}
-        self.num_traces = 0  # incremented at trace time: the number of compilations
+        self._packers: dict = {}
+        self.num_compiles = 0  # bumped at trace time: one per compiled shape
         self.last_stats = EncodeStats()
+
+    @property
+    def num_traces(self) -> int:  # the name before the packed encode
+        return self.num_compiles
 
     # ---- loading ------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path: str, pooling: str | None = None, max_seq_length: int | None = None,
-                        dtype: str = "float32", normalize: bool | None = None, **kwargs) -> SentenceEncoder:
+    def from_pretrained(cls, path: str = DEFAULT_MODEL, pooling: str | None = None,
+                        max_seq_length: int | None = None, dtype: str = "float32",
+                        normalize: bool | None = None, **kwargs) -> SentenceEncoder:
         """Loads an sbert-flax dir, a HF / sentence-transformers dir, or a hub id.
 
         Args:
@@ -148,30 +155,10 @@ class SentenceEncoder:
           max_seq_length: override the folder's sequence length.
           dtype: compute dtype.
           normalize: override whether embeddings are L2-normalised by the model.
-          **kwargs: passed to the constructor (buckets, compilation_cache, devices).
+          **kwargs: passed to the constructor (devices, max_batch_tokens, row_lengths, ...).
         """
-        local = resolve_model_path(path)
-        if os.path.isfile(os.path.join(local, FORMAT_FILE)):
-            meta = read_json(os.path.join(local, FORMAT_FILE))
-            cfg = BertConfig.from_json_file(os.path.join(local, "config.json"))
-            params = checkpoint.load_params(local)
-            check_params(params, cfg, local)
-            pool_cfg = PoolingConfig(meta["pooling"], bool(meta.get("normalize", False)))
-            msl, lower, tok_dir = meta["max_seq_length"], bool(meta.get("lowercase_text", False)), local
-        else:
-            st = read_st_folder(local)
-            cfg = st.config
-            wfile = weights.find_weights_file(st.model_dir)
-            # Errors name the weights file; the config they were checked against is beside it.
-            params = weights.hf_to_flax(weights.read_weights(wfile), cfg, source=wfile)
-            pool_cfg, msl, lower, tok_dir = st.pooling, st.max_seq_length, st.lowercase_text, st.model_dir
-        tokenizer = load_tokenizer(tok_dir, lowercase_text=lower)
-        if msl is None:
-            # sentence-transformers' rule for folders without sentence_bert_config.json.
-            msl = min(tokenizer.model_max_length, cfg.max_position_embeddings)
-        pool_cfg = PoolingConfig(pooling or pool_cfg.mode,
-                                 pool_cfg.normalize if normalize is None else normalize)
-        return cls(cfg, params, tokenizer, pool_cfg, max_seq_length or msl, dtype=dtype, **kwargs)
+        model = load_model(path, pooling=pooling, max_seq_length=max_seq_length, normalize=normalize)
+        return cls(model, dtype=dtype, **kwargs)
 
     @classmethod
     def from_uer(cls, checkpoint_path: str, vocab_path: str, config_path: str, pooling: str = "cls",
@@ -181,81 +168,145 @@ class SentenceEncoder:
         `tower` (sbert checkpoints): None takes tower 0 and requires the towers to be tied;
         0 or 1 takes that tower and ignores the other (see `weights.uer_to_hf`).
         """
-        tokenizer = load_tokenizer(vocab_path)  # cheap: a bad vocab path fails before the big read
-        state = weights.read_state_dict(checkpoint_path)
-        cfg_dict = read_json(config_path)
-        hf = weights.uer_to_hf(state, tower=tower, source=checkpoint_path)
-        if "model_type" in cfg_dict or "num_hidden_layers" in cfg_dict:
-            cfg = BertConfig.from_hf_dict(cfg_dict, source=config_path)
-        else:
-            cfg = weights.config_from_uer_hf(cfg_dict, hf, source=checkpoint_path)
-        params = weights.hf_to_flax(hf, cfg, source=checkpoint_path)
-        return cls(cfg, params, tokenizer, PoolingConfig(pooling), max_seq_length, **kwargs)
+        model = load_model(checkpoint_path, pooling=pooling, max_seq_length=max_seq_length,
+                           vocab_path=vocab_path, config_path=config_path, tower=tower)
+        return cls(model, **kwargs)
 
-    # ---- encoding -----------------------------------------------------------------------------
+    @classmethod
+    def from_parts(cls, config: BertConfig, params: dict, tokenizer: Tokenizer,
+                   pooling: PoolingConfig, max_seq_length: int, **kwargs) -> SentenceEncoder:
+        """An encoder over host params already in memory (e.g. a trainer's best params)."""
+        return cls(LoadedModel(config, params, tokenizer, pooling, int(max_seq_length)), **kwargs)
 
     @property
     def dim(self) -> int:
         return self.config.hidden_size
 
-    def _forward_fn(self, dtype: str, mode: str, normalize: bool, output: str):
-        key = (dtype, mode, normalize, output)
+    # ---- compiled functions -------------------------------------------------------------------
+
+    def packer(self, max_batch_tokens: int | None = None, max_seq_length: int | None = None) -> Packer:
+        key = (int(max_batch_tokens or self.max_batch_tokens), int(max_seq_length or self.max_seq_length))
+        if key not in self._packers:
+            self._packers[key] = Packer(key[0], key[1], len(self.devices), self.row_lengths)
+        return self._packers[key]
+
+    def _fn(self, dtype: str, output: str):
+        key = (dtype, output)
         if key not in self._fns:
             model = nnx.merge(self._graphdef, self.params)
-            model.dtype = jnp.dtype(DTYPES[dtype])
+            model.backbone.dtype = jnp.dtype(DTYPES[dtype])
+            model.backbone.attention_impl = self.attention_impl
             graphdef = nnx.graphdef(model)
-            data = NamedSharding(self.mesh, P("data"))
 
-            def forward(params, ids, mask):
-                self.num_traces += 1  # runs once per compilation, never per call
-                hidden = nnx.merge(graphdef, params)(ids, mask)  # [B, L, D]
+            def forward(params, ids, segments, positions):
+                self.num_compiles += 1  # runs once per compilation, never per call
+                m = nnx.merge(graphdef, params)
                 if output == "token":
-                    return hidden.astype(jnp.float32)
-                emb = pool(hidden, mask, mode)
-                return l2_normalize(emb) if normalize else emb
+                    return m.tokens(ids, (segments > 0).astype(jnp.int32), segments=segments,
+                                    positions=positions)
+                return m.embed_packed(ids, segments, positions, Packer.slots(ids.shape[1]))
 
-            self._fns[key] = jax.jit(forward, in_shardings=(NamedSharding(self.mesh, P()), data, data),
+            data = NamedSharding(self.mesh, P("data"))
+            self._fns[key] = jax.jit(forward, in_shardings=(NamedSharding(self.mesh, P()), data, data, data),
                                      out_shardings=data)
         return self._fns[key]
 
-    def _batch_rows(self, n: int, batch_size: int) -> int:
-        """Rows per device batch: `batch_size` rounded up to the device count; a lone short
-        request is padded only to the next power of two, not to a full batch."""
-        ndev = len(self.devices)
-        full = -(-batch_size // ndev) * ndev
-        if n >= full:
-            return full
-        small = 1 << max(0, (n - 1).bit_length())
-        return min(full, -(-max(small, ndev) // ndev) * ndev)
+    def _dispatch(self, batch: PackedBatch, dtype: str, output: str) -> jax.Array:
+        data = NamedSharding(self.mesh, P("data"))
+        put = [jax.device_put(x, data) for x in (batch.ids, batch.segments, batch.positions)]
+        out = self._fn(dtype, output)(self.params, *put)
+        out.copy_to_host_async()  # the copy overlaps the next batch's compute
+        return out
 
-    def encode(self, sentences: str | Sequence[str], batch_size: int = 64, normalize: bool = False,
-               show_progress_bar: bool = False, max_seq_length: int | None = None,
-               dtype: str | None = None, output: Literal["sentence", "token"] = "sentence"):
-        """Embeds sentences.
+    def _run(self, batches: Iterable[PackedBatch], dtype: str, output: str
+             ) -> Iterator[tuple[PackedBatch, np.ndarray]]:
+        """Runs batches with at most IN_FLIGHT on the devices; yields (batch, host result) in order.
 
-        Args:
-          sentences: a string or a sequence of strings.
-          batch_size: sentences per device step (rounded up to a multiple of the device count).
-          normalize: L2-normalise the embeddings (the model's own Normalize module, if any,
-            applies regardless, as in sentence-transformers).
-          show_progress_bar: tqdm bar over batches.
-          max_seq_length: override the truncation length for this call.
-          dtype: override the compute dtype for this call.
-          output: "sentence" -> float32 array [n, dim] in input order; "token" -> list of float32
-            arrays [tokens_i, dim] (the real tokens of each sentence).
+        The `batches` iterator is advanced (tokenizing, packing) while earlier batches compute.
+        """
+        queue: collections.deque = collections.deque()
+        for batch in batches:
+            queue.append((batch, self._dispatch(batch, dtype, output)))
+            if len(queue) >= IN_FLIGHT:
+                b, out = queue.popleft()
+                yield b, np.asarray(out)
+        while queue:
+            b, out = queue.popleft()
+            yield b, np.asarray(out)
+
+    # ---- serving-level API --------------------------------------------------------------------
+
+    def tokenize(self, texts: Sequence[str], *, truncate: bool = True, direction: str = "right",
+                 max_length: int | None = None) -> list[np.ndarray]:
+        """Token ids (with [CLS]/[SEP]) per text.
 
         Raises:
-          TypeError: an item is not a string (names its index).
+          InputTooLong: `truncate=False` and an input is longer than the limit (names the index).
         """
-        if isinstance(sentences, str):
-            sentences = [sentences]
+        limit = int(max_length or self.max_seq_length)
+        if truncate:
+            return self.tokenizer.encode(texts, limit, truncation_side=direction)
+        ids = self.tokenizer.encode(texts, None)
+        for i, x in enumerate(ids):
+            if len(x) > limit:
+                raise InputTooLong(i, len(x), limit)
+        return ids
+
+    def embed_ids(self, ids: Sequence[np.ndarray], *, normalize: bool = False,
+                  dtype: str | None = None) -> np.ndarray:
+        """Embeds token-id sequences (from `tokenize`) on the precompiled shapes; float32 [n, dim]."""
+        out = np.zeros((len(ids), self.dim), np.float32)
+        stats = EncodeStats()
+        batches = self.packer().pack(ids, pad_id=self.tokenizer.pad_id)
+        for batch, res in self._run(batches, dtype or self.dtype, "sentence"):
+            out[batch.index] = res[batch.row, batch.slot]
+            stats.add(batch)
+        self.last_stats = stats
+        return _l2(out) if normalize else out
+
+    def warmup(self, dtype: str | None = None) -> int:
+        """Compiles (and runs once) every shape of the token budget; returns how many shapes."""
+        shapes = self.packer().shapes()
+        for rows, length in shapes:
+            z = np.zeros((rows, length), np.int32)
+            seg = z.copy()
+            seg[:, 0] = 1  # one 1-token sentence per row: a realistic mask, nothing degenerate
+            dummy = PackedBatch(z, seg, z, np.zeros(0, np.int64), *np.zeros((4, 0), np.int32))
+            np.asarray(self._dispatch(dummy, dtype or self.dtype, "sentence"))
+        return len(shapes)
+
+    # ---- encoding -----------------------------------------------------------------------------
+
+    def _windows(self, sentences: Iterable[str], window: int) -> Iterator[tuple[int, list[str]]]:
+        it = iter([sentences] if isinstance(sentences, str) else sentences)
+        start = 0
+        while True:
+            texts = list(itertools.islice(it, window))
+            if not texts:
+                return
+            for j, s in enumerate(texts):
+                if not isinstance(s, str):
+                    raise TypeError(f"sentences[{start + j}] is {type(s).__name__}, expected str")
+            yield start, texts
+            start += len(texts)
+
+    def encode_chunks(self, sentences: Iterable[str], chunk_size: int = 100_000, *,
+                      batch_size: int | None = None, normalize: bool = False,
+                      truncate_dim: int | None = None, show_progress_bar: bool = False,
+                      max_seq_length: int | None = None, dtype: str | None = None,
+                      output: Literal["sentence", "token"] = "sentence",
+                      ) -> Iterator[tuple[np.ndarray, np.ndarray | list[np.ndarray]]]:
+        """Streams embeddings: yields (row indices, float32 [k, dim]) chunks in input order.
+
+        Reads `sentences` lazily (a list, a generator, an open file: lines are stripped), so
+        memory stays bounded whatever the input size. Arguments are those of `encode`; with
+        `output="token"` each chunk is a list of [tokens_i, dim] arrays.
+        """
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size={chunk_size} must be >= 1")
         if output not in ("sentence", "token"):
             raise ValueError(f"output={output!r}; expected 'sentence' or 'token'")
-        sentences = list(sentences)
-        for i, s in enumerate(sentences):
-            if not isinstance(s, str):
-                raise TypeError(f"sentences[{i}] is {type(s).__name__}, expected str")
-        if batch_size < 1:
+        if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         msl = int(max_seq_length or self.max_seq_length)
         if not 2 <= msl <= self.config.max_position_embeddings:
@@ -263,50 +314,116 @@ class SentenceEncoder:
         dtype = dtype or self.dtype
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}; expected one of {tuple(DTYPES)}")
-        n = len(sentences)
-        if n == 0:
-            self.last_stats = EncodeStats()
-            return np.zeros((0, self.dim), np.float32) if output == "sentence" else []
-
-        ids = self.tokenizer.encode(sentences, msl)
-        lengths = np.array([len(x) for x in ids])
-        order = np.argsort(-lengths, kind="stable")  # longest first, as sentence-transformers
-        buckets = bucket_lengths(msl, self.buckets)
-        rows = self._batch_rows(n, batch_size)
-        fn = self._forward_fn(dtype, self.pooling.mode, normalize or self.pooling.normalize, output)
-        data = NamedSharding(self.mesh, P("data"))
-
-        stats = EncodeStats(sentences=n, real_tokens=int(lengths.sum()))
-        shapes: set[tuple[int, int]] = set()
-        outs = []
-        starts = range(0, n, rows)
+        if truncate_dim is not None and not 1 <= truncate_dim <= self.dim:
+            raise ValueError(f"truncate_dim={truncate_dim} must be in [1, {self.dim}]")
+        budget = batch_size * ROW_UNIT if batch_size else self.max_batch_tokens
+        packer = self.packer(budget, msl)
+        window = max(1024, WINDOW_BATCHES * budget // 32)  # ~32 tokens a sentence, generously
+        stats = EncodeStats()
+        self.last_stats = stats
+        bar = None
         if show_progress_bar:
             from tqdm.auto import tqdm
 
-            starts = tqdm(starts, desc="encode", unit="batch")
-        for start in starts:
-            idx = order[start:start + rows]
-            length = bucket_for(int(lengths[idx].max()), buckets)
-            b_ids, b_mask = pad_batch([ids[i] for i in idx], length, rows, self.tokenizer.pad_id)
-            # Dispatch is asynchronous: the host pads the next batch while the device computes.
-            outs.append(fn(self.params, jax.device_put(b_ids, data), jax.device_put(b_mask, data)))
-            shapes.add((rows, length))
-            stats.batches += 1
-            stats.padded_slots += rows * length
-        stats.shapes = tuple(sorted(shapes))
-        self.last_stats = stats
+            bar = tqdm(desc="encode", unit="sent", unit_scale=True)
 
+        def finish(emb: np.ndarray) -> np.ndarray:
+            if truncate_dim is not None:
+                emb = emb[:, :truncate_dim]
+            return _l2(emb) if normalize else emb
+
+        windows: collections.deque = collections.deque()  # [start, n, result, pending batches]
+
+        def batches() -> Iterator[PackedBatch]:
+            for start, texts in self._windows(sentences, window):
+                ids = self.tokenizer.encode(texts, msl)
+                packed = packer.pack(ids, pad_id=self.tokenizer.pad_id)
+                res: np.ndarray | list = (np.zeros((len(texts), self.dim), np.float32)
+                                          if output == "sentence" else [None] * len(texts))
+                windows.append([start, len(texts), res, len(packed)])
+                yield from packed
+
+        done: list[tuple[int, np.ndarray | list]] = []  # finished windows not yet emitted
+        buffered = 0
+
+        def emit(final: bool) -> Iterator[tuple[np.ndarray, np.ndarray | list]]:
+            nonlocal buffered
+            while done and (buffered >= chunk_size or final):
+                take = min(chunk_size, buffered)
+                parts, first, got = [], done[0][0], 0
+                while got < take:
+                    start, res = done[0]
+                    k = min(take - got, len(res))
+                    parts.append(res[:k])
+                    if k == len(res):
+                        done.pop(0)
+                    else:
+                        done[0] = (start + k, res[k:])
+                    got += k
+                buffered -= take
+                rows = np.arange(first, first + take, dtype=np.int64)
+                if output == "sentence":
+                    yield rows, finish(np.concatenate(parts))
+                else:
+                    yield rows, [t for part in parts for t in part]
+
+        for batch, out in self._run(batches(), dtype, output):
+            w = windows[0]
+            if output == "sentence":
+                w[2][batch.index] = out[batch.row, batch.slot]
+            else:
+                for j, i in enumerate(batch.index):
+                    s, m = batch.start[j], batch.length[j]
+                    w[2][i] = out[batch.row[j], s:s + m].copy()
+            stats.add(batch)
+            w[3] -= 1
+            if bar is not None:
+                bar.update(len(batch.index))
+            while windows and windows[0][3] == 0:  # a window is complete when all its batches are
+                start, n, res, _ = windows.popleft()
+                done.append((start, res))
+                buffered += n
+            yield from emit(final=False)
+        while windows:  # windows of only empty input have no batches
+            start, n, res, _ = windows.popleft()
+            done.append((start, res))
+            buffered += n
+        yield from emit(final=True)
+        if bar is not None:
+            bar.close()
+
+    def encode(self, sentences: str | Iterable[str], batch_size: int | None = None,
+               normalize: bool = False, show_progress_bar: bool = False,
+               max_seq_length: int | None = None, dtype: str | None = None,
+               output: Literal["sentence", "token"] = "sentence", truncate_dim: int | None = None):
+        """Embeds sentences.
+
+        Args:
+          sentences: a string, or any iterable of strings (list, generator, file object).
+          batch_size: device batch as rows of 64 tokens (a token budget of batch_size x 64,
+            packed); None uses the encoder's `max_batch_tokens`.
+          normalize: L2-normalise the embeddings (after `truncate_dim`; the model's own Normalize
+            module, if any, applies regardless, as in sentence-transformers).
+          show_progress_bar: tqdm bar in sentences.
+          max_seq_length: override the truncation length for this call.
+          dtype: override the compute dtype for this call.
+          output: "sentence" -> float32 array [n, dim] in input order; "token" -> list of float32
+            arrays [tokens_i, dim] (the real tokens of each sentence).
+          truncate_dim: keep the first `truncate_dim` dimensions (Matryoshka models).
+
+        Raises:
+          TypeError: an item is not a string (names its index).
+        """
+        chunks = self.encode_chunks(sentences, chunk_size=1 << 62, batch_size=batch_size,
+                                    normalize=normalize, truncate_dim=truncate_dim,
+                                    show_progress_bar=show_progress_bar,
+                                    max_seq_length=max_seq_length, dtype=dtype, output=output)
+        parts = [c for _, c in chunks]
         if output == "token":
-            result: list = [None] * n
-            for start, out in zip(range(0, n, rows), outs, strict=True):
-                out = np.asarray(out)
-                for j, i in enumerate(order[start:start + rows]):
-                    result[i] = out[j, : lengths[i]]
-            return result
-        emb = np.concatenate([np.asarray(o) for o in outs])[:n]
-        result_arr = np.empty_like(emb)
-        result_arr[order] = emb
-        return result_arr
+            return [t for part in parts for t in part]
+        if not parts:
+            return np.zeros((0, truncate_dim or self.dim), np.float32)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     @staticmethod
     def similarity(a, b) -> np.ndarray:
@@ -318,20 +435,14 @@ class SentenceEncoder:
     # ---- saving -------------------------------------------------------------------------------
 
     def param_dict(self) -> dict:
-        """The parameters as a nested dict of host numpy arrays."""
-        return jax.tree.map(np.asarray, nnx.to_pure_dict(self.params))
+        """The backbone parameters as a nested dict of host numpy arrays."""
+        return jax.tree.map(np.asarray, nnx.to_pure_dict(self.params))["backbone"]
 
     def save(self, path: str, overwrite: bool = False) -> None:
-        """Writes the sbert-flax format: orbax params + config.json + tokenizer + sbert_flax.json."""
+        """Writes the sbert-flax format (see `flax_format`)."""
         with atomic_directory(path, overwrite) as tmp:
-            checkpoint.save_params(tmp, self.param_dict())
-            write_json(os.path.join(tmp, "config.json"), self.config.to_hf_dict())
-            self.tokenizer.save(tmp)
-            write_json(os.path.join(tmp, FORMAT_FILE), {
-                "format": "sbert-flax", "version": FORMAT_VERSION, "pooling": self.pooling.mode,
-                "normalize": self.pooling.normalize, "max_seq_length": self.max_seq_length,
-                "lowercase_text": self.tokenizer.lowercase_text,
-            })
+            write_flax_folder(tmp, self.config, self.param_dict(), self.pooling, self.max_seq_length,
+                              self.tokenizer)
 
     def export_pytorch(self, path: str, overwrite: bool = False) -> None:
         """Writes a sentence-transformers folder (safetensors) with the same embeddings."""
@@ -341,19 +452,7 @@ class SentenceEncoder:
                             self.tokenizer.lowercase_text, self.tokenizer)
 
 
-def resolve_model_path(path: str) -> str:
-    """A local directory as is; otherwise a hub id fetched with huggingface_hub."""
-    if os.path.isdir(path):
-        return path
-    if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1:
-        raise FileNotFoundError(f"model directory not found: {path}")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(path)
-    except Exception as e:
-        raise OSError(
-            f"{path!r} is not a local directory and could not be downloaded from the Hugging Face "
-            f"hub ({type(e).__name__}: {e}). If you are offline, download the model elsewhere and "
-            "pass its local directory instead."
-        ) from None
+def _l2(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Row-wise L2 normalisation in float32, as torch.nn.functional.normalize."""
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    return (x / np.maximum(norm, eps)).astype(np.float32)

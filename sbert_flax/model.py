@@ -91,12 +91,14 @@ class Embeddings(nnx.Module):
         self.layer_norm = LayerNorm(d, cfg.layer_norm_eps)
         self.dropout_rate = cfg.hidden_dropout_prob
 
-    def __call__(self, input_ids: Array, token_type_ids: Array, dtype: jnp.dtype,
-                 dropout_key: Array | None) -> Array:
+    def __call__(self, input_ids: Array, token_type_ids: Array, positions: Array | None,
+                 dtype: jnp.dtype, dropout_key: Array | None) -> Array:
         seq_len = input_ids.shape[1]
+        pos = (self.position_embeddings[...][None, :seq_len] if positions is None
+               else jnp.take(self.position_embeddings[...], positions, axis=0))
         x = (jnp.take(self.word_embeddings[...], input_ids, axis=0)
              + jnp.take(self.token_type_embeddings[...], token_type_ids, axis=0)
-             + self.position_embeddings[...][None, :seq_len])  # [B, L, D], summed in f32 like HF
+             + pos)  # [B, L, D], summed in f32 like HF
         x = self.layer_norm(x).astype(dtype)
         return dropout(x, self.dropout_rate, dropout_key)
 
@@ -114,8 +116,9 @@ class SelfAttention(nnx.Module):
         self.out_bias = _param(None, (d,), ("embed",), "zeros")
         self.attn_dropout_rate = cfg.attention_probs_dropout_prob
         self.dropout_rate = cfg.hidden_dropout_prob
+        self.attention_impl: str | None = None  # None/"xla" or "cudnn"; set by BertModel
 
-    def __call__(self, x: Array, mask_bias: Array, dropout_key: Array | None) -> Array:
+    def __call__(self, x: Array, mask: Array, dropout_key: Array | None) -> Array:
         b, seq, d = x.shape
         dtype = x.dtype
         k_attn, k_out = _split(dropout_key, 2)
@@ -124,11 +127,20 @@ class SelfAttention(nnx.Module):
         qkv = (qkv + self.qkv_bias[...].reshape(3 * d).astype(dtype))
         qkv = qkv.reshape(b, seq, 3, self.num_heads, self.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, L, H, Dh]
-        q = q * jnp.asarray(self.head_dim ** -0.5, dtype)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        probs = jax.nn.softmax(scores + mask_bias, axis=-1)  # f32 softmax, [B, H, L, L]
-        probs = dropout(probs, self.attn_dropout_rate, k_attn).astype(dtype)
-        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b * seq, d)
+        if k_attn is None or self.attn_dropout_rate <= 0.0:
+            # Inference: the fused attention op (cuDNN flash attention on GPU when
+            # `attention_impl="cudnn"`, XLA elsewhere); f32 logits and softmax either way.
+            ctx = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.head_dim ** -0.5,
+                                               implementation=self.attention_impl)
+        else:
+            # Training with attention dropout, which jax.nn.dot_product_attention does not do.
+            q = q * jnp.asarray(self.head_dim ** -0.5, dtype)
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+            scores = jnp.where(mask, scores, _MASK_VALUE)
+            probs = jax.nn.softmax(scores, axis=-1)  # f32 softmax, [B, H, L, L]
+            probs = dropout(probs, self.attn_dropout_rate, k_attn).astype(dtype)
+            ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        ctx = ctx.reshape(b * seq, d)
         out = ctx @ self.out_kernel[...].reshape(d, d).astype(dtype) + self.out_bias[...].astype(dtype)
         return dropout(out.reshape(b, seq, d), self.dropout_rate, k_out)
 
@@ -162,9 +174,9 @@ class Layer(nnx.Module):
         self.mlp = MLP(cfg, rngs)
         self.output_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
 
-    def __call__(self, x: Array, mask_bias: Array, dropout_key: Array | None) -> Array:
+    def __call__(self, x: Array, mask: Array, dropout_key: Array | None) -> Array:
         k_attn, k_mlp = _split(dropout_key, 2)
-        x = self.attention_norm(x + self.attention(x, mask_bias, k_attn))
+        x = self.attention_norm(x + self.attention(x, mask, k_attn))
         return self.output_norm(x + self.mlp(x, k_mlp))
 
 
@@ -183,18 +195,38 @@ class BertModel(nnx.Module):
         self.embeddings = Embeddings(cfg, rngs)
         self.layers = nnx.List([Layer(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
 
+    @property
+    def attention_impl(self) -> str | None:
+        return self.layers[0].attention.attention_impl if len(self.layers) else None
+
+    @attention_impl.setter
+    def attention_impl(self, impl: str | None) -> None:
+        for layer in self.layers:
+            layer.attention.attention_impl = impl
+
     def __call__(self, input_ids: Array, attention_mask: Array, token_type_ids: Array | None = None,
-                 *, dropout_key: Array | None = None) -> Array:
+                 *, segment_ids: Array | None = None, positions: Array | None = None,
+                 dropout_key: Array | None = None) -> Array:
         """Returns the last hidden states [B, L, D] in the compute dtype.
 
-        Dropout runs iff `dropout_key` is given (training); inference passes None.
+        Args:
+          input_ids: [B, L] token ids.
+          attention_mask: [B, L], 1 for real tokens (right padding).
+          token_type_ids: [B, L] segment (A/B) ids; default all 0.
+          segment_ids: packed rows ([B, L], 1..k per packed sentence, 0 padding): attention is
+            block-diagonal, each sentence sees only itself. None: one sentence per row.
+          positions: [B, L] position ids (restarting at 0 per packed sentence); default 0..L-1.
+          dropout_key: dropout runs iff given (training); inference passes None.
         """
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
         keys = _split(dropout_key, len(self.layers) + 1)
-        # [B, 1, 1, L] additive bias over keys, float32 so it is exact under bf16 compute.
-        mask_bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, _MASK_VALUE).astype(jnp.float32)
-        x = self.embeddings(input_ids, token_type_ids, self.dtype, keys[0])
+        if segment_ids is None:
+            mask = attention_mask[:, None, None, :] > 0  # [B, 1, 1, L] over keys
+        else:
+            same = segment_ids[:, :, None] == segment_ids[:, None, :]
+            mask = (same & (segment_ids[:, None, :] > 0))[:, None]  # [B, 1, L, L]
+        x = self.embeddings(input_ids, token_type_ids, positions, self.dtype, keys[0])
         for layer, key in zip(self.layers, keys[1:], strict=True):
-            x = layer(x, mask_bias, key)
+            x = layer(x, mask, key)
         return x

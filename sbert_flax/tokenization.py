@@ -55,17 +55,37 @@ class Tokenizer:
     def model_max_length(self) -> int:
         return int(getattr(self.hf, "model_max_length", 512) or 512)
 
-    def encode(self, texts: Sequence[str], max_length: int) -> list[np.ndarray]:
-        """Token ids per text (int32), truncated to `max_length` keeping the final [SEP]."""
+    def encode(self, texts: Sequence[str], max_length: int | None,
+               truncation_side: str = "right") -> list[np.ndarray]:
+        """Token ids per text (int32) with [CLS]/[SEP].
+
+        Args:
+          texts: the texts.
+          max_length: truncate to this many tokens, keeping [CLS] and the final [SEP]; None
+            does not truncate.
+          truncation_side: "right" drops the end of a long text, "left" its start (TEI's
+            `truncation_direction`).
+        """
+        if truncation_side not in ("right", "left"):
+            raise ValueError(f"truncation_side={truncation_side!r}; expected 'right' or 'left'")
         # sentence-transformers strips surrounding whitespace before tokenizing; so do we.
         texts = [t.strip() for t in texts]
         if self.lowercase_text:
             texts = [t.lower() for t in texts]
         if not texts:
             return []
-        enc = self.hf(texts, add_special_tokens=True, truncation="longest_first",
-                      max_length=max_length, padding=False, return_attention_mask=False,
-                      return_token_type_ids=False)
+        if max_length is None:
+            enc = self.hf(texts, add_special_tokens=True, truncation=False, padding=False,
+                          return_attention_mask=False, return_token_type_ids=False)
+            return [np.asarray(ids, dtype=np.int32) for ids in enc["input_ids"]]
+        old_side = self.hf.truncation_side
+        self.hf.truncation_side = truncation_side
+        try:
+            enc = self.hf(texts, add_special_tokens=True, truncation="longest_first",
+                          max_length=max_length, padding=False, return_attention_mask=False,
+                          return_token_type_ids=False)
+        finally:
+            self.hf.truncation_side = old_side
         return [np.asarray(ids, dtype=np.int32) for ids in enc["input_ids"]]
 
     def save(self, directory: str) -> None:

@@ -114,12 +114,12 @@ class Evaluator:
         """A SentenceEncoder holding the backbone of `params` (host copy; collective)."""
         backbone = sharding.host_tree(params, self.layout.mesh)["backbone"]
         if self._encoder is None:
-            self._encoder = SentenceEncoder(self.pre.config, backbone, self.pre.tokenizer,
+            self._encoder = SentenceEncoder.from_parts(self.pre.config, backbone, self.pre.tokenizer,
                                             PoolingConfig(self.pre.pooling), self.cfg.seq_length)
         else:  # reuse its compiled functions; only the weights change
             enc = self._encoder
             state = jax.tree.map(lambda x: x, enc.params)
-            nnx.replace_by_pure_dict(state, backbone)
+            nnx.replace_by_pure_dict(state, {"backbone": backbone})
             enc.params = jax.device_put(state, NamedSharding(enc.mesh, P()))
         return self._encoder
 
@@ -304,7 +304,7 @@ def _finish(cfg, state, meta, evaluator, ckpts, layout, pre, num_labels, is_main
     if cfg.export:
         host = sharding.host_tree(params, layout.mesh)  # collective: every process takes part
         if is_main:
-            enc = SentenceEncoder(pre.config, host["backbone"], pre.tokenizer, PoolingConfig(pre.pooling),
+            enc = SentenceEncoder.from_parts(pre.config, host["backbone"], pre.tokenizer, PoolingConfig(pre.pooling),
                                   cfg.seq_length, devices=jax.local_devices()[:1])
             enc.save(os.path.join(cfg.output_dir, "best_model"), overwrite=True)
             enc.export_pytorch(os.path.join(cfg.output_dir, "best_model_pytorch"), overwrite=True)

@@ -1,0 +1,132 @@
+"""One pure loader: any supported source -> host-side config, params, tokenizer, pooling, length.
+
+Sources: an sbert-flax folder, a Hugging Face / sentence-transformers folder, a hub id (fetched
+with huggingface_hub), or a UER-py checkpoint file (`.bin`, with its vocab and config). Nothing is
+put on a device: `SentenceEncoder` and the trainer each place the params where they need them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from sbert_flax import weights
+from sbert_flax.config import BertConfig, PoolingConfig
+from sbert_flax.embedder import check_backbone_params
+from sbert_flax.files import read_json
+from sbert_flax.flax_format import is_flax_folder, read_flax_folder
+from sbert_flax.st_format import read_st_folder
+from sbert_flax.tokenization import Tokenizer, load_tokenizer
+
+# The model this project exists for: what `--model` means when it is not given.
+DEFAULT_MODEL = "uer/sbert-base-chinese-nli"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """A model on the host.
+
+    Attributes:
+      config: the backbone architecture.
+      params: the backbone's params, a nested dict of float32 numpy arrays (`weights.hf_to_flax`).
+      tokenizer: host-side tokenizer.
+      pooling: pooling mode and whether the model normalises.
+      max_seq_length: tokens per sentence incl. [CLS]/[SEP].
+      source: where it came from (for messages and /info).
+    """
+
+    config: BertConfig
+    params: dict
+    tokenizer: Tokenizer
+    pooling: PoolingConfig
+    max_seq_length: int
+    source: str = ""
+
+
+class ModelNotFoundError(OSError):
+    """Neither a local folder nor downloadable; the message says what to do."""
+
+
+def resolve_model_path(path: str) -> str:
+    """A local directory as is; otherwise a hub id fetched with huggingface_hub."""
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1:
+        raise ModelNotFoundError(f"model directory not found: {path}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(path)
+    except Exception as e:
+        raise ModelNotFoundError(
+            f"model {path!r} is not a local directory and could not be downloaded from the "
+            f"Hugging Face hub ({type(e).__name__}). If you are offline, download it elsewhere "
+            "and pass its local directory (e.g. --model path/to/sbert-base-chinese-nli)."
+        ) from None
+
+
+def _is_hf_config(d: dict) -> bool:
+    return "model_type" in d or "num_hidden_layers" in d
+
+
+def load_model(source: str = DEFAULT_MODEL, *, pooling: str | None = None,
+               max_seq_length: int | None = None, normalize: bool | None = None,
+               vocab_path: str | None = None, config_path: str | None = None,
+               tower: int | None = None, uer_max_seq_length: int = 128) -> LoadedModel:
+    """Loads a model onto the host from any supported source.
+
+    Args:
+      source: sbert-flax dir, HF / sentence-transformers dir, hub id, or UER-py `.bin` file.
+      pooling: "cls" | "mean" | "max" to override the source's pooling (UER checkpoints default
+        to "cls", UER-py's "first").
+      max_seq_length: override the source's sequence length.
+      normalize: override whether the model L2-normalises its embeddings.
+      vocab_path: a vocab file; required for a UER `.bin`, overrides a folder's tokenizer.
+      config_path: required for a UER `.bin`: its UER config json or an HF config.json.
+      tower: UER sbert checkpoints: None requires tied towers and takes tower 0; 0 or 1 takes that
+        tower (see `weights.uer_to_hf`).
+      uer_max_seq_length: a UER checkpoint's sequence length when `max_seq_length` is None.
+
+    Raises:
+      ModelNotFoundError: not local and not downloadable.
+      weights.WeightsError, ConfigError, ValueError: the files do not fit together (names which).
+    """
+    if os.path.isfile(source):
+        if not (vocab_path and config_path):
+            raise ValueError(f"{source} is a UER-py checkpoint file: pass vocab_path (e.g. "
+                             "models/google_zh_vocab.txt) and config_path (its config json)")
+        tokenizer = load_tokenizer(vocab_path)  # cheap: a bad vocab fails before the big read
+        state = weights.read_state_dict(source)
+        cfg_dict = read_json(config_path)
+        hf = weights.uer_to_hf(state, tower=tower, source=source)
+        if _is_hf_config(cfg_dict):
+            cfg = BertConfig.from_hf_dict(cfg_dict, source=config_path)
+        else:
+            cfg = weights.config_from_uer_hf(cfg_dict, hf, source=source)
+        params = weights.hf_to_flax(hf, cfg, source=source)
+        pool_cfg, msl = PoolingConfig("cls"), uer_max_seq_length
+    else:
+        local = resolve_model_path(source)
+        if is_flax_folder(local):
+            folder = read_flax_folder(local)
+            check_backbone_params(folder.params, folder.config, local)
+            cfg, params, pool_cfg, msl = folder.config, folder.params, folder.pooling, folder.max_seq_length
+            lower, tok_dir = folder.lowercase_text, local
+        else:
+            st = read_st_folder(local)
+            cfg = st.config
+            wfile = weights.find_weights_file(st.model_dir)
+            # Errors name the weights file; the config they were checked against is beside it.
+            params = weights.hf_to_flax(weights.read_weights(wfile), cfg, source=wfile)
+            pool_cfg, msl, lower, tok_dir = st.pooling, st.max_seq_length, st.lowercase_text, st.model_dir
+        tokenizer = load_tokenizer(vocab_path or tok_dir, lowercase_text=lower)
+        if msl is None:
+            # sentence-transformers' rule for folders without sentence_bert_config.json.
+            msl = min(tokenizer.model_max_length, cfg.max_position_embeddings)
+    pool_cfg = PoolingConfig(pooling or pool_cfg.mode,
+                             pool_cfg.normalize if normalize is None else normalize)
+    msl = int(max_seq_length or msl)
+    if not 2 <= msl <= cfg.max_position_embeddings:
+        raise ValueError(f"max_seq_length={msl} must be in [2, max_position_embeddings="
+                         f"{cfg.max_position_embeddings}]")
+    return LoadedModel(cfg, params, tokenizer, pool_cfg, msl, source)

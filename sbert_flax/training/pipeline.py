@@ -1,0 +1,381 @@
+"""The training input pipeline on grain: a batch plan per epoch, host tokenization, prefetch.
+
+The plan is a pure function of (number of records, seed, epoch): the global batches of record
+indices. By default a batch is a random sample of the data (a fresh permutation each epoch, cut
+into `global_batch` rows), as PyTorch's samplers draw it; a batch's length bucket only decides how
+far it is padded. `group_by_length` instead cuts each bucket's examples into batches (less
+padding, but batches of similar length). `no_duplicates` is sentence-transformers'
+NoDuplicatesBatchSampler: no text appears twice in a batch (a duplicate anchor or positive would
+be a false in-batch negative).
+
+`grain.MapDataset.range(total_steps).map(BatchBuilder)` turns step k into its batch: read the
+global batch's texts by offset, tokenize them on the host, pad every text column to the
+batch's bucket, keep this process's contiguous rows. A thread pool prefetches ahead of the
+device. The iterator state is the next step index, saved in the orbax checkpoint, so a resumed
+run continues from exactly the next batch without replaying any.
+
+A partial last batch is padded with weight-0 rows (never dropped, never a new shape): every
+example trains once per epoch, as in sentence-transformers (drop_last=False).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from sbert_flax.tokenization import Tokenizer, bucket_for, bucket_lengths
+from sbert_flax.training.sources import DataError, TextSource
+
+# Three padded lengths for training: few compiled shapes, and NLI sentences (mostly < 60 tokens)
+# rarely pay for 128-token padding.
+TRAIN_BUCKETS = (32, 64, 128)
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """How training batches are drawn.
+
+    Attributes:
+      global_batch: rows per step across all processes.
+      seq_length: max tokens per text incl. [CLS]/[SEP]; the largest bucket.
+      seed: data order seed (epoch e shuffles with `default_rng((seed, e))`).
+      epochs: passes over the data.
+      max_steps: stop after this many steps in all (None: every epoch to the end).
+      shuffle: False keeps file order (evaluation-style; tests).
+      group_by_length: batches of examples from one length bucket (today's UER-siamese habit).
+      no_duplicates: no text twice in a batch (needs the source's `text_hashes`).
+      buckets: padded lengths to choose from (capped at seq_length, which is always one).
+      process_index, process_count: this process's rows are the process_index-th contiguous slice
+        of `global_batch // process_count` rows of every global batch.
+      num_threads: grain read threads (texts are read, tokenized and padded off the main thread).
+      prefetch: batches buffered ahead of the trainer.
+    """
+
+    global_batch: int
+    seq_length: int
+    seed: int = 0
+    epochs: int = 1
+    max_steps: int | None = None
+    shuffle: bool = True
+    group_by_length: bool = False
+    no_duplicates: bool = False
+    buckets: tuple[int, ...] = TRAIN_BUCKETS
+    process_index: int = 0
+    process_count: int = 1
+    num_threads: int = 2
+    prefetch: int = 8
+
+    def __post_init__(self) -> None:
+        if self.global_batch < 1:
+            raise DataError(f"global_batch must be >= 1, got {self.global_batch}")
+        if self.process_count < 1 or not 0 <= self.process_index < self.process_count:
+            raise DataError(f"process_index {self.process_index} out of range for process_count "
+                            f"{self.process_count}")
+        if self.global_batch % self.process_count:
+            raise DataError(f"global batch {self.global_batch} is not divisible by the process count "
+                            f"{self.process_count}; every process must feed the same number of rows")
+        if self.seq_length < 2:
+            raise DataError(f"seq_length must be >= 2 ([CLS] and [SEP]), got {self.seq_length}")
+        if self.epochs < 1:
+            raise DataError(f"epochs must be >= 1, got {self.epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise DataError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.group_by_length and self.no_duplicates:
+            raise DataError("group_by_length and no_duplicates cannot be combined")
+
+    @property
+    def local_batch(self) -> int:
+        return self.global_batch // self.process_count
+
+    @property
+    def bucket_lengths(self) -> tuple[int, ...]:
+        return bucket_lengths(self.seq_length, sorted(self.buckets))
+
+
+def bucket_of(length: int, seq_length: int, buckets: Sequence[int] = TRAIN_BUCKETS) -> int:
+    """The padded length an example of `length` tokens trains at."""
+    return bucket_for(length, bucket_lengths(seq_length, sorted(buckets)))
+
+
+def token_lengths(source: TextSource, tokenizer: Tokenizer, seq_length: int,
+                  chunk: int = 4096) -> np.ndarray:
+    """int32 [N]: each record's longest text in tokens (truncated at seq_length); one pass."""
+    out = np.zeros(len(source), np.int32)
+    for lo in range(0, len(source), chunk):
+        idx = range(lo, min(lo + chunk, len(source)))
+        cols = source.texts(idx)
+        lens = [np.fromiter((len(x) for x in tokenizer.encode(t, seq_length)), np.int32, len(idx))
+                for t in cols.values()]
+        out[lo: lo + len(idx)] = np.max(lens, axis=0)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan: global batches of record indices, per epoch
+# ----------------------------------------------------------------------------------------------
+
+
+def _cut(order: np.ndarray, size: int) -> list[np.ndarray]:
+    return [order[s: s + size] for s in range(0, len(order), size)]
+
+
+def no_duplicates_batches(order: np.ndarray, hashes: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """sentence-transformers' NoDuplicatesBatchSampler over the permutation `order`.
+
+    Walks the remaining indices in order, taking each one whose texts are all new to the batch,
+    until the batch is full; skipped indices wait for a later batch. Leftovers that cannot fill a
+    batch become (padded) partial batches, as with drop_last=False.
+
+    Args:
+      order: record indices, already shuffled.
+      hashes: int64 [N, columns]: a hash of every text of every record.
+      batch_size: rows per batch.
+    """
+    remaining = dict.fromkeys(order.tolist())
+    out: list[np.ndarray] = []
+    while remaining:
+        seen: set[int] = set()
+        batch: list[int] = []
+        for i in remaining:
+            values = set(hashes[i].tolist())
+            if values & seen:
+                continue
+            batch.append(i)
+            seen |= values
+            if len(batch) == batch_size:
+                break
+        for i in batch:
+            del remaining[i]
+        out.append(np.asarray(batch, np.int64))
+    return out
+
+
+class BatchPlan:
+    """Which records make up each global batch of each epoch (deterministic by seed).
+
+    Args:
+      num_records: records in the source.
+      cfg: the pipeline config.
+      lengths: per-record token lengths (required with group_by_length).
+      text_hashes: per-record text hashes (required with no_duplicates).
+    """
+
+    def __init__(self, num_records: int, cfg: PipelineConfig, *, lengths: np.ndarray | None = None,
+                 text_hashes: np.ndarray | None = None):
+        if num_records < 1:
+            raise DataError("no training examples")
+        if cfg.group_by_length and lengths is None:
+            raise ValueError("group_by_length needs the records' token lengths")
+        if cfg.no_duplicates and text_hashes is None:
+            raise ValueError("no_duplicates needs the records' text hashes")
+        self.n, self.cfg, self.lengths, self.hashes = num_records, cfg, lengths, text_hashes
+        self._cache: dict[int, list[np.ndarray]] = {}
+        if cfg.no_duplicates:  # batch counts vary by epoch: plan them all (the LR schedule needs it)
+            sizes = [len(self.epoch(e)) for e in range(cfg.epochs)]
+        elif cfg.group_by_length:
+            which = self._bucket_index(np.arange(num_records))
+            g = cfg.global_batch
+            per = sum(-(-int(np.sum(which == k)) // g) for k in range(len(cfg.bucket_lengths)))
+            sizes = [per] * cfg.epochs
+        else:
+            sizes = [-(-num_records // cfg.global_batch)] * cfg.epochs
+        self.steps_per_epoch = tuple(sizes)
+        self._ends = np.cumsum(sizes)
+        total = int(self._ends[-1])
+        self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
+
+    def _bucket_index(self, idx: np.ndarray) -> np.ndarray:
+        return np.searchsorted(np.asarray(self.cfg.bucket_lengths), self.lengths[idx], side="left")
+
+    def epoch(self, e: int) -> list[np.ndarray]:
+        """The global batches of epoch e (0-based), each an int64 array of <= global_batch records."""
+        if e in self._cache:
+            return self._cache[e]
+        cfg = self.cfg
+        rng = np.random.default_rng((cfg.seed, e)) if cfg.shuffle else None
+        order = rng.permutation(self.n) if rng is not None else np.arange(self.n)
+        if cfg.no_duplicates:
+            batches = no_duplicates_batches(order, self.hashes, cfg.global_batch)
+        elif cfg.group_by_length:
+            which = self._bucket_index(order)
+            batches = []
+            for k in range(len(cfg.bucket_lengths)):
+                batches.extend(_cut(order[which == k], cfg.global_batch))
+            if rng is not None:
+                batches = [batches[j] for j in rng.permutation(len(batches))]
+        else:
+            batches = _cut(order, cfg.global_batch)
+        if not cfg.no_duplicates:  # cheap to rebuild: keep only the current epoch
+            self._cache.clear()
+        self._cache[e] = batches
+        return batches
+
+    def locate(self, step: int) -> tuple[int, int]:
+        """(epoch, batch within the epoch) of 0-based global step `step`."""
+        if not 0 <= step < self.total_steps:
+            raise IndexError(f"step {step} out of range [0, {self.total_steps})")
+        e = int(np.searchsorted(self._ends, step, side="right"))
+        return e, step - (int(self._ends[e - 1]) if e else 0)
+
+    def records(self, step: int) -> np.ndarray:
+        e, b = self.locate(step)
+        return self.epoch(e)[b]
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches
+# ----------------------------------------------------------------------------------------------
+
+
+class BatchBuilder:
+    """step -> this process's rows of that step's global batch, tokenized and padded.
+
+    Keys (COMMON layout): `{c}_ids`, `{c}_mask` int32 [rows, L] for each text column c (one L per
+    batch: the smallest bucket holding its longest text), `weights` float32 [rows] (0 on pad
+    rows), and `labels` int32 [rows] or `scores` float32 [rows] when the source has a target.
+    With `with_index`, also `index` int32 [rows]: each row's record (-1 on pad rows).
+    """
+
+    def __init__(self, source: TextSource, tokenizer: Tokenizer, cfg: PipelineConfig,
+                 plan: BatchPlan | None = None, *, with_index: bool = False,
+                 target_key: str | None = None):
+        self.source, self.tokenizer, self.cfg, self.plan = source, tokenizer, cfg, plan
+        self.with_index = with_index
+        self.target_key = target_key or {"label": "labels", "score": "scores", None: None}[
+            source.schema.target]
+        # The HF fast tokenizer sets its truncation state on every call: not safe to call from
+        # several grain threads at once.
+        self._lock = threading.Lock()
+
+    def __call__(self, step: int) -> Batch:
+        return self.build(self.plan.records(int(step)))
+
+    def build(self, records: np.ndarray) -> Batch:
+        """The batch of global records `records` (<= global_batch; missing rows are pads)."""
+        cfg, src = self.cfg, self.source
+        g, rows = cfg.global_batch, cfg.local_batch
+        n = len(records)
+        if n > g:
+            raise ValueError(f"{n} records for a global batch of {g}")
+        # Every process tokenizes the whole global batch: the padded length must be the same on
+        # all of them, and it depends on the longest text of any row.
+        cols = src.texts(records)
+        flat = [t for c in src.columns for t in cols[c]]
+        with self._lock:
+            ids = self.tokenizer.encode(flat, cfg.seq_length) if flat else []
+        longest = max((len(x) for x in ids), default=2)
+        length = bucket_for(longest, cfg.bucket_lengths)
+        lo = cfg.process_index * rows
+        mine = range(lo, min(lo + rows, n))
+        out: Batch = {}
+        pad = self.tokenizer.pad_id
+        for k, c in enumerate(src.columns):
+            a = np.full((rows, length), pad, np.int32)
+            m = np.zeros((rows, length), np.int32)
+            for r, j in enumerate(mine):
+                x = ids[k * n + j]
+                a[r, : len(x)] = x
+                m[r, : len(x)] = 1
+            out[f"{c}_ids"], out[f"{c}_mask"] = a, m
+        real = len(mine)
+        w = np.zeros((rows,), np.float32)
+        w[:real] = 1.0
+        out["weights"] = w
+        if self.target_key is not None and src.targets is not None:
+            t = np.zeros((rows,), np.int32 if src.schema.target == "label" else np.float32)
+            t[:real] = src.targets[records[lo: lo + real]]
+            out[self.target_key] = t
+        if self.with_index:
+            index = np.full((rows,), -1, np.int32)
+            index[:real] = records[lo: lo + real]
+            out["index"] = index
+        return out
+
+
+class _IteratorState:
+    """What grain's orbax handler saves: JSON bytes of the iterator state (taken at save time)."""
+
+    def __init__(self, state: dict[str, Any] | None = None):
+        self.state = state
+
+    def get_state(self) -> bytes:
+        return json.dumps(self.state).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self.state = json.loads(state.decode() if isinstance(state, bytes) else state)
+
+    def start_prefetch(self) -> None:  # the handler calls it after a restore
+        pass
+
+
+class TrainPipeline:
+    """The training batches of a run as a grain dataset.
+
+    Args:
+      source: the training records.
+      tokenizer: host tokenizer.
+      cfg: batching config.
+      lengths: per-record token lengths (computed here when group_by_length needs them).
+    """
+
+    def __init__(self, source: TextSource, tokenizer: Tokenizer, cfg: PipelineConfig,
+                 lengths: np.ndarray | None = None):
+        if cfg.no_duplicates and source.text_hashes is None:
+            raise ValueError("no_duplicates needs a source opened with hash_texts=True")
+        if cfg.group_by_length and lengths is None:
+            lengths = token_lengths(source, tokenizer, cfg.seq_length)
+        self.source, self.cfg = source, cfg
+        self.plan = BatchPlan(len(source), cfg, lengths=lengths, text_hashes=source.text_hashes)
+        self.builder = BatchBuilder(source, tokenizer, cfg, self.plan)
+        self.dataset = grain.MapDataset.range(self.plan.total_steps).map(self.builder)
+
+    @property
+    def total_steps(self) -> int:
+        return self.plan.total_steps
+
+    @property
+    def steps_per_epoch(self) -> tuple[int, ...]:
+        return self.plan.steps_per_epoch
+
+    def iterator(self, state: dict[str, Any] | None = None) -> grain.DatasetIterator:
+        """A prefetching iterator from the start, or from a saved `state` (`get_state()`)."""
+        opts = grain.ReadOptions(num_threads=self.cfg.num_threads,
+                                 prefetch_buffer_size=self.cfg.prefetch if self.cfg.num_threads else 0)
+        it = self.dataset.to_iter_dataset(opts).__iter__()
+        if state is not None:
+            if not 0 <= int(state.get("next_index", -1)) <= self.total_steps:
+                raise ValueError(f"data iterator state {state} does not fit this run's "
+                                 f"{self.total_steps} steps")
+            it.set_state(state)
+        return it
+
+    @staticmethod
+    def checkpoint_item(iterator: grain.DatasetIterator):
+        """orbax save args for the iterator's current state (one JSON file per process)."""
+        return grain.checkpoint.CheckpointSave(_IteratorState(iterator.get_state()))
+
+    @staticmethod
+    def restore_item():
+        """(orbax restore args, holder): after the restore, `holder.state` is the saved state."""
+        holder = _IteratorState()
+        return grain.checkpoint.CheckpointRestore(holder), holder
+
+
+def eval_batches(source: TextSource, tokenizer: Tokenizer, *, global_batch: int, seq_length: int,
+                 process_index: int = 0, process_count: int = 1,
+                 buckets: Sequence[int] = TRAIN_BUCKETS) -> list[Batch]:
+    """Unshuffled batches in file order, with `index` (each row's record, -1 for pads)."""
+    cfg = PipelineConfig(global_batch=global_batch, seq_length=seq_length, shuffle=False,
+                         buckets=tuple(buckets), process_index=process_index,
+                         process_count=process_count)
+    builder = BatchBuilder(source, tokenizer, cfg, with_index=True)
+    return [builder.build(np.arange(s, min(s + global_batch, len(source))))
+            for s in range(0, len(source), global_batch)]

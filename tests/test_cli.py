@@ -150,7 +150,7 @@ def test_encode_bfloat16_outputs_float32(tiny, tiny_enc, tmp_path, capsys):
     assert emb.dtype == np.float32 and emb.shape == (len(SENTS), tiny_enc.dim)
     ref = tiny_enc.encode(SENTS, max_seq_length=16)
     cos = np.sum(emb * ref, 1) / np.linalg.norm(emb, axis=1) / np.linalg.norm(ref, axis=1)
-    assert cos.min() > 0.99
+    assert cos.min() >= 0.9999  # measured 0.999997 (see test_encoder's bf16 test)
 
 
 @pytest.mark.parametrize("problem", ["model", "input", "output_dir", "utf8"])

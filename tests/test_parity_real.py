@@ -67,9 +67,9 @@ def test_m3e_bfloat16_close_to_float32(m3e, stsb_test):
     assert not np.array_equal(f32, bf16)
     cos = _cosines(f32, bf16)
     print(f"m3e-small bf16 vs f32: min cosine {cos.min():.5f}")
-    # See tests/test_encoder.py::test_bfloat16_close_to_float32 for why 0.99: bf16's ~0.4%
-    # rounding keeps cosine near 0.999+, a broken bf16 path falls far below.
-    assert cos.min() >= 0.99
+    # Measured: min cosine 0.99998 over these 64 sentences; 0.9999 allows 1 - cos 6x that. See
+    # tests/test_encoder.py::test_bfloat16_close_to_float32.
+    assert cos.min() >= 0.9999
 
 
 # ~50 varied English sentences: short and long, punctuation, numbers, casing (the tokenizer

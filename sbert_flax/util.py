@@ -152,7 +152,7 @@ def _kernels(devices: tuple[jax.Device, ...], score: str | Callable, k: int, kc:
         return v, jnp.take_along_axis(jnp.concatenate([i0, i1], axis=1), pos, axis=1)
 
     return (jax.jit(prepare, in_shardings=rows, out_shardings=rows), jax.jit(chunk_topk),
-            jax.jit(merge), rows)
+            jax.jit(merge), rows, NamedSharding(mesh, P()))
 
 
 def _topk_blocks(queries: np.ndarray, corpus: np.ndarray, *, top_k: int, query_chunk_size: int,
@@ -178,7 +178,7 @@ def _topk_blocks(queries: np.ndarray, corpus: np.ndarray, *, top_k: int, query_c
     qc = _bucket(n_q, query_chunk_size)
     cc = _round_up(_bucket(n_c, corpus_chunk_size), len(devices))
     kc = min(k, cc)
-    prepare, chunk_topk, merge, rows = _kernels(devices, _score_kind(score_function), k, kc)
+    prepare, chunk_topk, merge, rows, repl = _kernels(devices, _score_kind(score_function), k, kc)
     dim = corpus.shape[1]
     n_chunks = -(-n_c // cc)
     cached: list[jax.Array] = []
@@ -202,9 +202,11 @@ def _topk_blocks(queries: np.ndarray, corpus: np.ndarray, *, top_k: int, query_c
             part = queries[s:s + qc]
             if len(part) < qc:
                 part = np.concatenate([part, np.zeros((qc - len(part), dim), np.float32)])
-            q_chunks.append(jnp.asarray(part))
-        # Running best per query chunk, starting empty (-inf, id -1) so every merge has one shape.
-        empty = (jnp.full((qc, k), -jnp.inf, jnp.float32), jnp.full((qc, k), -1, jnp.int32))
+            q_chunks.append(jax.device_put(np.ascontiguousarray(part), repl))
+        # Running best per query chunk, starting empty (-inf, id -1) so every merge has one shape
+        # (and one sharding: replicated, like chunk_topk's outputs).
+        empty = (jax.device_put(np.full((qc, k), -np.inf, np.float32), repl),
+                 jax.device_put(np.full((qc, k), -1, np.int32), repl))
         best = [empty] * len(q_chunks)
         for j in range(n_chunks):
             c = corpus_chunk(j)
@@ -236,7 +238,8 @@ def semantic_search(query_embeddings: Any, corpus_embeddings: Any, query_chunk_s
       top_k: results per query (fewer if the corpus is smaller).
       score_function: None or "cos_sim" (cosine, both sides L2-normalised with eps 1e-12),
         "dot" (dot product), sentence-transformers' `cos_sim` / `dot_score`, or a callable
-        `(a [m, D], b [n, D]) -> [m, n]` on jax arrays.
+        `(a [m, D], b [n, D]) -> [m, n]` on jax arrays, traced into the kernel (pass the same
+        function object again to reuse its compilation).
       devices: the devices to split corpus chunks over (default `jax.local_devices()`).
 
     Returns:
@@ -495,6 +498,9 @@ def write_manifest(path: str, shards: Sequence[tuple[str, int]], dim: int,
 
     Returns:
       The manifest's path.
+
+    A file at `path` itself (from an earlier run) is removed first: `load_embeddings` prefers
+    `path` over the manifest, so a stale one would shadow the new shards.
     """
     mpath = manifest_path(path)
     folder = os.path.dirname(os.path.abspath(mpath))
@@ -505,6 +511,8 @@ def write_manifest(path: str, shards: Sequence[tuple[str, int]], dim: int,
         entries.append({"path": os.path.relpath(os.path.abspath(shard), folder),
                         "start": start, "rows": int(rows)})
         start += int(rows)
+    if os.path.isfile(path):
+        os.remove(path)
     write_json(mpath, {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "rows": start,
                        "dim": int(dim), "dtype": str(np.dtype(dtype)), "shards": entries})
     return mpath

@@ -62,16 +62,19 @@ def test_semantic_search_single_query_and_unnormalised_rows():
 
 
 def test_semantic_search_compiles_a_bounded_number_of_shapes():
-    kw = dict(query_chunk_size=7, corpus_chunk_size=37, top_k=12)
+    kw = dict(query_chunk_size=7, corpus_chunk_size=37, top_k=12)  # top_k unique to this test
+    start = dict(util.TRACE_COUNTS)
     util.semantic_search(_emb(23), _emb(200, seed=5), **kw)
     before = dict(util.TRACE_COUNTS)
+    # One shape per kernel for 4 query chunks x 6 corpus chunks (the last ones padded).
+    assert {n: before[n] - start.get(n, 0) for n in before} == {
+        "prepare": 1, "chunk_topk": 1, "merge": 1}
     # Other corpus / query sizes above the chunk sizes pad to the same chunk shapes.
     for n_q, n_c in [(9, 41), (30, 1000), (8, 333)]:
         ref = st_util.semantic_search(torch.from_numpy(_emb(n_q, seed=n_q)),
                                       torch.from_numpy(_emb(n_c, seed=n_c)), **kw)
         _assert_same_hits(util.semantic_search(_emb(n_q, seed=n_q), _emb(n_c, seed=n_c), **kw), ref)
     assert dict(util.TRACE_COUNTS) == before
-    assert before["chunk_topk"] >= 1
 
 
 def test_semantic_search_sharded_equals_one_device():
@@ -83,6 +86,21 @@ def test_semantic_search_sharded_equals_one_device():
     assert [[h["corpus_id"] for h in r] for r in one] == [[h["corpus_id"] for h in r] for r in eight]
     np.testing.assert_allclose([[h["score"] for h in r] for r in one],
                                [[h["score"] for h in r] for r in eight], rtol=0, atol=1e-6)
+
+
+def test_semantic_search_custom_score_function():
+    q, c = _emb(4, seed=14), _emb(90, seed=15)
+
+    def neg_l2(a, b):  # a jax function, traced into the kernel
+        return -jax.numpy.sum((a[:, None, :] - b[None, :, :]) ** 2, axis=-1)
+
+    ours = util.semantic_search(q, c, corpus_chunk_size=40, top_k=7, score_function=neg_l2)
+    ref = st_util.semantic_search(
+        torch.from_numpy(q), torch.from_numpy(c), corpus_chunk_size=40, top_k=7,
+        score_function=lambda a, b: -torch.cdist(a, b) ** 2)
+    _assert_same_hits(ours, ref)
+    with pytest.raises(ValueError, match="score_function"):
+        util.semantic_search(q, c, score_function="manhattan")
 
 
 def test_semantic_search_ties_go_to_the_lower_corpus_id():
@@ -235,6 +253,11 @@ def test_shards_manifest_load_and_merge(tmp_path, umask022):
     assert isinstance(merged, np.memmap) and merged.dtype == np.float32
     np.testing.assert_array_equal(merged, want)
     assert sorted(os.listdir(tmp_path)) == ["emb.npy"]  # no temp file left
+
+    # A new sharded run replaces the merged file of the old one, which would shadow it.
+    paths = _write_shards(out, parts[:1])
+    assert not os.path.exists(out)
+    np.testing.assert_array_equal(util.load_embeddings(out), parts[0])
 
 
 def test_single_shard_is_memmapped_and_keep_shards(tmp_path):

@@ -10,6 +10,7 @@ import argparse
 import inspect
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -106,9 +107,14 @@ def run(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     encoder = load_encoder(args)
     app = create_app(encoder, settings)
+    # uvicorn shuts down gracefully on SIGTERM and then re-raises the signal through the handler
+    # it found installed; with Python's default that kills the process (exit -15). A handler of
+    # our own makes a graceful stop exit 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     # timeout_graceful_shutdown=None: on SIGTERM uvicorn stops accepting and waits for every
     # request in flight; the lifespan then drains the batcher.
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+    # log_config=None: keep the logging set up above (uvicorn would replace the root handlers).
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, log_config=None,
                 access_log=args.access_log, timeout_graceful_shutdown=None)
     return 0
 

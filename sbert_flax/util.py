@@ -109,8 +109,15 @@ def _round_up(n: int, m: int) -> int:
 
 
 def _bucket(n: int, cap: int) -> int:
-    """min(cap, next power of two >= n): few distinct shapes, at most 2x padding below `cap`."""
-    return min(cap, 1 << max(0, n - 1).bit_length())
+    """A padded size for n rows, at most `cap`: few distinct shapes, little padding.
+
+    The next power of two up to 1024; above, the next multiple of 1/16 of it (< 12.5% padding,
+    at most 8 shapes per doubling of n).
+    """
+    b = 1 << max(0, n - 1).bit_length()
+    if b > 1024:
+        b = _round_up(n, b // 16)
+    return min(cap, b)
 
 
 @functools.cache

@@ -230,3 +230,8 @@ class BertModel(nnx.Module):
         for layer, key in zip(self.layers, keys[1:], strict=True):
             x = layer(x, mask, key)
         return x
+
+
+def abstract_model(cfg: BertConfig, dtype: jnp.dtype = jnp.float32) -> tuple[nnx.GraphDef, nnx.State]:
+    """The backbone's structure and abstract param shapes, without allocating weights."""
+    return nnx.split(nnx.eval_shape(lambda: BertModel(cfg, rngs=nnx.Rngs(0), dtype=dtype)))

@@ -201,16 +201,15 @@ def tiny_enc(tiny_bert, one_device):
 BATCH64 = SENTENCES + random_zh_sentences(64 - len(SENTENCES), 1, 126, seed=5)
 
 
-def test_compilations_bounded_by_buckets(tiny_enc):
+def test_compilations_bounded_by_packer_shapes(tiny_enc):
     enc = tiny_enc
     sents = random_zh_sentences(1000, 1, 200, seed=4)
-    n_buckets = len(tokenization.bucket_lengths(enc.max_seq_length, enc.buckets))
-    assert n_buckets > 2
-    before = enc.num_traces
+    allowed = set(enc.packer(64 * 64).shapes())
+    assert len({n for _, n in allowed}) > 2  # several row lengths up to max_seq_length 256
+    before = enc.num_compiles
     first = enc.encode(sents, batch_size=64)
-    assert enc.num_traces - before <= n_buckets
-    assert {rows for rows, _ in enc.last_stats.shapes} == {64}  # the last batch is padded
-    assert len(enc.last_stats.shapes) <= n_buckets
+    assert set(enc.last_stats.shapes) <= allowed
+    assert enc.num_compiles - before <= len(enc.last_stats.shapes)  # at most one per shape used
     # jax's own count of compiled executables, summed over every jitted function the encoder
     # holds, must equal its trace counter: a counter bumped per call, or a retrace that the
     # counter misses, fails here. `_cache_size` is private but present in the pinned jax; if an
@@ -221,24 +220,27 @@ def test_compilations_bounded_by_buckets(tiny_enc):
     def cache_size() -> int:
         return sum(f._cache_size() for f in enc._fns.values())
 
-    assert cache_size() == enc.num_traces
-    assert enc.num_traces - before <= len(enc.last_stats.shapes)  # at most one per shape used
+    assert cache_size() == enc.num_compiles
     # Same lengths again (different order): same shapes, no new compilation, same embeddings.
-    traces, shapes = enc.num_traces, enc.last_stats.shapes
+    compiles, shapes = enc.num_compiles, enc.last_stats.shapes
     again = enc.encode(sents[::-1], batch_size=64)
     assert enc.last_stats.shapes == shapes
-    assert enc.num_traces == traces and cache_size() == traces
+    assert enc.num_compiles == compiles and cache_size() == compiles
     assert _max_abs(again[::-1], first) <= 1e-5
+    # Packing keeps padding low even on uniformly random lengths.
+    assert enc.last_stats.padding_waste < 0.10, enc.last_stats
 
 
-def test_alone_equals_inside_padded_batch(tiny_enc):
-    batch = BATCH64[:44] + random_zh_sentences(20, 180, 200, seed=2)  # long ones: bucket 256
+def test_alone_equals_inside_packed_batch(tiny_enc):
+    batch = BATCH64[:44] + random_zh_sentences(20, 180, 200, seed=2)  # long ones: rows of 256
     full = tiny_enc.encode(batch, batch_size=64)
-    assert tiny_enc.last_stats.shapes == ((64, 256),)
-    for i in (0, 5, 8):  # short sentences, padded to 256 tokens inside the batch
+    stats = tiny_enc.last_stats
+    assert max(n for _, n in stats.shapes) == 256
+    assert stats.batches < len(batch) // 8  # many sentences share a row
+    for i in (0, 5, 8):  # short sentences, packed beside others inside the batch
         alone = tiny_enc.encode(batch[i])
         assert alone.shape == (1, tiny_enc.dim)
-        assert len(tiny_enc.last_stats.shapes) == 1 and tiny_enc.last_stats.shapes[0][1] < 64
+        assert tiny_enc.last_stats.shapes == ((1, 64),)  # alone: one row of the shortest length
         assert _max_abs(alone[0], full[i]) <= 1e-5
 
 

@@ -8,8 +8,7 @@ from flax import nnx
 
 from sbert_flax import weights
 from sbert_flax.config import BertConfig
-from sbert_flax.encoder import abstract_model
-from sbert_flax.model import BertModel, LayerNorm, activation
+from sbert_flax.model import BertModel, LayerNorm, abstract_model, activation
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -57,10 +57,10 @@ def test_single_sentence_on_eight_devices(multi, single):
 
 
 def test_three_devices_equal_one(folder, single):
-    # A device count that divides neither 8 nor the batch: rows are rounded up to 3k.
+    # A device count that divides neither 8 nor the batch: rows are multiples of 3.
     enc = SentenceEncoder.from_pretrained(folder, devices=jax.devices()[:3], buckets=(128,))
     got = enc.encode(SENTENCES, batch_size=5)
-    assert {r for r, _ in enc.last_stats.shapes} == {6}
+    assert all(r % 3 == 0 for r, _ in enc.last_stats.shapes)
     assert np.abs(got - single).max() <= 1e-5
 
 

@@ -106,7 +106,9 @@ def tiny_dir(tiny_bert) -> str:
 
 @pytest.fixture(scope="module")
 def server(tiny_dir):
-    srv = ServerProcess(tiny_dir, "--max-batch-tokens", "512", "--max-client-batch-size", "32",
+    # A small budget and input length: 3 shapes to compile (rows 1, 2, 4 of 64 tokens).
+    srv = ServerProcess(tiny_dir, "--max-batch-tokens", "256", "--max-input-length", "64",
+                        "--max-client-batch-size", "32",
                         "--payload-limit", "20000", "--served-model-name", SERVED_NAME)
     try:
         srv.wait_ready()
@@ -119,7 +121,8 @@ def server(tiny_dir):
 def direct(tiny_dir, one_device):
     from sbert_flax import SentenceEncoder
 
-    enc = SentenceEncoder.from_pretrained(tiny_dir, devices=one_device)
+    enc = SentenceEncoder.from_pretrained(tiny_dir, max_seq_length=64, devices=one_device,
+                                          max_batch_tokens=256)
     cache: dict[str, np.ndarray] = {}
 
     def encode(texts: list[str]) -> np.ndarray:
@@ -134,15 +137,15 @@ def direct(tiny_dir, one_device):
 
 @pytest.fixture(scope="module")
 def sentences(zh_vocab) -> list[str]:
-    # 2 .. 126 tokens with [CLS]/[SEP]: every row length of the server's shapes.
-    return helpers.random_zh_sentences(200, 1, 124, seed=7, vocab_file=zh_vocab)
+    # 3 .. 64 tokens with [CLS]/[SEP].
+    return helpers.random_zh_sentences(200, 1, 62, seed=7, vocab_file=zh_vocab)
 
 
 def test_health_info_metrics(server):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
     info = httpx.get(server.url + "/info").json()
     assert info["served_model_name"] == SERVED_NAME and info["dim"] == 32
-    assert info["max_input_length"] == 128 and info["max_batch_tokens"] == 512
+    assert info["max_input_length"] == 64 and info["max_batch_tokens"] == 256
     assert info["max_client_batch_size"] == 32 and info["ready"] is True
     assert info["compiled_shapes"] >= 2
     text = httpx.get(server.url + "/metrics").text
@@ -214,7 +217,7 @@ def test_similarity_and_tokenize(server, direct):
     assert [t["id"] for t in toks[0]] == direct.encoder.tokenize(["那个人 ok"])[0].tolist()
 
 
-LONG = "很" * 300  # 302 tokens > 128
+LONG = "很" * 300  # 302 tokens > 64
 
 
 @pytest.mark.parametrize("path, body, status, needle", [
@@ -225,7 +228,7 @@ LONG = "很" * 300  # 302 tokens > 128
     ("/embed", {}, 422, "missing"),
     ("/embed", {"inputs": ["a"] * 33}, 413, "32"),
     ("/embed", {"inputs": ["ok", LONG], "truncate": False}, 413, "input 1 has 302 tokens"),
-    ("/embed", {"inputs": ["ok", LONG]}, 413, "128"),
+    ("/embed", {"inputs": ["ok", LONG]}, 413, "of 64 tokens"),
     ("/embed", {"inputs": "ok", "truncation_direction": "up"}, 422, "truncation_direction"),
     ("/embed", {"inputs": "ok", "dimensions": 33}, 422, "dimensions"),
     ("/v1/embeddings", {"input": [1, 2, 3]}, 422, "token ids"),
@@ -255,7 +258,7 @@ def test_bad_input_then_good(server, path, body, status, needle):
 def test_truncation_and_limits_accepted(server, direct):
     r = httpx.post(server.url + "/embed", json={"inputs": [LONG], "truncate": True})
     assert r.status_code == 200
-    want = direct(["很" * 126])  # right truncation keeps the first 126 characters
+    want = direct(["很" * 62])  # right truncation keeps the first 62 characters
     assert cosines(r.json(), want)[0] >= 0.99999
     left = httpx.post(server.url + "/embed", json={"inputs": ["一" + "很" * 300], "truncate": True,
                                                   "truncation_direction": "left"}).json()

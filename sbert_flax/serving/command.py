@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)  # bad limits fail before the slow model load
     logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     encoder = load_encoder(args)
     app = create_app(encoder, settings)
     # uvicorn shuts down gracefully on SIGTERM and then re-raises the signal through the handler

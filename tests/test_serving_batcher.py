@@ -1,0 +1,169 @@
+"""The dynamic batcher alone, on a fake backend whose device call can be held: concurrent
+requests merge under the token budget, a big request is split and reassembled in order, a
+cancelled request's queued inputs never reach the device, a failed batch fails only its
+requests, and a failed warm-up keeps the server unready."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from sbert_flax.serving.batcher import Batcher
+from sbert_flax.serving.metrics import ServeMetrics
+
+
+class FakeBackend:
+    """embed_ids returns [marker, length, 0, 0] per input (marker = the input's token id);
+    while `gate` is clear the device call blocks, so requests pile up in the queue."""
+
+    dim = 4
+
+    def __init__(self, fail_marker: int | None = None, fail_warmup: bool = False):
+        self.batches: list[list[int]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Semaphore(0)
+        self.fail_marker = fail_marker
+        self.fail_warmup = fail_warmup
+
+    def tokenize(self, texts, *, truncate, direction):
+        return [np.array([WARMUP, 2], np.int32) for _ in texts]
+
+    def warmup(self) -> int:
+        if self.fail_warmup:
+            raise RuntimeError("no device")
+        return 1
+
+    def embed_ids(self, ids):
+        markers = [int(x[0]) for x in ids]
+        if markers != [WARMUP]:  # the warm-up batch is never held
+            self.entered.release()
+            self.gate.wait()
+        self.batches.append(markers)
+        if self.fail_marker in markers:
+            raise RuntimeError("device error")
+        return np.array([[m, len(x), 0, 0] for m, x in zip(markers, ids, strict=True)], np.float32)
+
+
+WARMUP = 999
+
+
+def seq(marker: int, length: int) -> np.ndarray:
+    return np.full(length, marker, np.int32)
+
+
+def make(backend: FakeBackend, budget: int = 10) -> tuple[Batcher, ServeMetrics]:
+    metrics = ServeMetrics(compile_count=lambda: 0, queue_size=lambda: 0)
+    return Batcher(backend, budget, metrics, warmup=True), metrics
+
+
+async def hold_first_batch(backend: FakeBackend, batcher: Batcher):
+    """Submits one input and returns once the worker is blocked inside the device call."""
+    backend.gate.clear()
+    job = batcher.submit([seq(100, 3)])
+    await asyncio.to_thread(backend.entered.acquire)  # our batch, now held
+    return job
+
+
+def test_merge_split_reassemble_in_order():
+    backend = FakeBackend()
+    batcher, metrics = make(backend, budget=10)
+
+    async def run():
+        batcher.start()
+        first = await hold_first_batch(backend, batcher)
+        a = batcher.submit([seq(1, 4), seq(2, 4)])
+        b = batcher.submit([seq(3, 2)])
+        c = batcher.submit([seq(10 + i, 5) for i in range(5)])  # 25 tokens: three batches
+        backend.gate.set()
+        return await asyncio.gather(first.future, a.future, b.future, c.future)
+
+    first, a, b, c = asyncio.run(run())
+    batcher.stop(10)
+    # Warm-up, the held batch, then a and b merged with c's head, c's rest split by the budget.
+    assert backend.batches[1:] == [[100], [1, 2, 3], [10, 11], [12, 13], [14]]
+    assert a[:, 0].tolist() == [1, 2] and b[:, 0].tolist() == [3]
+    assert c[:, 0].tolist() == [10, 11, 12, 13, 14] and c[:, 1].tolist() == [5] * 5
+    assert batcher.ready.is_set() and batcher.queued_inputs == 0
+
+
+def test_cancelled_requests_never_reach_the_device():
+    backend = FakeBackend()
+    batcher, metrics = make(backend)
+
+    async def run():
+        batcher.start()
+        first = await hold_first_batch(backend, batcher)
+        gone = batcher.submit([seq(7, 2), seq(8, 2), seq(9, 2)])
+        stays = batcher.submit([seq(5, 2)])
+        batcher.cancel(gone)  # the client disconnected
+        backend.gate.set()
+        await first.future
+        out = await stays.future
+        with pytest.raises(asyncio.CancelledError):
+            await gone.future
+        return out
+
+    out = asyncio.run(run())
+    batcher.stop(10)
+    assert out[:, 0].tolist() == [5]
+    assert not {7, 8, 9} & {m for batch in backend.batches for m in batch}
+    assert metrics.dropped_inputs._value.get() == 3
+
+
+def test_a_failed_batch_fails_only_its_requests():
+    backend = FakeBackend(fail_marker=66)
+    batcher, _ = make(backend, budget=2)
+
+    async def run():
+        batcher.start()
+        bad = batcher.submit([seq(66, 2), seq(67, 2)])
+        good = batcher.submit([seq(4, 2)])
+        with pytest.raises(RuntimeError, match="device error"):
+            await bad.future
+        return await good.future
+
+    assert asyncio.run(run())[:, 0].tolist() == [4]
+    batcher.stop(10)
+    assert [67] not in backend.batches  # the rest of the failed request was dropped
+
+
+def test_failed_warmup_keeps_unready_and_fails_requests():
+    batcher, metrics = make(FakeBackend(fail_warmup=True))
+
+    async def run():
+        batcher.start()
+        job = batcher.submit([seq(1, 2)])
+        with pytest.raises(RuntimeError, match="failed to warm up"):
+            await job.future
+
+    asyncio.run(run())
+    batcher.stop(10)
+    assert not batcher.ready.is_set() and "no device" in str(batcher.error)
+
+
+def test_stop_drains_the_queue():
+    backend = FakeBackend()
+    batcher, _ = make(backend, budget=4)
+
+    async def run():
+        batcher.start()
+        first = await hold_first_batch(backend, batcher)
+        jobs = [batcher.submit([seq(20 + i, 3)]) for i in range(4)]
+        stopper = asyncio.get_running_loop().run_in_executor(None, batcher.stop, 10)
+        await asyncio.sleep(0.05)
+        backend.gate.set()
+        await stopper
+        return await asyncio.gather(first.future, *(j.future for j in jobs))
+
+    outs = asyncio.run(run())
+    assert [int(o[0, 0]) for o in outs] == [100, 20, 21, 22, 23]
+    with pytest.raises(RuntimeError, match="stopped"):
+        asyncio.run(_submit_after_stop(batcher))
+
+
+async def _submit_after_stop(batcher: Batcher):
+    batcher.submit([seq(1, 2)])

@@ -18,7 +18,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from sbert_flax.config import POOLING_MODES, ConfigError
+from sbert_flax.corpus import PRECISIONS
+from sbert_flax.distributed import add_distributed_flags
 from sbert_flax.files import read_text_lines
+from sbert_flax.loading import DEFAULT_MODEL
 from sbert_flax.weights import WeightsError
 from sbert_flax.xla import apply_cpu_performance_flags
 
@@ -39,6 +42,7 @@ class UsageError(ValueError):
 def _load_encoder(args: argparse.Namespace, **kwargs):
     from sbert_flax.encoder import SentenceEncoder
 
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
     return SentenceEncoder.from_pretrained(
         args.model, pooling=args.pooling, max_seq_length=args.max_seq_length,
         dtype=getattr(args, "dtype", "float32"), **kwargs)
@@ -114,19 +118,60 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    sentences = read_lines(args.input)
+    from sbert_flax.corpus import encode_file
+    from sbert_flax.distributed import init_distributed
+
+    if not os.path.isfile(args.input):
+        raise FileNotFoundError(f"input file not found: {args.input}")
     out_dir = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(out_dir):  # before the slow part, not after it
         raise FileNotFoundError(f"output directory does not exist: {out_dir}")
-    enc = _load_encoder(args)
+    init_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    import jax
+
+    enc = _load_encoder(args, max_batch_tokens=args.max_batch_tokens)
     t0 = time.perf_counter()
-    emb = enc.encode(sentences, batch_size=args.batch_size, normalize=args.normalize,
-                     show_progress_bar=args.progress)
+    res = encode_file(enc, args.input, args.output, batch_size=args.batch_size,
+                      normalize=args.normalize, precision=args.precision,
+                      truncate_dim=args.truncate_dim, show_progress_bar=args.progress,
+                      process_index=jax.process_index(), process_count=jax.process_count(),
+                      merge=args.merge)
     secs = time.perf_counter() - t0
-    save_npy_atomic(args.output, emb)
-    print(f"wrote {emb.shape[0]} x {emb.shape[1]} float32 embeddings to {args.output} "
-          f"({secs:.1f} s)", file=sys.stderr)
+    where = res.path if res.manifest is None else f"{res.path} (manifest {res.manifest})"
+    print(f"wrote {res.rows} x {res.dim} {res.dtype} embeddings (lines {res.total_rows}) to {where} "
+          f"({secs:.1f} s, {res.rows / max(secs, 1e-9):.1f} sentences/s)", file=sys.stderr)
     return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    import json
+
+    from sbert_flax.util import search_corpus
+
+    corpus, queries = read_lines(args.corpus), read_lines(args.queries)
+    enc = _load_encoder(args)
+    hits = search_corpus(enc, corpus, queries, top_k=args.top_k,
+                         corpus_embeddings_path=args.corpus_embeddings, batch_size=args.batch_size)
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
+    try:
+        for q, qh in zip(queries, hits, strict=True):
+            if args.json:
+                rec = {"query": q, "hits": [{**h, "text": corpus[h["corpus_id"]]} for h in qh]}
+                out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            else:
+                out.write(f"{q}\n")
+                for h in qh:
+                    out.write(f"  {h['score']:.4f}\t{h['corpus_id']}\t{corpus[h['corpus_id']]}\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from sbert_flax.serving import command
+
+    return int(command.run(args) or 0)
 
 
 def cmd_similarity(args: argparse.Namespace) -> int:
@@ -173,8 +218,9 @@ def cmd_train(argv: Sequence[str]) -> int:
 # --------------------------------------------------------------------------------------------
 
 def _model_args(p: argparse.ArgumentParser, dtype: bool = False) -> None:
-    p.add_argument("--model", required=True,
-                   help="sbert-flax dir, HF / sentence-transformers dir, or hub id")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="sbert-flax dir, HF / sentence-transformers dir, or hub id "
+                   f"(default: {DEFAULT_MODEL}, downloaded from the hub)")
     p.add_argument("--pooling", choices=POOLING_MODES, help="override the model's pooling")
     p.add_argument("--max-seq-length", type=int, help="tokens per sentence incl. [CLS]/[SEP]; "
                    "longer input is truncated (default: the model's)")
@@ -219,14 +265,36 @@ def build_parser() -> argparse.ArgumentParser:
     add_convert_args(p)
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("encode", help="embed one sentence per line into a .npy file")
+    p = sub.add_parser("encode", help="embed one sentence per line into a .npy file (streamed)")
     _model_args(p, dtype=True)
     p.add_argument("--input", required=True, help="UTF-8 text, one sentence per line")
-    p.add_argument("--output", required=True, help=".npy file, float32 [lines, dim], row i = line i")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--output", required=True, help=".npy file [lines, dim], row i = line i + 1")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="device batch as rows of 64 tokens (default: --max-batch-tokens)")
+    p.add_argument("--max-batch-tokens", type=int, default=None,
+                   help="token budget of one packed device batch (default 4096)")
     p.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
-    p.add_argument("--progress", action="store_true", help="show a progress bar")
+    p.add_argument("--precision", choices=PRECISIONS, default="float32",
+                   help="output type, as sentence-transformers' quantize_embeddings")
+    p.add_argument("--truncate-dim", type=int, help="keep the first N dimensions (Matryoshka)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="progress bar in sentences/s (default on)")
+    p.add_argument("--merge", action="store_true", help="multi-host: merge the shards into "
+                   "one .npy (needs a filesystem every process sees)")
+    add_distributed_flags(p)
     p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("search", help="semantic search: top-k corpus lines for each query line")
+    _model_args(p, dtype=True)
+    p.add_argument("--corpus", required=True, help="UTF-8 text, one document per line")
+    p.add_argument("--queries", required=True, help="UTF-8 text, one query per line")
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--corpus-embeddings", help=".npy cache of the corpus embeddings: read when it "
+                   "matches the corpus, else written")
+    p.add_argument("--output", help="write results here (default stdout)")
+    p.add_argument("--json", action="store_true", help="one JSON object per query")
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("similarity", help="cosine of the first sentence against each of the rest")
     _model_args(p)
@@ -240,8 +308,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.set_defaults(func=cmd_eval_sts)
 
-    sub.add_parser("train", help="siamese fine-tuning (arguments go to the training CLI)",
-                   add_help=False)
+    from sbert_flax.serving import command as serve_command
+
+    serve_command.add_parser(sub)
+    sub.choices["serve"].set_defaults(func=cmd_serve)
+
+    sub.add_parser("train", help="fine-tuning: siamese softmax (UER) or contrastive "
+                   "(arguments go to the training CLI)", add_help=False)
     return parser
 
 
@@ -267,6 +340,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Before any JAX computation initialises the backend (flags set later are ignored).
     apply_cpu_performance_flags()
+    # A second start loads compiled programs instead of compiling them (the library never turns
+    # this on by itself: it is process-wide JAX config).
+    from sbert_flax.encoder import enable_compilation_cache
+
+    enable_compilation_cache()
     # `train` owns everything after it (its own options and --help), so it bypasses our parser.
     first = next((a for a in argv if a != "--debug"), None)
     if first == "train":

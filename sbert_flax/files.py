@@ -168,3 +168,42 @@ def read_text_lines(path: str) -> list[str]:
     if lines and lines[-1] == "":
         lines.pop()
     return lines
+
+
+def iter_text_lines(path: str) -> Iterator[str]:
+    """Streams the lines of a UTF-8 text file, exactly as `read_text_lines` splits them.
+
+    Memory is one line at a time, so a corpus larger than RAM can be read. A NUL byte is an
+    error (binary files and UTF-16 text are its usual sources).
+
+    Raises:
+      FileNotFoundError: `path` is missing (or a directory).
+      ValueError: `path:line: not valid UTF-8 ...` or `path:line: contains a NUL byte`.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"file not found: {path}")
+    lineno = 0
+    with open(path, "rb") as f:
+        for raw in f:  # splits after b"\n"
+            if raw.endswith(b"\n"):
+                raw = raw[:-1]
+            if raw.endswith(b"\r"):
+                raw = raw[:-1]
+            # A lone \r also ends a line in Python's text mode (and in `read_text_lines`).
+            for part in raw.split(b"\r"):
+                lineno += 1
+                if lineno == 1 and part.startswith(b"\xef\xbb\xbf"):
+                    part = part[3:]
+                if b"\x00" in part:
+                    raise ValueError(f"{path}:{lineno}: contains a NUL byte; is it a text file "
+                                     "(UTF-8, one sentence per line)?")
+                try:
+                    yield part.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte "
+                                     f"{e.start} of the line); re-save the file as UTF-8") from None
+
+
+def count_text_lines(path: str) -> int:
+    """How many lines `iter_text_lines` yields (validating them on the way)."""
+    return sum(1 for _ in iter_text_lines(path))

@@ -1,8 +1,9 @@
 """orbax checkpoints of a training run: the latest few in `checkpoints/`, the best in `best/`.
 
-A checkpoint holds the train state (params, opt_state, step) and a JSON `meta` with the data
-position (`epoch`, `batch`: the next batch of that epoch), the best dev result so far and the
-epoch history, so `--resume` continues with the same data order and dropout keys. orbax writes a
+A checkpoint holds the train state (params, opt_state, step), the grain iterator state of the
+input pipeline (`data`: one JSON file per process, the next batch to read) and a JSON `meta` with
+the epochs done, the best dev result so far, the evaluation history and the config fields a resume
+must not change, so `--resume` continues with the next batch and the same dropout keys. orbax writes a
 step to a temporary folder and renames it when complete, so a run killed mid-save leaves the
 previous checkpoint as the latest; it is multi-host aware (every process calls save/restore).
 """
@@ -33,7 +34,7 @@ class RunCheckpoints:
         self.latest = ocp.CheckpointManager(
             os.path.join(root, CHECKPOINTS_DIR),
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
-            item_names=("state", "meta"))
+            item_names=("state", "meta", "data"))
         self.best = ocp.CheckpointManager(
             os.path.join(root, BEST_DIR),
             options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
@@ -44,21 +45,37 @@ class RunCheckpoints:
     def latest_step(self) -> int | None:
         return self.latest.latest_step()
 
-    def save(self, state: TrainState, meta: dict[str, Any]) -> bool:
-        """Saves the state at its step (asynchronously); False if that step is already saved."""
+    def save(self, state: TrainState, meta: dict[str, Any], data: Any) -> bool:
+        """Saves the state at its step (asynchronously); False if that step is already saved.
+
+        Args:
+          state: the train state.
+          meta: JSON-able run position and history (`meta["step"]` is the checkpoint's step).
+          data: orbax args of the data iterator state (`TrainPipeline.checkpoint_item(it)`).
+        """
         step = int(meta["step"])
         if step in self.latest.all_steps():
             return False
         return self.latest.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta), data=data))
 
-    def restore(self, layout: StateLayout, step: int | None = None) -> tuple[TrainState, dict]:
-        """The state (placed by `layout`'s shardings) and meta of `step` (default the latest)."""
+    def restore_meta(self, step: int | None = None) -> dict:
+        """The meta of `step` (default the latest) alone: cheap, for checks before a restore."""
+        step = self.latest.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.latest.directory}")
+        out = self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(out["meta"])
+
+    def restore(self, layout: StateLayout, data: Any, step: int | None = None
+                ) -> tuple[TrainState, dict]:
+        """The state (placed by `layout`'s shardings) and meta of `step` (default the latest);
+        the data iterator state goes into `data` (`TrainPipeline.restore_item()`'s args)."""
         step = self.latest.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.latest.directory}")
         out = self.latest.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(layout.abstract), meta=ocp.args.JsonRestore()))
+            state=ocp.args.StandardRestore(layout.abstract), meta=ocp.args.JsonRestore(), data=data))
         return out["state"], dict(out["meta"])
 
     # ---- best ----
@@ -85,3 +102,12 @@ class RunCheckpoints:
     def close(self) -> None:
         self.latest.close()
         self.best.close()
+
+
+def checkpoint_steps(output_dir: str) -> list[int]:
+    """Steps saved in `output_dir/checkpoints`, read from the folder names (no manager created,
+    so nothing is written to a run directory that is about to be refused)."""
+    d = os.path.join(output_dir, CHECKPOINTS_DIR)
+    if not os.path.isdir(d):
+        return []
+    return sorted(int(n) for n in os.listdir(d) if n.isdigit())

@@ -1,6 +1,8 @@
-"""Command line of siamese fine-tuning: UER-py's `run_classifier_siamese.py` flags, or a config file.
+"""Command line of fine-tuning: UER-py's `run_classifier_siamese.py` flags (plus the contrastive
+losses' flags), or a config file.
 
     python train/run_classifier_siamese.py --pretrained_model_path M --train_path T --dev_path D ...
+    sbert-flax train --loss mnrl --pretrained_model_path M --train_path pairs.tsv --sts-dev dev.tsv ...
     sbert-flax train --config run.json epochs_num=2 output_dir=/tmp/run
 
 Multi-host: pass `--coordinator_address host:port --num_processes N --process_id I` on every
@@ -30,48 +32,74 @@ UER_IGNORED_FLAGS = frozenset({
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="run_classifier_siamese.py",
-                                description="Siamese (Sentence-BERT) fine-tuning, UER-py compatible.")
+    p = argparse.ArgumentParser(prog="sbert-flax train",
+                                description="Sentence-BERT fine-tuning: UER-py's siamese softmax recipe "
+                                            "or contrastive losses (mnrl, cached-mnrl, cosent).")
     a = p.add_argument
     a("--pretrained_model_path", required=True, help="HF/sentence-transformers/sbert-flax dir or UER .bin")
     a("--vocab_path", help="vocab file (required for a UER .bin)")
     a("--config_path", help="UER config json (heads_num, pooling ...) or HF config.json")
-    a("--pooling", choices=["first", "cls", "mean", "max"], help="default: the UER config's, else first")
-    a("--train_path", required=True)
-    a("--dev_path")
-    a("--test_path")
-    a("--sts-dev", "--sts_dev", "--sts_dev_path", dest="sts_dev_path", help="s1\\ts2\\tscore file")
-    a("--labels_num", type=int)
-    a("--label_names", help="comma-separated label strings in id order, e.g. entailment,neutral,contradiction")
-    a("--columns", help="text_a,text_b,label field indices (e.g. 1,2,3 for the raw CNLI file)")
-    a("--no_header", action="store_true", help="the files have no header line (needs --columns)")
-    a("--skip_bad_lines", "--skip-bad-lines", action="store_true")
-    a("--output_dir", help="run directory (default ./runs/siamese)")
-    a("--output_model_path", help="UER's flag: a .bin path becomes the run directory without .bin")
-    a("--learning_rate", type=float, default=2e-5)
-    a("--epochs_num", type=int, default=3)
-    a("--batch_size", type=int, default=64)
-    a("--seq_length", type=int, default=128)
-    a("--warmup", type=float, default=0.1)
-    a("--weight_decay", type=float, default=0.01)
-    a("--uer-adamw", "--uer_adamw", dest="uer_adamw", action="store_true")
-    a("--max_grad_norm", type=float)
-    a("--seed", type=int, default=7)
-    a("--eval_batch_size", type=int)
-    a("--param-sharding", "--param_sharding", dest="param_sharding", default="replicated",
-      choices=["replicated", "fsdp"])
-    a("--mesh_fsdp", type=int, help="fsdp axis size (default: all devices with fsdp, else 1)")
-    a("--bf16", action="store_true", help="bfloat16 compute, float32 master params")
-    a("--save_every_steps", type=int, default=0)
-    a("--max_to_keep", type=int, default=3)
-    a("--best_metric", default="accuracy", choices=["accuracy", "macro_f1", "sts_spearman"])
-    a("--resume", action="store_true")
-    a("--no_export", action="store_true")
-    a("--log_every_steps", "--report_steps", dest="log_every_steps", type=int, default=10)
-    a("--nan_check_every", type=int, default=1)
-    a("--no_progress_bar", action="store_true")
-    a("--debug_nan_at_step", type=int, help="TEST HOOK: make this step's loss NaN")
-    a("--debug_step_delay", type=float, default=0.0, help="TEST HOOK: sleep after each step")
+    a("--pooling", choices=["first", "cls", "mean", "max"],
+      help="default: the UER config's; else cls for softmax, the model folder's for the others")
+    g = p.add_argument_group("loss")
+    g.add_argument("--loss", default="softmax", choices=["softmax", "mnrl", "cached-mnrl", "cosent"])
+    g.add_argument("--scale", type=float, default=20.0, help="cosine multiplier (mnrl, cosent)")
+    g.add_argument("--symmetric", action="store_true", help="mnrl: add the positive->anchor term")
+    g.add_argument("--mini_batch_size", type=int, help="cached-mnrl: sentences per forward pass")
+    g.add_argument("--matryoshka_dims", help="comma-separated dims, e.g. 768,512,256,128,64")
+    g = p.add_argument_group("data")
+    g.add_argument("--train_path", required=True, help="TSV/CSV with a header, or JSONL")
+    g.add_argument("--dev_path", help="softmax: labelled dev set (accuracy, per-label P/R/F1)")
+    g.add_argument("--test_path", help="softmax: labelled test set, evaluated with the best model")
+    g.add_argument("--sts-dev", "--sts_dev", "--sts_dev_path", dest="sts_dev_paths", action="append",
+                   default=[], help="s1\\ts2\\tscore file; repeat for several (the first picks the best model)")
+    g.add_argument("--data_format", default="auto", choices=["auto", "tsv", "csv", "jsonl"])
+    g.add_argument("--labels_num", type=int)
+    g.add_argument("--label_names", help="comma-separated label strings in id order, e.g. "
+                                         "entailment,neutral,contradiction")
+    g.add_argument("--columns", help="names of the fields in order (sentence1,sentence2,score), or "
+                                     "field indices of the loss's columns (1,2,3 for the raw CNLI file)")
+    g.add_argument("--no_header", action="store_true", help="the files have no header line (needs --columns)")
+    g.add_argument("--skip_bad_lines", "--skip-bad-lines", action="store_true")
+    g.add_argument("--score_scale", type=float, default=1.0, help="cosent: divide gold scores by this")
+    g.add_argument("--group_by_length", action="store_true",
+                   help="batches of similar length (default: random batches)")
+    g.add_argument("--no_duplicates", action="store_true", help="no text twice in a batch")
+    g.add_argument("--data_threads", type=int, default=2, help="input pipeline threads")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--learning_rate", type=float, default=2e-5)
+    g.add_argument("--epochs_num", type=int, default=3)
+    g.add_argument("--max_steps", type=int, help="stop after this many steps")
+    g.add_argument("--batch_size", type=int, default=64, help="global batch")
+    g.add_argument("--seq_length", type=int, default=128)
+    g.add_argument("--warmup", type=float, default=0.1)
+    g.add_argument("--weight_decay", type=float, default=0.01)
+    g.add_argument("--uer-adamw", "--uer_adamw", dest="uer_adamw", action="store_true")
+    g.add_argument("--max_grad_norm", type=float)
+    g.add_argument("--seed", type=int, default=7)
+    g.add_argument("--eval_batch_size", type=int)
+    g = p.add_argument_group("scale")
+    g.add_argument("--param-sharding", "--param_sharding", dest="param_sharding", default="replicated",
+                   choices=["replicated", "fsdp"])
+    g.add_argument("--mesh_fsdp", type=int, help="fsdp axis size (default: all devices with fsdp, else 1)")
+    g.add_argument("--bf16", action="store_true", help="bfloat16 compute, float32 master params")
+    g.add_argument("--remat", action="store_true", help="rematerialise each layer (when the model supports it)")
+    g.add_argument("--scan_layers", action="store_true", help="scan over layers (when the model supports it)")
+    g.add_argument("--peak_flops", type=float, help="per-device peak FLOP/s for MFU (known TPU/GPU peaks otherwise)")
+    g = p.add_argument_group("output")
+    g.add_argument("--output_dir", help="run directory (default ./runs/siamese)")
+    g.add_argument("--output_model_path", help="UER's flag: a .bin path becomes the run directory without .bin")
+    g.add_argument("--save_every_steps", type=int, default=0)
+    g.add_argument("--max_to_keep", type=int, default=3)
+    g.add_argument("--best_metric", choices=["accuracy", "macro_f1", "sts_spearman"])
+    g.add_argument("--resume", action="store_true")
+    g.add_argument("--force", action="store_true", help="--resume even if seed/data/loss/batch/lr changed")
+    g.add_argument("--no_export", action="store_true")
+    g.add_argument("--log_every_steps", "--report_steps", dest="log_every_steps", type=int, default=10)
+    g.add_argument("--nan_check_every", type=int, default=10)
+    g.add_argument("--no_progress_bar", action="store_true")
+    g.add_argument("--debug_nan_at_step", type=int, help="TEST HOOK: make this step's loss NaN")
+    g.add_argument("--debug_step_delay", type=float, default=0.0, help="TEST HOOK: sleep after each step")
     _distributed_flags(p)
     return p
 
@@ -99,33 +127,41 @@ def _ints(s: str | None) -> tuple[int, ...] | None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    from sbert_flax.training.sources import parse_columns
+
     out = args.output_dir
     if out is None and args.output_model_path:
         out = args.output_model_path[:-4] if args.output_model_path.endswith(".bin") else args.output_model_path
     return TrainConfig(
         pretrained_model_path=args.pretrained_model_path, vocab_path=args.vocab_path,
-        config_path=args.config_path, pooling=args.pooling, train_path=args.train_path,
-        dev_path=args.dev_path, test_path=args.test_path, sts_dev_path=args.sts_dev_path,
-        labels_num=args.labels_num,
+        config_path=args.config_path, pooling=args.pooling, loss=args.loss, scale=args.scale,
+        symmetric=args.symmetric, mini_batch_size=args.mini_batch_size,
+        matryoshka_dims=_ints(args.matryoshka_dims), train_path=args.train_path,
+        dev_path=args.dev_path, test_path=args.test_path, sts_dev_paths=tuple(args.sts_dev_paths),
+        data_format=args.data_format, labels_num=args.labels_num,
         label_names=tuple(args.label_names.split(",")) if args.label_names else None,
-        columns=_ints(args.columns), has_header=not args.no_header, skip_bad_lines=args.skip_bad_lines,
-        learning_rate=args.learning_rate, epochs_num=args.epochs_num, batch_size=args.batch_size,
+        columns=parse_columns(args.columns), has_header=not args.no_header,
+        skip_bad_lines=args.skip_bad_lines, score_scale=args.score_scale,
+        group_by_length=args.group_by_length, no_duplicates=args.no_duplicates,
+        data_threads=args.data_threads, learning_rate=args.learning_rate,
+        epochs_num=args.epochs_num, max_steps=args.max_steps, batch_size=args.batch_size,
         seq_length=args.seq_length, warmup=args.warmup, weight_decay=args.weight_decay,
         uer_adamw=args.uer_adamw, max_grad_norm=args.max_grad_norm, seed=args.seed,
         eval_batch_size=args.eval_batch_size, param_sharding=args.param_sharding,
-        mesh_fsdp=args.mesh_fsdp, bf16=args.bf16, output_dir=out or TrainConfig.output_dir,
+        mesh_fsdp=args.mesh_fsdp, bf16=args.bf16, remat=args.remat, scan_layers=args.scan_layers,
+        peak_flops=args.peak_flops, output_dir=out or TrainConfig.output_dir,
         save_every_steps=args.save_every_steps, max_to_keep=args.max_to_keep,
-        best_metric=args.best_metric, resume=args.resume, export=not args.no_export,
-        log_every_steps=args.log_every_steps, nan_check_every=args.nan_check_every,
-        progress_bar=not args.no_progress_bar, debug_nan_at_step=args.debug_nan_at_step,
-        debug_step_delay=args.debug_step_delay,
+        best_metric=args.best_metric, resume=args.resume, force=args.force,
+        export=not args.no_export, log_every_steps=args.log_every_steps,
+        nan_check_every=args.nan_check_every, progress_bar=not args.no_progress_bar,
+        debug_nan_at_step=args.debug_nan_at_step, debug_step_delay=args.debug_step_delay,
     )
 
 
 def _parse(argv: Sequence[str]) -> tuple[TrainConfig, argparse.Namespace]:
     if "--config" in argv:
         p = argparse.ArgumentParser(prog="sbert-flax train",
-                                    description="Siamese fine-tuning from a TrainConfig JSON file.")
+                                    description="Fine-tuning from a TrainConfig JSON file.")
         p.add_argument("--config", required=True, help="JSON object of TrainConfig fields")
         p.add_argument("overrides", nargs="*", help="key=value (values parsed as JSON if they can be)")
         _distributed_flags(p)
@@ -159,8 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     init_distributed(args.coordinator_address, args.num_processes, args.process_id)
 
+    from sbert_flax.config import ConfigError
+    from sbert_flax.loading import ModelNotFoundError
     from sbert_flax.training.data import DataError
-    from sbert_flax.training.loop import TrainingDiverged, train_and_evaluate
+    from sbert_flax.training.trainer import TrainingDiverged, train_and_evaluate
     from sbert_flax.weights import WeightsError
 
     try:
@@ -168,7 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (DataError, WeightsError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (DataError, WeightsError, ConfigError, ModelNotFoundError, FileNotFoundError,
+            FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if summary.get("preempted"):

@@ -1,8 +1,9 @@
 """Where training starts from: an HF / sentence-transformers / sbert-flax dir or a UER-py `.bin`.
 
-All loading goes through `SentenceEncoder.from_pretrained` / `SentenceEncoder.from_uer`; this module
-only decides which, reads the pooling out of a UER config json and warns about the fields of that
-json that training does not use.
+All loading goes through `sbert_flax.loading.load_model` (host numpy params, nothing placed on a
+device); this module only decides the pooling, reads it out of a UER config json, warns about the
+fields of that json that training does not use, and checks the json's architecture fields against
+the weights' shapes.
 """
 
 from __future__ import annotations
@@ -12,17 +13,16 @@ import logging
 import os
 from typing import Any
 
-import jax
-
-from sbert_flax.config import BertConfig, pooling_from_uer
-from sbert_flax.encoder import SentenceEncoder
+from sbert_flax.config import BertConfig, PoolingConfig, pooling_from_uer
 from sbert_flax.files import read_json
-from sbert_flax.tokenization import Tokenizer, load_tokenizer
+from sbert_flax.loading import load_model
+from sbert_flax.tokenization import Tokenizer
+from sbert_flax.weights import WeightsError
 
 log = logging.getLogger("sbert_flax.train")
 
-# UER config fields that matter here: the architecture (checked against the weights by
-# `weights.config_from_uer`), the pooling, and the nesting of sbert configs.
+# UER config fields that matter here: the architecture (checked against the weights), the
+# pooling, and the nesting of sbert configs.
 UER_USED_FIELDS = frozenset({
     "pooling", "heads_num", "hidden_act", "layernorm_eps", "dropout", "hidden_size", "emb_size",
     "feedforward_size", "layers_num", "max_seq_length", "stream_0", "stream_1", "tie_weights",
@@ -34,29 +34,56 @@ UER_EXPECTED = {
     "layernorm_positioning": "post", "feed_forward": "dense", "layernorm": "normal",
     "remove_embedding_layernorm": False, "data_processor": "bert", "target": ["sbert"],
 }
+# UER config field -> the BertConfig field read from the weights' shapes.
+UER_ARCH_FIELDS = {"hidden_size": "hidden_size", "emb_size": "hidden_size",
+                   "layers_num": "num_hidden_layers", "feedforward_size": "intermediate_size",
+                   "heads_num": "num_attention_heads"}
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Pretrained:
-    """The backbone to fine-tune: architecture, host params, tokenizer and pooling mode."""
+    """The backbone to fine-tune: architecture, host params, tokenizer and pooling."""
 
     config: BertConfig
     params: dict
     tokenizer: Tokenizer
-    pooling: str  # "cls" | "mean" | "max"
+    pooling_config: PoolingConfig
+
+    @property
+    def pooling(self) -> str:
+        return self.pooling_config.mode
 
 
-def read_uer_config(path: str) -> tuple[str | None, list[str]]:
-    """The pooling named by a UER (sbert) config json, and the fields training ignores."""
-    d = read_json(path)
+def _flat_uer(d: dict[str, Any]) -> dict[str, Any]:
     flat: dict[str, Any] = dict(d)
     for stream in ("stream_0", "stream_1"):
         if isinstance(d.get(stream), dict):
             flat.update({k: v for k, v in d[stream].items() if k not in flat})
+    return flat
+
+
+def read_uer_config(path: str) -> tuple[str | None, list[str]]:
+    """The pooling named by a UER (sbert) config json, and the fields training ignores."""
+    flat = _flat_uer(read_json(path))
     ignored = sorted(k for k, v in flat.items()
                      if k not in UER_USED_FIELDS and UER_EXPECTED.get(k, object()) != v)
     pooling = flat.get("pooling")
     return (pooling_from_uer(pooling) if pooling else None), ignored
+
+
+def check_uer_architecture(uer_cfg: dict[str, Any], cfg: BertConfig, source: str) -> None:
+    """The UER json's architecture fields must match what the weights hold.
+
+    Raises:
+      WeightsError: names the field, the json's value and the weights' (e.g. a 768/12-layer json
+        next to 8-wide 2-layer weights).
+    """
+    flat = _flat_uer(uer_cfg)
+    for field, attr in UER_ARCH_FIELDS.items():
+        if field in flat and flat[field] is not None and int(flat[field]) != getattr(cfg, attr):
+            raise WeightsError(f"{source}: config says {field}={flat[field]} but the weights have "
+                               f"{attr}={getattr(cfg, attr)}; the config json and the checkpoint "
+                               "do not belong together")
 
 
 def _is_hf_config(path: str) -> bool:
@@ -65,37 +92,39 @@ def _is_hf_config(path: str) -> bool:
 
 
 def load_pretrained(path: str, *, vocab_path: str | None = None, config_path: str | None = None,
-                    pooling: str | None = None, seq_length: int = 128) -> Pretrained:
-    """Loads the starting point of fine-tuning.
+                    pooling: str | None = None, seq_length: int = 128,
+                    default_pooling: str | None = "cls") -> Pretrained:
+    """Loads the starting point of fine-tuning onto the host.
 
     Args:
       path: a model directory (HF, sentence-transformers or sbert-flax) or a UER-py checkpoint
         file (`.bin`, single-tower or sbert), which needs `vocab_path` and `config_path`.
       vocab_path: vocab file; overrides a directory's tokenizer when given.
       config_path: UER config json (heads_num, pooling "first", ...) or an HF config.json.
-      pooling: "first"/"cls" | "mean" | "max"; None takes the UER config's, else "cls"
-        (UER's sbert default), whatever a directory's own pooling says.
+      pooling: "first"/"cls" | "mean" | "max"; None takes the UER config's, else
+        `default_pooling`, else the folder's own.
       seq_length: tokens per sentence.
+      default_pooling: the pooling when neither `pooling` nor a UER config names one ("cls":
+        UER's sbert default, what the softmax recipe uses; None: the model folder's own).
 
     Raises:
       ValueError: a UER checkpoint without `vocab_path` / `config_path`.
+      WeightsError: weights that do not fit the config.
     """
     cfg_pooling = None
+    uer_cfg = None
     if config_path and not _is_hf_config(config_path):
+        uer_cfg = read_json(config_path)
         cfg_pooling, ignored = read_uer_config(config_path)
         if ignored:
             log.warning("%s: ignoring UER config field(s) not used by sbert-flax training: %s",
                         config_path, ", ".join(ignored))
-    mode = pooling_from_uer(pooling) if pooling else (cfg_pooling or "cls")
-    one = [jax.local_devices()[0]]  # the trainer places params itself; keep this copy small
-    if os.path.isfile(path):
-        if not (vocab_path and config_path):
-            raise ValueError(f"{path} is a UER-py checkpoint file: pass --vocab_path (e.g. "
-                             "models/google_zh_vocab.txt) and --config_path (its UER config json)")
-        enc = SentenceEncoder.from_uer(path, vocab_path, config_path, pooling=mode,
-                                       max_seq_length=seq_length, devices=one)
-    else:
-        enc = SentenceEncoder.from_pretrained(path, pooling=mode, max_seq_length=seq_length,
-                                              devices=one)
-    tokenizer = load_tokenizer(vocab_path) if (vocab_path and not os.path.isfile(path)) else enc.tokenizer
-    return Pretrained(enc.config, enc.param_dict(), tokenizer, mode)
+    mode = pooling_from_uer(pooling) if pooling else (cfg_pooling or default_pooling)
+    if os.path.isfile(path) and not (vocab_path and config_path):
+        raise ValueError(f"{path} is a UER-py checkpoint file: pass --vocab_path (e.g. "
+                         "models/google_zh_vocab.txt) and --config_path (its UER config json)")
+    loaded = load_model(path, pooling=mode, max_seq_length=seq_length, vocab_path=vocab_path,
+                        config_path=config_path if os.path.isfile(path) else None)
+    if uer_cfg is not None:
+        check_uer_architecture(uer_cfg, loaded.config, config_path)
+    return Pretrained(loaded.config, loaded.params, loaded.tokenizer, loaded.pooling)

@@ -32,12 +32,17 @@ def setup_logging(output_dir: str, is_main: bool) -> None:
 class MetricsWriter:
     """Appends JSON lines to `metrics.jsonl` and scalars to TensorBoard (`tb/`); no-op off main."""
 
-    def __init__(self, output_dir: str, enabled: bool):
+    def __init__(self, output_dir: str, enabled: bool, resume_step: int | None = None):
         self.enabled = enabled
         self._jsonl = None
         self._tb = None
         if enabled:
-            self._jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a", encoding="utf-8")
+            path = os.path.join(output_dir, "metrics.jsonl")
+            if resume_step is not None:
+                drop_records_after(path, resume_step)
+            elif os.path.exists(path):  # a fresh run in a reused directory starts a fresh file
+                os.remove(path)
+            self._jsonl = open(path, "a", encoding="utf-8")
             try:
                 from tensorboardX import SummaryWriter
 
@@ -62,6 +67,31 @@ class MetricsWriter:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def drop_records_after(path: str, step: int) -> int:
+    """Removes the records of steps after `step` (written after the checkpoint a run resumes
+    from, and about to be written again), so metrics.jsonl never repeats a step. Returns how many
+    were dropped."""
+    if not os.path.exists(path):
+        return 0
+    keep, dropped = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by the kill
+                dropped += 1
+                continue
+            if int(rec.get("step", 0)) > step:
+                dropped += 1
+            else:
+                keep.append(line if line.endswith("\n") else line + "\n")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+    return dropped
 
 
 def progress(total: int, initial: int, desc: str, enabled: bool):

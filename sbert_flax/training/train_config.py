@@ -1,4 +1,5 @@
-"""`TrainConfig`: every knob of a siamese fine-tuning run, one frozen dataclass.
+"""`TrainConfig`: every knob of a fine-tuning run (siamese softmax or contrastive), one frozen
+dataclass.
 
 Field names follow UER-py's `run_classifier_siamese.py` flags where one exists. The resolved config
 is written to `output_dir/config.json`; `sbert-flax train --config FILE key=value ...` reads one.
@@ -13,6 +14,11 @@ from typing import Any
 
 from sbert_flax.files import read_json
 
+LOSSES = ("softmax", "mnrl", "cached-mnrl", "cosent")
+BEST_METRICS = ("accuracy", "macro_f1", "sts_spearman")
+# What `--resume` refuses to change silently: the run would no longer be the one checkpointed.
+RESUME_FIELDS = ("seed", "train_path", "loss", "batch_size", "learning_rate")
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -20,20 +26,35 @@ class TrainConfig:
     pretrained_model_path: str = ""  # HF / sentence-transformers dir, sbert-flax dir, or UER .bin
     vocab_path: str | None = None  # vocab file (needed for a UER .bin; overrides a folder's tokenizer)
     config_path: str | None = None  # UER model config json (heads_num, pooling, ...) or HF config.json
-    pooling: str | None = None  # "first"/"cls" | "mean" | "max"; None: the UER config's, else "cls"
-    # ---- data (UER classifier TSV: header text_a, text_b, label) ----
+    pooling: str | None = None  # "first"/"cls" | "mean" | "max"; None: UER config's, else softmax
+    #   "cls" (UER's default) and the embedding losses the model folder's own pooling
+    # ---- loss ----
+    loss: str = "softmax"  # "softmax" (UER siamese) | "mnrl" | "cached-mnrl" | "cosent"
+    scale: float = 20.0  # cosine multiplier of mnrl / cached-mnrl / cosent
+    symmetric: bool = False  # mnrl: add the positive -> anchor term
+    mini_batch_size: int | None = None  # cached-mnrl: sentences per forward pass (GradCache)
+    matryoshka_dims: tuple[int, ...] | None = None  # train truncated dims too (embedding losses)
+    # ---- data ----
     train_path: str = ""
-    dev_path: str | None = None  # evaluated after every epoch (accuracy + per-label P/R/F1)
-    test_path: str | None = None  # evaluated once at the end with the best model
-    sts_dev_path: str | None = None  # s1 \t s2 \t score; adds Spearman of cosine to each dev eval
+    dev_path: str | None = None  # softmax: evaluated after every epoch (accuracy + per-label P/R/F1)
+    test_path: str | None = None  # softmax: evaluated once at the end with the best model
+    sts_dev_paths: tuple[str, ...] = ()  # s1 \t s2 \t score files: Spearman of cosine, each epoch
+    sts_dev_path: str | None = None  # one more STS file (the old single-file field; merged above)
+    data_format: str = "auto"  # "auto" (by extension) | "tsv" | "csv" | "jsonl"
     labels_num: int | None = None  # classes; None: max label in train/dev + 1
     label_names: tuple[str, ...] | None = None  # label strings in id order (raw files), e.g. NLI names
-    columns: tuple[int, int, int] | None = None  # (text_a, text_b, label) field indices
+    columns: tuple[str | int, ...] | None = None  # field names in order (no header), or indices of
+    #   the loss's columns in order (UER style: text_a, text_b, label)
     has_header: bool = True  # first line is a header naming the columns
     skip_bad_lines: bool = False  # skip (and count) malformed lines instead of stopping
+    score_scale: float = 1.0  # cosent: gold scores are divided by it (5 for STS-B's 0..5)
+    group_by_length: bool = False  # batches of similar length (less padding, not random samples)
+    no_duplicates: bool = False  # no text twice in a batch (sentence-transformers' sampler)
+    data_threads: int = 2  # grain threads reading / tokenizing / padding ahead of the device
     # ---- optimisation (UER defaults) ----
     learning_rate: float = 2e-5  # peak lr
     epochs_num: int = 3
+    max_steps: int | None = None  # stop after this many steps (the schedule spans them)
     batch_size: int = 64  # global batch (all devices, all processes)
     seq_length: int = 128  # max tokens per sentence incl. [CLS]/[SEP]
     warmup: float = 0.1  # warmup fraction of all steps, then linear decay to 0
@@ -46,35 +67,81 @@ class TrainConfig:
     param_sharding: str = "replicated"  # "replicated" (data parallel) | "fsdp"
     mesh_fsdp: int | None = None  # fsdp axis size; None: 1 (replicated) or all devices (fsdp)
     bf16: bool = False  # bfloat16 compute; params and optimizer state stay float32
+    remat: bool = False  # rematerialise each layer in the backward pass (needs model support)
+    scan_layers: bool = False  # scan over layers (needs model support)
+    peak_flops: float | None = None  # per-device peak FLOP/s for MFU; None: known TPU/GPU peaks
     # ---- output, checkpoints ----
     output_dir: str = "./runs/siamese"
     save_every_steps: int = 0  # periodic checkpoint every N steps (0: end of epoch only)
     max_to_keep: int = 3  # periodic / epoch checkpoints kept in output_dir/checkpoints
-    best_metric: str = "accuracy"  # "accuracy" | "macro_f1" | "sts_spearman" (dev) to keep the best
+    best_metric: str | None = None  # "accuracy" | "macro_f1" | "sts_spearman" (first STS file);
+    #   None: accuracy with dev_path (softmax), else sts_spearman with an STS file, else the last
     resume: bool = False  # continue from the latest checkpoint in output_dir/checkpoints
+    force: bool = False  # resume even if seed / data / loss / batch / lr differ from the checkpoint
     export: bool = True  # write best_model (sbert-flax) and best_model_pytorch at the end
     log_every_steps: int = 10  # metrics.jsonl / TensorBoard cadence
-    nan_check_every: int = 1  # read the loss on the host every N steps to stop on NaN/inf
+    nan_check_every: int = 10  # read the loss on the host every N steps to stop on NaN/inf
     progress_bar: bool = True  # tqdm on process 0
     # ---- test hooks (never needed in real runs) ----
     debug_nan_at_step: int | None = None  # TEST HOOK: the loss of this 1-based step becomes NaN
     debug_step_delay: float = 0.0  # TEST HOOK: sleep seconds after each step (kill/resume tests)
 
     def __post_init__(self) -> None:
+        if self.sts_dev_path:  # fold the single-file field into the list (config.json round-trips)
+            paths = (*self.sts_dev_paths, self.sts_dev_path)
+            object.__setattr__(self, "sts_dev_paths", tuple(dict.fromkeys(paths)))
+            object.__setattr__(self, "sts_dev_path", None)
+        if isinstance(self.sts_dev_paths, str):
+            object.__setattr__(self, "sts_dev_paths", (self.sts_dev_paths,))
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss={self.loss!r}; expected one of {' | '.join(LOSSES)}")
         if self.param_sharding not in ("replicated", "fsdp"):
             raise ValueError(f"param_sharding={self.param_sharding!r}; expected replicated | fsdp")
-        if self.best_metric not in ("accuracy", "macro_f1", "sts_spearman"):
+        if self.best_metric is not None and self.best_metric not in BEST_METRICS:
             raise ValueError(f"best_metric={self.best_metric!r}; expected accuracy | macro_f1 | "
                              "sts_spearman")
-        if self.best_metric == "sts_spearman" and not self.sts_dev_path:
-            raise ValueError("best_metric=sts_spearman needs sts_dev_path")
-        for name in ("epochs_num", "batch_size", "nan_check_every", "log_every_steps", "max_to_keep"):
-            if getattr(self, name) < 1:
+        if self.best_metric == "sts_spearman" and not self.sts_dev_paths:
+            raise ValueError("best_metric=sts_spearman needs an STS dev file (--sts-dev)")
+        if self.best_metric in ("accuracy", "macro_f1") and not (self.loss == "softmax" and self.dev_path):
+            raise ValueError(f"best_metric={self.best_metric} needs the softmax loss and --dev_path")
+        if self.loss != "softmax" and (self.dev_path or self.test_path):
+            raise ValueError(f"dev_path / test_path are classification sets of the softmax loss; "
+                             f"with loss={self.loss} evaluate with --sts-dev")
+        for name in ("epochs_num", "batch_size", "nan_check_every", "log_every_steps", "max_to_keep",
+                     "data_threads"):
+            if getattr(self, name) < (0 if name == "data_threads" else 1):
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("eval_batch_size", "max_steps", "mini_batch_size"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"{name}={v} must be >= 1")
         if self.seq_length < 2:
             raise ValueError(f"seq_length={self.seq_length} must be >= 2")
         if self.save_every_steps < 0:
             raise ValueError(f"save_every_steps={self.save_every_steps} must be >= 0")
+        if self.score_scale <= 0:
+            raise ValueError(f"score_scale={self.score_scale} must be > 0")
+        if self.peak_flops is not None and self.peak_flops <= 0:
+            raise ValueError(f"peak_flops={self.peak_flops} must be > 0")
+        if self.group_by_length and self.no_duplicates:
+            raise ValueError("group_by_length and no_duplicates cannot be combined")
+
+    @property
+    def resolved_best_metric(self) -> str | None:
+        """The dev metric that picks the best model (None: the last evaluation wins)."""
+        if self.best_metric:
+            return self.best_metric
+        if self.loss == "softmax" and self.dev_path:
+            return "accuracy"
+        return "sts_spearman" if self.sts_dev_paths else None
+
+    def resume_mismatches(self, saved: dict[str, Any]) -> list[str]:
+        """`field: checkpoint value -> this value` for each RESUME_FIELDS field that differs."""
+        out = []
+        for f in RESUME_FIELDS:
+            if f in saved and saved[f] != getattr(self, f):
+                out.append(f"{f}: {saved[f]!r} -> {getattr(self, f)!r}")
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -102,7 +169,10 @@ class TrainConfig:
 
 
 def _coerce(value: Any, hint: Any) -> Any:
-    """JSON lists -> tuples for tuple-typed fields; everything else as given."""
+    """JSON lists -> tuples for tuple-typed fields; a comma string too (`columns=1,2,3`)."""
     if isinstance(value, list) and "tuple" in str(hint):
         return tuple(value)
+    if isinstance(value, str) and "tuple" in str(hint):
+        items = [x.strip() for x in value.split(",") if x.strip()]
+        return tuple(int(x) if x.lstrip("-").isdigit() and "int" in str(hint) else x for x in items)
     return value

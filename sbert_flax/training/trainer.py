@@ -1,0 +1,412 @@
+"""`Trainer`: one fine-tuning run (softmax siamese, mnrl, cached-mnrl or cosent), top to bottom.
+
+    Trainer(cfg) -> data (validated first) -> resume checks -> model + loss -> mesh + state
+                 -> run(): step, log, check, evaluate at epoch ends, checkpoint -> best + export
+
+The host never waits on the device inside a step: metrics stay on the device until they are
+logged; NaN/inf and preemption are checked every `nan_check_every` steps (and before any save),
+and a NaN is reported at the first step that produced it. A SIGTERM saves at the next check and
+returns; a checkpoint holds the state, the grain iterator state and the run's meta, so `--resume`
+continues with exactly the next batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sbert_flax import sharding
+from sbert_flax.encoder import SentenceEncoder
+from sbert_flax.files import write_json
+from sbert_flax.training import data, flops, optim
+from sbert_flax.training.checkpointing import RunCheckpoints, checkpoint_steps
+from sbert_flax.training.evaluator import Evaluator
+from sbert_flax.training.losses import make_loss
+from sbert_flax.training.pretrained import load_pretrained
+from sbert_flax.training.reporting import MetricsWriter, log, progress, setup_logging
+from sbert_flax.training.state import create_train_state, state_layout
+from sbert_flax.training.step import TraceCounter, make_train_step
+from sbert_flax.training.train_config import RESUME_FIELDS, TrainConfig
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss (or the gradients / params) became NaN or inf; the message names the step."""
+
+
+class ResumeMismatch(ValueError):
+    """`--resume` with settings that differ from the checkpoint's; the message names them."""
+
+
+class _Preemption:
+    """SIGTERM -> a flag the loop polls; the previous handler is restored on exit."""
+
+    def __init__(self) -> None:
+        self.flag = False
+        self._old = None
+
+    def __enter__(self) -> _Preemption:
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.flag = True
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+    def requested(self) -> bool:
+        if jax.process_count() == 1:
+            return self.flag
+        from jax.experimental import multihost_utils
+
+        # Every process must stop at the same step: agree on "any process got SIGTERM".
+        return bool(np.any(multihost_utils.process_allgather(np.int32(self.flag))))
+
+
+def _open(path: str, cfg: TrainConfig, schema: data.Schema, num_labels: int | None = None,
+          hash_texts: bool = False) -> data.TextSource:
+    names = {n: i for i, n in enumerate(cfg.label_names)} if cfg.label_names else None
+    src = data.open_source(path, schema, data_format=cfg.data_format, has_header=cfg.has_header,
+                           columns=cfg.columns, skip_bad_lines=cfg.skip_bad_lines, label_names=names,
+                           num_labels=num_labels, score_scale=cfg.score_scale, hash_texts=hash_texts)
+    if src.skipped_lines:
+        log.warning("%s", src.skipped_summary())
+    return src
+
+
+class Trainer:
+    """Everything a run holds: config, data, model, loss, mesh, state, evaluator, checkpoints.
+
+    Construction validates and loads (data first, so malformed lines stop the run before anything
+    heavy; then the resume checks, before `config.json` is written); `run()` trains.
+
+    Raises (from the constructor):
+      data.DataError: malformed data (file:line).
+      FileExistsError: `output_dir` has checkpoints and `resume` is off.
+      ResumeMismatch: `resume` with another seed / data / loss / batch / lr (without `force`).
+    """
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.is_main = jax.process_index() == 0
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        setup_logging(cfg.output_dir, self.is_main)
+
+        # ---- data: every file validated before anything heavy ----
+        schema = data.schema_for(cfg.loss)
+        self.train_src = _open(cfg.train_path, cfg, schema, cfg.labels_num,
+                               hash_texts=cfg.no_duplicates)
+        self.dev_src = _open(cfg.dev_path, cfg, schema, cfg.labels_num) if cfg.dev_path else None
+        self.num_labels = None
+        if cfg.loss == "softmax":
+            self.num_labels = cfg.labels_num or max(self.train_src.num_labels,
+                                                    self.dev_src.num_labels if self.dev_src else 0)
+        for p in cfg.sts_dev_paths:
+            if not os.path.isfile(p):
+                raise data.DataError(f"{p}: STS dev file not found")
+
+        # ---- resume checks, before config.json is (over)written ----
+        steps = checkpoint_steps(cfg.output_dir)
+        if steps and not cfg.resume:
+            raise FileExistsError(f"{cfg.output_dir} already has checkpoints; pass --resume to "
+                                  "continue that run or choose another --output_dir")
+        self.ckpts = RunCheckpoints(cfg.output_dir, cfg.max_to_keep)
+        self.resume_meta = self.ckpts.restore_meta() if (cfg.resume and steps) else None
+        if self.resume_meta is not None:
+            self._check_resume(self.resume_meta)
+        if self.is_main:
+            write_json(os.path.join(cfg.output_dir, "config.json"), cfg.to_dict())
+
+        # ---- model and loss ----
+        self.pre = load_pretrained(cfg.pretrained_model_path, vocab_path=cfg.vocab_path,
+                                   config_path=cfg.config_path, pooling=cfg.pooling,
+                                   seq_length=cfg.seq_length,
+                                   default_pooling="cls" if cfg.loss == "softmax" else None)
+        pooling = self.pre.pooling_config
+        if cfg.loss == "softmax":  # UER's recipe: the head sees unnormalised embeddings
+            pooling = dataclasses.replace(pooling, normalize=False)
+        self.pooling = pooling
+        self.loss = make_loss(cfg.loss, scale=cfg.scale, symmetric=cfg.symmetric,
+                              mini_batch_size=cfg.mini_batch_size,
+                              matryoshka_dims=cfg.matryoshka_dims, num_labels=self.num_labels,
+                              pooling=pooling)
+        want = self.loss.text_columns("negative" in self.train_src.columns)
+        if tuple(self.train_src.columns) != tuple(want):
+            raise data.DataError(f"{cfg.train_path}: has columns {self.train_src.columns}, the "
+                                 f"{cfg.loss} loss reads {want}")
+        self._model_config_flags()
+        self.mdef = self.loss.model_def(self.pre.config, pooling,
+                                        jnp.bfloat16 if cfg.bf16 else jnp.float32)
+
+        # ---- mesh, data pipeline, optimizer, state layout ----
+        n_dev = jax.device_count()
+        for name in ("batch_size", "eval_batch_size"):
+            v = getattr(cfg, name)
+            if v is not None and v % n_dev:
+                raise ValueError(f"{name}={v} must be a multiple of the {n_dev} devices")
+        if cfg.mini_batch_size and cfg.batch_size % cfg.mini_batch_size:
+            raise ValueError(f"mini_batch_size={cfg.mini_batch_size} must divide batch_size="
+                             f"{cfg.batch_size}")
+        fsdp = cfg.mesh_fsdp or (n_dev if cfg.param_sharding == "fsdp" else 1)
+        self.mesh = sharding.make_mesh(-1, fsdp)
+        self.pipeline = data.TrainPipeline(self.train_src, self.pre.tokenizer, data.PipelineConfig(
+            global_batch=cfg.batch_size, seq_length=cfg.seq_length, seed=cfg.seed,
+            epochs=cfg.epochs_num, max_steps=cfg.max_steps, group_by_length=cfg.group_by_length,
+            no_duplicates=cfg.no_duplicates, process_index=jax.process_index(),
+            process_count=jax.process_count(), num_threads=cfg.data_threads))
+        self.total_steps = self.pipeline.total_steps
+        self.tx = optim.make_optimizer(cfg.learning_rate, self.total_steps, warmup_ratio=cfg.warmup,
+                                       weight_decay=cfg.weight_decay, uer_adamw=cfg.uer_adamw,
+                                       params_for_mask=self.mdef.abstract_params,
+                                       max_grad_norm=cfg.max_grad_norm)
+        self.lr_at = optim.warmup_linear_schedule(cfg.learning_rate, self.total_steps, cfg.warmup)
+        self.layout = state_layout(self.mdef, self.tx, self.mesh,
+                                   sharding.rules_for(cfg.param_sharding))
+        self.counter = TraceCounter()
+        self.train_step = make_train_step(self.mdef.graphdef, self.loss, self.tx, self.layout,
+                                          seed=cfg.seed, debug_nan_at_step=cfg.debug_nan_at_step,
+                                          counter=self.counter)
+        self.evaluator = Evaluator(self.mdef.graphdef, self.layout, self.pre.tokenizer,
+                                   seq_length=cfg.seq_length,
+                                   batch_size=cfg.eval_batch_size or cfg.batch_size,
+                                   sts_paths=cfg.sts_dev_paths, classify=cfg.loss == "softmax")
+        self.peak_flops = cfg.peak_flops or flops.known_peak_flops(
+            [d.device_kind for d in jax.devices()])
+        log.info("train %d examples (%s, columns %s), loss %s, pooling %s, %d steps (%s per epoch)",
+                 len(self.train_src), cfg.train_path, ",".join(self.train_src.columns), cfg.loss,
+                 pooling.mode, self.total_steps, "/".join(map(str, self.pipeline.steps_per_epoch)))
+
+    # ---- setup helpers ----------------------------------------------------------------------
+
+    def _check_resume(self, meta: dict[str, Any]) -> None:
+        saved = meta.get("config", {})
+        problems = self.cfg.resume_mismatches(saved)
+        if problems and not self.cfg.force:
+            raise ResumeMismatch(
+                f"cannot resume {self.cfg.output_dir}: the checkpoint was trained with other "
+                f"settings ({'; '.join(problems)}). Use the checkpoint's values, another "
+                "--output_dir, or --force to continue anyway")
+        if problems:
+            log.warning("--force: resuming although %s", "; ".join(problems))
+
+    def _model_config_flags(self) -> None:
+        # Passed through to the model config when it has the fields (lead's model.py).
+        for flag in ("remat", "scan_layers"):
+            if getattr(self.cfg, flag):
+                if not hasattr(self.pre.config, flag):
+                    raise ValueError(f"--{flag} is not supported by this model implementation yet")
+                self.pre = dataclasses.replace(
+                    self.pre, config=dataclasses.replace(self.pre.config, **{flag: True}))
+
+    def _meta(self, step: int, epochs_done: int) -> dict[str, Any]:
+        return {"step": step, "epoch": epochs_done, "best": self.best, "history": self.history,
+                "total_steps": self.total_steps,
+                "steps_per_epoch": list(self.pipeline.steps_per_epoch),
+                "config": {f: getattr(self.cfg, f) for f in RESUME_FIELDS}}
+
+    def _initial_state(self):
+        meta = self.resume_meta
+        if meta is None:
+            if self.cfg.resume:
+                log.warning("--resume: no checkpoint in %s; starting from scratch", self.cfg.output_dir)
+            host = self.loss.initial_params(self.pre.params, self.pre.config, self.cfg.seed)
+            return create_train_state(host, self.tx, self.layout), None, 0
+        if meta.get("total_steps") != self.total_steps and not self.cfg.force:
+            raise ResumeMismatch(
+                f"cannot resume {self.cfg.output_dir}: total_steps: the checkpoint's run has "
+                f"{meta.get('total_steps')} steps, this config {self.total_steps} (epochs_num, "
+                "max_steps or the data changed); --force to continue anyway")
+        args, holder = self.pipeline.restore_item()
+        state, meta = self.ckpts.restore(self.layout, args)
+        self.best, self.history = meta.get("best"), list(meta.get("history", []))
+        log.info("resumed from step %d (epoch %d done)", meta["step"], meta["epoch"])
+        return state, holder.state, int(meta["epoch"])
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Trains to the end (or a SIGTERM); returns a summary (also `output_dir/results.json`).
+
+        Raises:
+          TrainingDiverged: NaN/inf; the last checkpoint on disk is the last good one.
+        """
+        cfg = self.cfg
+        self.best: dict[str, Any] | None = None
+        self.history: list[dict[str, Any]] = []
+        state, data_state, epochs_done = self._initial_state()
+        step = int(jax.device_get(state.step))
+        writer = MetricsWriter(cfg.output_dir, self.is_main,
+                               resume_step=step if self.resume_meta is not None else None)
+        it = self.pipeline.iterator(data_state)
+        bar = progress(self.total_steps, step, "train", self.is_main and cfg.progress_bar)
+        pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet checked
+        window = _Window(step)
+        summary: dict[str, Any] = {"preempted": False}
+        try:
+            with _Preemption() as preempt:
+                while step < self.total_steps:
+                    epoch, _ = self.pipeline.plan.locate(step)
+                    local = next(it)
+                    state, m = self.train_step(state, sharding.put_batch(local, self.mesh))
+                    step += 1
+                    pending.append((step, m))
+                    window.add(local, jax.process_count())
+                    bar.update(1)
+                    epoch_end = step == int(np.sum(self.pipeline.steps_per_epoch[: epoch + 1]))
+                    run_end = step == self.total_steps
+                    save_due = bool(cfg.save_every_steps) and step % cfg.save_every_steps == 0
+                    if step % cfg.log_every_steps == 0:
+                        self._log(writer, bar, step, epoch, m, window)
+                    if step % cfg.nan_check_every == 0 or save_due or epoch_end or run_end:
+                        self._check_finite(pending)
+                        pending.clear()
+                        if preempt.requested():
+                            self._save(state, step, epochs_done, it)
+                            self.ckpts.wait()
+                            log.warning("SIGTERM: saved checkpoint at step %d in %s; exiting. "
+                                        "Continue with --resume.", step,
+                                        os.path.join(cfg.output_dir, "checkpoints"))
+                            summary.update(preempted=True, step=step)
+                            return summary
+                    if epoch_end or run_end:
+                        epochs_done = epoch + 1 if epoch_end else epochs_done
+                        self._evaluate(state, step, epoch + 1, writer)
+                        self._save(state, step, epochs_done, it)
+                    elif save_due:
+                        self._save(state, step, epochs_done, it)
+                    if cfg.debug_step_delay:
+                        time.sleep(cfg.debug_step_delay)
+                bar.close()
+                summary.update(self._finish(state, step))
+                summary["params"] = state.params  # the final global arrays (for callers / tests)
+                summary["train_step_traces"] = self.counter.count
+                summary["eval_step_traces"] = self.evaluator.counter.count
+                return summary
+        finally:
+            self.ckpts.wait()
+            self.ckpts.close()
+            writer.close()
+            it.close()
+
+    def _log(self, writer: MetricsWriter, bar, step: int, epoch: int, m: dict, window: _Window) -> None:
+        host = {k: float(v) for k, v in jax.device_get(m).items() if k != "finite"}
+        rates = window.rates(step)
+        rec = {**host, "lr": float(self.lr_at(step - 1)), "epoch": epoch + 1,
+               "sentences_per_s": rates["sentences"], "tokens_per_s": rates["tokens"]}
+        seq = rates["seq_len"]
+        if seq:
+            flops_s = flops.train_flops_per_token(self.pre.config, seq) * rates["tokens"]
+            rec["train_tflops_per_s"] = flops_s / 1e12
+            u = flops.mfu(flops_s, self.peak_flops, jax.device_count())
+            if u is not None:
+                rec["mfu"] = u
+        writer.write("train", step, rec)
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}",
+                        sent_s=f"{rec['sentences_per_s']:.0f}")
+
+    def _check_finite(self, pending: list[tuple[int, dict]]) -> None:
+        if not pending:
+            return
+        flags = jax.device_get([m["finite"] for _, m in pending])
+        bad = [i for i, f in enumerate(flags) if not bool(f)]
+        if not bad:
+            return
+        step, m = pending[bad[0]]
+        host = jax.device_get(m)
+        self.ckpts.wait()
+        last = self.ckpts.latest_step()
+        raise TrainingDiverged(
+            f"loss is {float(host['loss'])} (grad norm {float(host['grad_norm'])}) at step {step}: "
+            f"training stopped. The last good checkpoint is "
+            f"{'step ' + str(last) if last is not None else 'none'} in "
+            f"{os.path.join(self.cfg.output_dir, 'checkpoints')}; lower --learning_rate or check "
+            "the data")
+
+    def _save(self, state, step: int, epochs_done: int, it) -> None:
+        self.ckpts.save(state, self._meta(step, epochs_done), self.pipeline.checkpoint_item(it))
+
+    def _evaluate(self, state, step: int, epoch: int, writer: MetricsWriter) -> None:
+        res: dict[str, Any] = {"epoch": epoch, "step": step,
+                               **self.evaluator.evaluate(state.params, self.dev_src, self.num_labels,
+                                                         f"after epoch {epoch} (step {step})")}
+        writer.write("dev", step, res)
+        self.history.append(res)
+        metric = self.cfg.resolved_best_metric
+        value = res.get(metric) if metric else None
+        # Without dev data the latest evaluation counts as the best.
+        if value is None or self.best is None or value > self.best["value"]:
+            self.best = {"metric": metric, "value": value, "epoch": epoch, "step": step}
+            self.ckpts.save_best(state.params, {"step": step, "best": self.best})
+            if value is not None:
+                log.info("new best %s %.4f at step %d", metric, value, step)
+
+    def _finish(self, state, step: int) -> dict[str, Any]:
+        cfg = self.cfg
+        self.ckpts.wait()
+        restored = self.ckpts.restore_best(self.layout)
+        params = restored[0] if restored is not None else state.params
+        out: dict[str, Any] = {"step": step, "best": self.best, "history": self.history}
+        if cfg.test_path:
+            test = _open(cfg.test_path, cfg, data.schema_for(cfg.loss), self.num_labels)
+            out["test"] = self.evaluator.report(params, test, self.num_labels, "test (best model)")
+        if cfg.export:
+            host = sharding.host_tree(params, self.mesh)  # collective: every process takes part
+            if self.is_main:
+                enc = SentenceEncoder.from_parts(self.pre.config, host["embedder"]["backbone"],
+                                                 self.pre.tokenizer, self.pooling, cfg.seq_length,
+                                                 devices=jax.local_devices()[:1])
+                enc.save(os.path.join(cfg.output_dir, "best_model"), overwrite=True)
+                enc.export_pytorch(os.path.join(cfg.output_dir, "best_model_pytorch"), overwrite=True)
+                log.info("exported the best model to %s/best_model and best_model_pytorch",
+                         cfg.output_dir)
+        if self.is_main:
+            write_json(os.path.join(cfg.output_dir, "results.json"), out)
+        return out
+
+
+class _Window:
+    """Host-side throughput since the last log: sentences and real tokens from the batches'
+    weights and masks (numpy, no device sync), over wall time."""
+
+    def __init__(self, step: int):
+        self.t0, self.step0 = time.perf_counter(), step
+        self.sentences = self.tokens = self.padded = 0.0
+        self.rows = 0
+
+    def add(self, local: data.Batch, process_count: int) -> None:
+        w = local["weights"]
+        for k, v in local.items():
+            if k.endswith("_mask"):
+                self.sentences += float(np.sum(w)) * process_count
+                self.tokens += float(np.sum(v)) * process_count
+                self.padded += float(v.shape[1] * np.sum(w)) * process_count
+                self.rows += int(np.sum(w)) * process_count
+
+    def rates(self, step: int) -> dict[str, float]:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        out = {"sentences": self.sentences / dt, "tokens": self.tokens / dt,
+               "seq_len": self.padded / self.rows if self.rows else 0.0}
+        self.__init__(step)
+        return out
+
+
+def train_and_evaluate(cfg: TrainConfig) -> dict[str, Any]:
+    """Runs (or resumes) a fine-tuning run: `Trainer(cfg).run()`.
+
+    Raises:
+      data.DataError: malformed data (file:line), before any training.
+      TrainingDiverged: NaN/inf loss; the last checkpoint on disk is the last good one.
+      FileExistsError: `output_dir` has checkpoints and `resume` is off.
+      ResumeMismatch: `resume` with settings that differ from the checkpoint's (no `force`).
+    """
+    return Trainer(cfg).run()

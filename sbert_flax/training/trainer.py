@@ -267,23 +267,24 @@ class Trainer:
                     save_due = bool(cfg.save_every_steps) and step % cfg.save_every_steps == 0
                     if step % cfg.log_every_steps == 0:
                         self._log(writer, bar, step, epoch, m, window)
+                    stop = False
                     if step % cfg.nan_check_every == 0 or save_due or epoch_end or run_end:
                         self._check_finite(pending)
                         pending.clear()
-                        if preempt.requested():
-                            self._save(state, step, epochs_done, it)
-                            self.ckpts.wait()
-                            log.warning("SIGTERM: saved checkpoint at step %d in %s; exiting. "
-                                        "Continue with --resume.", step,
-                                        os.path.join(cfg.output_dir, "checkpoints"))
-                            summary.update(preempted=True, step=step)
-                            return summary
-                    if epoch_end or run_end:
+                        stop = preempt.requested()
+                    if epoch_end or run_end:  # evaluated before any stop: a resume skips it
                         epochs_done = epoch + 1 if epoch_end else epochs_done
                         self._evaluate(state, step, epoch + 1, writer)
                         self._save(state, step, epochs_done, it)
-                    elif save_due:
+                    elif save_due or stop:
                         self._save(state, step, epochs_done, it)
+                    if stop and not run_end:
+                        self.ckpts.wait()
+                        log.warning("SIGTERM: saved checkpoint at step %d in %s; exiting. "
+                                    "Continue with --resume.", step,
+                                    os.path.join(cfg.output_dir, "checkpoints"))
+                        summary.update(preempted=True, step=step)
+                        return summary
                     if cfg.debug_step_delay:
                         time.sleep(cfg.debug_step_delay)
                 bar.close()

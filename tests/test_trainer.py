@@ -1,0 +1,285 @@
+"""The Trainer with the contrastive losses end to end at toy size: the issue's command lines,
+per-step metrics, several STS dev files, resume refusal, SIGKILL + resume through the grain
+iterator state, and the standalone STS eval table."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import helpers
+import jax
+import numpy as np
+import pytest
+
+from sbert_flax import sharding
+from sbert_flax.training import cli, eval_cli
+from sbert_flax.training.train_config import TrainConfig
+from sbert_flax.training.trainer import ResumeMismatch, train_and_evaluate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT_S = 240
+
+
+def _sets():
+    chars = list(dict.fromkeys(helpers.random_zh_sentences(1, 400, 400, seed=0)[0]))
+    return [chars[:16], chars[16:32]]
+
+
+def write_contrastive(path, n, seed, negatives=False):
+    """anchor and positive drawn from the same character set, negative from the other."""
+    sets = _sets()
+    rng = np.random.default_rng(seed)
+
+    def sent(k):
+        return "".join(rng.choice(sets[k], rng.integers(2, 12)))
+
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("anchor\tpositive" + ("\tnegative" if negatives else "") + "\n")
+        for _ in range(n):
+            k = int(rng.integers(2))
+            f.write(f"{sent(k)}\t{sent(k)}" + (f"\t{sent(1 - k)}" if negatives else "") + "\n")
+    return str(path)
+
+
+def write_sts(path, n, seed):
+    """Header-less s1, s2, score (5 same set, 0 otherwise), like stsb-zh."""
+    sets = _sets()
+    rng = np.random.default_rng(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            ka, kb = rng.integers(2), rng.integers(2)
+            a = "".join(rng.choice(sets[ka], rng.integers(2, 12)))
+            b = "".join(rng.choice(sets[kb], rng.integers(2, 12)))
+            f.write(f"{a}\t{b}\t{5 * int(ka == kb)}\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_bert):
+    return tiny_bert(hidden=32, layers=1, heads=4, intermediate=64, max_position=64, pooling="mean")
+
+
+def _records(out):
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def _flat(tree):
+    return {re.sub(r"\['(\d+)'\]", r"[\1]", jax.tree_util.keystr(p)): np.asarray(v)
+            for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def test_mnrl_command_line_logs_every_step_and_exports(tmp_path, model, capsys):
+    train = write_contrastive(tmp_path / "pairs.tsv", 400, seed=1)
+    sts1, sts2 = write_sts(tmp_path / "dev.tsv", 48, seed=2), write_sts(tmp_path / "dev2.tsv", 40, seed=3)
+    out = str(tmp_path / "run")
+    # The issue's command line (sizes shrunk), with two STS dev files and a peak for MFU.
+    rc = cli.main(["--loss", "mnrl", "--pretrained_model_path", model, "--train_path", train,
+                   "--batch_size", "16", "--learning_rate", "1e-3", "--epochs_num", "1",
+                   "--seq_length", "32", "--warmup", "0.1", "--seed", "7", "--sts-dev", sts1,
+                   "--sts-dev", sts2, "--max_steps", "20", "--log_every_steps", "1",
+                   "--peak_flops", "1e12", "--output_dir", out, "--no_progress_bar"])
+    assert rc == 0, capsys.readouterr().err[-3000:]
+    recs = _records(out)
+    train_recs = [r for r in recs if r["kind"] == "train"]
+    assert [r["step"] for r in train_recs] == list(range(1, 21))  # one record per step
+    for r in train_recs:
+        assert np.isfinite(r["loss"]) and r["lr"] >= 0 and r["sentences_per_s"] > 0
+        assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and "grad_norm" in r
+    dev = [r for r in recs if r["kind"] == "dev"]
+    assert len(dev) == 1 and dev[0]["step"] == 20 and set(dev[0]["sts"]) == {sts1, sts2}
+    assert dev[0]["sts_spearman"] == dev[0]["sts"][sts1]
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert res["best"]["metric"] == "sts_spearman" and res["step"] == 20
+    for d in ("best_model", "best_model_pytorch"):
+        assert os.path.isdir(os.path.join(out, d)), d
+    # The exported model reproduces the STS number the trainer measured on the mesh.
+    from sbert_flax.encoder import SentenceEncoder
+
+    enc = SentenceEncoder.from_pretrained(os.path.join(out, "best_model"), devices=jax.devices()[:1])
+    rows = eval_cli.sts_table(enc, [sts1, sts2])
+    assert abs(rows[0]["spearman"] - dev[0]["sts"][sts1]) < 1e-4
+    assert abs(rows[1]["spearman"] - dev[0]["sts"][sts2]) < 1e-4
+    # Standalone eval: a table of Spearman x100 per file and the mean.
+    assert eval_cli.main(["--model", os.path.join(out, "best_model"), "--sts", sts1, "--sts", sts2]) == 0
+    table = capsys.readouterr().out.strip().splitlines()
+    assert len(table) == 5 and table[-1].startswith("mean")
+    vals = [float(line.split()[-1]) for line in table[2:]]
+    assert vals[2] == pytest.approx((vals[0] + vals[1]) / 2, abs=0.011)
+
+
+def test_cosent_headerless_scores_and_learning(tmp_path, model):
+    train = write_sts(tmp_path / "train.tsv", 256, seed=4)
+    dev = write_sts(tmp_path / "dev.tsv", 64, seed=5)
+    cfg, _ = cli._parse(["--loss", "cosent", "--pretrained_model_path", model, "--train_path", train,
+                         "--no_header", "--columns", "sentence1,sentence2,score", "--score_scale", "5",
+                         "--batch_size", "32", "--learning_rate", "1e-3", "--epochs_num", "3",
+                         "--seq_length", "32", "--sts-dev", dev, "--output_dir", str(tmp_path / "run"),
+                         "--no_export", "--no_progress_bar", "--log_every_steps", "4"])
+    summary = train_and_evaluate(cfg)
+    hist = [h["sts_spearman"] for h in summary["history"]]
+    print("cosent dev Spearman per epoch", [round(x, 3) for x in hist])
+    assert len(hist) == 3 and summary["step"] == 24
+    assert hist[-1] >= 0.6 and summary["best"]["value"] == max(hist)
+    assert summary["train_step_traces"] <= 2  # buckets of 32 tokens only (seq_length 32): one shape
+
+
+def test_cached_mnrl_triplets_no_duplicates_matryoshka(tmp_path, model):
+    train = write_contrastive(tmp_path / "trip.tsv", 96, seed=6, negatives=True)
+    cfg = TrainConfig(pretrained_model_path=model, train_path=train, loss="cached-mnrl",
+                      mini_batch_size=8, matryoshka_dims=(32, 16), no_duplicates=True, batch_size=16,
+                      seq_length=32, epochs_num=1, max_steps=3, learning_rate=1e-3, export=False,
+                      progress_bar=False, log_every_steps=1, output_dir=str(tmp_path / "run"))
+    summary = train_and_evaluate(cfg)
+    assert summary["step"] == 3
+    assert [r["step"] for r in _records(cfg.output_dir) if r["kind"] == "train"] == [1, 2, 3]
+
+
+def test_resume_refusals_keep_config_json(tmp_path, model, capsys):
+    train = write_contrastive(tmp_path / "pairs.tsv", 64, seed=7)
+    out = str(tmp_path / "run")
+    base = ["--loss", "mnrl", "--pretrained_model_path", model, "--train_path", train, "--batch_size", "16",
+            "--seq_length", "32", "--epochs_num", "1", "--max_steps", "2", "--save_every_steps", "1",
+            "--no_export", "--no_progress_bar", "--output_dir", out]
+    assert cli.main(base) == 0
+    config_json = open(os.path.join(out, "config.json")).read()
+    capsys.readouterr()
+    assert cli.main(base) == 2  # checkpoints there, no --resume
+    assert "--resume" in capsys.readouterr().err
+    for flag, value, field in (("--seed", "8", "seed: 7 -> 8"), ("--learning_rate", "1e-3", "learning_rate"),
+                               ("--batch_size", "8", "batch_size: 16 -> 8"),
+                               ("--train_path", write_contrastive(tmp_path / "other.tsv", 64, seed=8),
+                                "train_path")):
+        assert cli.main([*base, "--resume", flag, value]) == 2
+        err = capsys.readouterr().err
+        assert "cannot resume" in err and field in err and "--force" in err, err[-2000:]
+        assert open(os.path.join(out, "config.json")).read() == config_json
+    assert cli.main([*base, "--resume", "--loss", "cosent"]) == 2  # wrong columns for cosent
+    with pytest.raises(ResumeMismatch, match="seed"):
+        train_and_evaluate(TrainConfig(pretrained_model_path=model, train_path=train, loss="mnrl",
+                                       batch_size=16, seq_length=32, epochs_num=1, max_steps=2,
+                                       seed=9, resume=True, export=False, output_dir=out))
+    # --force continues (the run is already at its last step: nothing left to train).
+    assert cli.main([*base, "--resume", "--seed", "8", "--force"]) == 0
+    assert json.load(open(os.path.join(out, "config.json")))["seed"] == 8
+
+
+def test_batch_sizes_validated(tmp_path, model, capsys):
+    train = write_contrastive(tmp_path / "pairs.tsv", 32, seed=9)
+    base = ["--loss", "mnrl", "--pretrained_model_path", model, "--train_path", train, "--seq_length", "32",
+            "--no_export", "--no_progress_bar"]
+    assert cli.main([*base, "--batch_size", "16", "--eval_batch_size", "12", "--output_dir",
+                     str(tmp_path / "a")]) == 2
+    assert "eval_batch_size=12 must be a multiple of the 8 devices" in capsys.readouterr().err
+    assert cli.main([*base, "--batch_size", "12", "--output_dir", str(tmp_path / "b")]) == 2
+    assert "batch_size=12 must be a multiple" in capsys.readouterr().err
+    assert cli.main([*base, "--batch_size", "16", "--dev_path", train, "--output_dir", str(tmp_path / "c")]) == 2
+    assert "--sts-dev" in capsys.readouterr().err
+
+
+def test_uer_config_must_match_the_weights(tmp_path, tiny_bert):
+    import torch
+
+    from sbert_flax import weights
+    from sbert_flax.training.pretrained import load_pretrained
+
+    small = tiny_bert(hidden=8, layers=2, heads=2, intermediate=16, max_position=64)
+    uer = weights.hf_to_uer(weights.read_weights(weights.find_weights_file(small)), "single", 2)
+    torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in uer.items()}, tmp_path / "uer.bin")
+    cfg = tmp_path / "base_config.json"
+    from sbert_flax.config import ConfigError
+
+    kw = dict(vocab_path=helpers.zh_vocab_file(), config_path=str(cfg), seq_length=32)
+    # UER's base_config.json next to 8-wide 2-layer weights: 12 heads cannot split 8 dims.
+    cfg.write_text(json.dumps({"emb_size": 768, "feedforward_size": 3072, "hidden_size": 768,
+                               "heads_num": 12, "layers_num": 12, "pooling": "first"}))
+    with pytest.raises(ConfigError, match="hidden_size=8 is not divisible by num_attention_heads=12"):
+        load_pretrained(str(tmp_path / "uer.bin"), **kw)
+    cfg.write_text(json.dumps({"emb_size": 768, "feedforward_size": 3072, "hidden_size": 768,
+                               "heads_num": 2, "layers_num": 12, "pooling": "first"}))
+    with pytest.raises(weights.WeightsError, match=r"hidden_size=768 but the weights have hidden_size=8"):
+        load_pretrained(str(tmp_path / "uer.bin"), **kw)
+    cfg.write_text(json.dumps({"hidden_size": 8, "heads_num": 2, "layers_num": 12}))
+    with pytest.raises(weights.WeightsError, match=r"layers_num=12 but the weights have num_hidden_layers=2"):
+        load_pretrained(str(tmp_path / "uer.bin"), **kw)
+    cfg.write_text(json.dumps({"hidden_size": 8, "heads_num": 2, "layers_num": 2}))
+    assert load_pretrained(str(tmp_path / "uer.bin"), **kw).config.hidden_size == 8
+
+
+def test_issue_command_lines_parse():
+    m, pairs, stsb = "M", "../shared/data/contrastive/nli-zh-pairs.tsv", "../shared/data/stsb-zh"
+    cfg, _ = cli._parse(["--loss", "mnrl", "--pretrained_model_path", m, "--train_path", pairs,
+                         "--batch_size", "64", "--learning_rate", "2e-5", "--epochs_num", "1",
+                         "--seq_length", "64", "--warmup", "0.1", "--seed", "7", "--sts-dev",
+                         f"{stsb}/dev.tsv", "--output_dir", "OUT"])
+    assert (cfg.loss, cfg.batch_size, cfg.seq_length, cfg.sts_dev_paths) == ("mnrl", 64, 64, (f"{stsb}/dev.tsv",))
+    assert cfg.resolved_best_metric == "sts_spearman" and not cfg.group_by_length
+    cfg, _ = cli._parse(["--loss", "cosent", "--pretrained_model_path", m, "--train_path", f"{stsb}/train.tsv",
+                         "--no_header", "--columns", "sentence1,sentence2,score", "--score_scale", "5",
+                         "--batch_size", "64", "--learning_rate", "2e-5", "--epochs_num", "1",
+                         "--seq_length", "64", "--sts-dev", f"{stsb}/dev.tsv", "--output_dir", "OUT"])
+    assert cfg.columns == ("sentence1", "sentence2", "score") and not cfg.has_header and cfg.score_scale == 5
+    cfg, _ = cli._parse(["--loss", "mnrl", "--pretrained_model_path", m, "--train_path", pairs,
+                         "--max_steps", "20", "--log_every_steps", "1", "--output_dir", "OUT"])
+    assert (cfg.max_steps, cfg.log_every_steps) == (20, 1)
+    # The config-file form keeps working, comma strings included.
+    assert TrainConfig.from_dict({"columns": "1,2,3", "matryoshka_dims": [64, 32]}).columns == (1, 2, 3)
+
+
+def _env(tmp_path):
+    return dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="8", SBERT_FLAX_COMPILATION_CACHE="1",
+                SBERT_FLAX_CACHE_DIR=str(tmp_path / "jax_cache"), PYTHONPATH=REPO)
+
+
+def _steps(ckpt_dir):
+    return sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) if os.path.isdir(ckpt_dir) else []
+
+
+def test_mnrl_sigkill_and_resume_equals_uninterrupted(tmp_path, model):
+    train = write_contrastive(tmp_path / "pairs.tsv", 150, seed=10)
+    out = str(tmp_path / "killed")
+    args = [sys.executable, "-m", "sbert_flax.cli", "train", "--loss", "mnrl", "--pretrained_model_path", model,
+            "--train_path", train, "--batch_size", "16", "--seq_length", "32", "--epochs_num", "2",
+            "--learning_rate", "1e-3", "--save_every_steps", "3", "--log_every_steps", "1",
+            "--no_export", "--no_progress_bar", "--output_dir", out]
+    ckpt_dir = os.path.join(out, "checkpoints")
+    proc = subprocess.Popen([*args, "--debug_step_delay", "0.4"], env=_env(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not _steps(ckpt_dir) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.stdout.read()[-3000:]}"
+        time.sleep(0.6)  # a step or two past the checkpoint: those must not be logged twice
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    killed_at = _steps(ckpt_dir)
+    assert killed_at and max(killed_at) < 20  # 10 steps/epoch x 2
+    r = subprocess.run([*args, "--resume"], env=_env(tmp_path), capture_output=True, text=True,
+                       timeout=TIMEOUT_S)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from step {max(killed_at)} " in r.stderr
+    steps = [rec["step"] for rec in _records(out) if rec["kind"] == "train"]
+    assert steps == list(range(1, 21))  # no step twice, none missing
+
+    import orbax.checkpoint as ocp
+
+    full = train_and_evaluate(TrainConfig(
+        pretrained_model_path=model, train_path=train, loss="mnrl", batch_size=16, seq_length=32,
+        epochs_num=2, learning_rate=1e-3, export=False, progress_bar=False,
+        output_dir=str(tmp_path / "full")))
+    params = full["params"]
+    mesh = jax.tree.leaves(params)[0].sharding.mesh
+    want = _flat(sharding.host_tree(params, mesh))
+    with ocp.StandardCheckpointer() as ck:
+        resumed = _flat(ck.restore(os.path.join(ckpt_dir, "20", "state"))["params"])
+    for k, v in want.items():
+        np.testing.assert_allclose(resumed[k], v, rtol=1e-6, atol=1e-6, err_msg=k)

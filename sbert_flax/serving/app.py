@@ -140,8 +140,8 @@ class Server:
             if counted:
                 self.in_flight -= 1
                 self.metrics.in_flight.dec()
+            self.metrics.request_duration.labels(route).observe(time.perf_counter() - t0)
         self.metrics.request_success.labels(route).inc()
-        self.metrics.request_duration.labels(route).observe(time.perf_counter() - t0)
         return response
 
     # ---- routes -------------------------------------------------------------------------------

@@ -98,9 +98,13 @@ def settings_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     """Loads the model, serves until SIGTERM / Ctrl-C (finishing requests in flight), returns 0."""
-    import uvicorn
+    try:
+        import uvicorn
 
-    from sbert_flax.serving.app import create_app
+        from sbert_flax.serving.app import create_app
+    except ImportError as e:
+        raise ImportError(f"{e}; the server needs the serve extra: pip install "
+                          "\"sbert-flax[serve]\"") from None
 
     settings = settings_from_args(args)  # bad limits fail before the slow model load
     logging.basicConfig(level=args.log_level.upper(),

@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sbert-flax dir, HF / sentence-transformers dir, or hub id")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; 0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute dtype (responses are float32 either way)")
     p.add_argument("--pooling", choices=("cls", "mean", "max"), help="override the model's pooling")
@@ -36,11 +36,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="token budget of one device batch; concurrent requests are merged up to "
                    "it (default: the encoder's, 4096, right for CPU; 16384 or more on a GPU/TPU)")
     p.add_argument("--max-client-batch-size", type=int, default=256,
-                   help="most inputs in one request (more: 413)")
+                   help="most inputs in one request (more: 413; default 256)")
     p.add_argument("--max-concurrent-requests", type=int, default=512,
-                   help="most embedding requests in flight (more: 429)")
+                   help="most embedding requests in flight (more: 429; default 512)")
     p.add_argument("--payload-limit", type=int, default=2_000_000,
-                   help="most bytes in a request body (more: 413)")
+                   help="most bytes in a request body (more: 413; default 2000000)")
     p.add_argument("--auto-truncate", action="store_true",
                    help="truncate over-long inputs unless a request says truncate=false (the "
                    "OpenAI routes always follow this); default: refuse them with 413")
@@ -51,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the `model` name OpenAI clients send (default: the --model argument); "
                    "other names get 404")
     p.add_argument("--log-level", default="info",
-                   choices=("critical", "error", "warning", "info", "debug"))
+                   choices=("critical", "error", "warning", "info", "debug"), help="default info")
     p.add_argument("--access-log", action="store_true", help="log every request (uvicorn)")
 
 

@@ -11,11 +11,8 @@ import importlib
 import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
-
-import numpy as np
 
 from sbert_flax.config import POOLING_MODES, ConfigError
 from sbert_flax.corpus import PRECISIONS
@@ -54,23 +51,6 @@ def read_lines(path: str) -> list[str]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"input file not found: {path}")
     return read_text_lines(path)
-
-
-def save_npy_atomic(path: str, array: np.ndarray) -> None:
-    """Writes `array` to exactly `path` (no `.npy` appended) via a temp file + rename."""
-    path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    if not os.path.isdir(parent):
-        raise FileNotFoundError(f"output directory does not exist: {parent}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _check_dest(dest: str, overwrite: bool) -> None:

@@ -13,18 +13,11 @@ import random
 
 import numpy as np
 
-ZH_VOCAB = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
-                        "data", "vocab", "google_zh_vocab.txt")
-
-
 def zh_vocab_file() -> str | None:
     """The Chinese BERT vocab (shared data), or None if it is absent."""
     from sbert_flax.devdata import data_path
 
-    p = data_path("vocab", "google_zh_vocab.txt")
-    if p is not None:
-        return p
-    return ZH_VOCAB if os.path.isfile(ZH_VOCAB) else None
+    return data_path("vocab", "google_zh_vocab.txt")
 
 
 def wordpiece_tokenizer(vocab_file: str, **kwargs):

@@ -13,6 +13,7 @@ import random
 
 import numpy as np
 
+
 def zh_vocab_file() -> str | None:
     """The Chinese BERT vocab (shared data), or None if it is absent."""
     from sbert_flax.devdata import data_path

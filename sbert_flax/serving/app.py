@@ -186,6 +186,8 @@ class Server:
         obj = await self.read_json(request)
         texts = schemas.text_list(obj, "inputs", self.settings.max_client_batch_size)
         special = schemas.optional_bool(obj, "add_special_tokens", True)
+        if self.backend.lowercase_text:  # the tokens the model really sees
+            texts = [t.lower() for t in texts]
         loop = asyncio.get_running_loop()
         out = await loop.run_in_executor(self.tokenizer_pool, schemas.tokens,
                                          self.backend.hf_tokenizer, texts, special)

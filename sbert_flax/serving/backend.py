@@ -65,6 +65,11 @@ class EncoderBackend:
         return self.encoder.tokenizer.hf
 
     @property
+    def lowercase_text(self) -> bool:
+        """The model lowercases text before its tokenizer (sentence-transformers' do_lower_case)."""
+        return bool(getattr(self.encoder.tokenizer, "lowercase_text", False))
+
+    @property
     def num_compiles(self) -> int:
         n = getattr(self.encoder, "num_compiles", None)
         return int(n if n is not None else self.encoder.num_traces)

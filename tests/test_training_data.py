@@ -307,8 +307,10 @@ def test_batches_cover_every_record_once_per_epoch_with_fixed_shapes(tmp_path):
             longest = int(max(b["anchor_mask"].sum(1).max(), b["positive_mask"].sum(1).max()))
             assert length == bucket_of(longest, 64)  # smallest bucket that holds the batch
             real = b["weights"] > 0
-            assert np.all(np.diff(real.astype(int)) <= 0)  # pads last, all zero
-            assert not b["anchor_ids"][~real].any() and not b["positive_mask"][~real].any()
+            assert np.all(np.diff(real.astype(int)) <= 0)  # pads last: the empty sentence
+            for k in ("anchor", "positive"):
+                assert (b[f"{k}_ids"][~real, :2] == [101, 102]).all() and not b[f"{k}_ids"][~real, 2:].any()
+                assert (b[f"{k}_mask"][~real].sum(1) == 2).all()
             ids = rows_of(b)
             np.testing.assert_array_equal(b["positive_ids"][real, 1], 5000 + ids[real])
             seen.extend(ids[real].tolist())

@@ -240,7 +240,8 @@ class BatchBuilder:
 
     Keys (COMMON layout): `{c}_ids`, `{c}_mask` int32 [rows, L] for each text column c (one L per
     batch: the smallest bucket holding its longest text), `weights` float32 [rows] (0 on pad
-    rows), and `labels` int32 [rows] or `scores` float32 [rows] when the source has a target.
+    rows, which hold the empty sentence [CLS] [SEP]), and `labels` int32 [rows] or `scores`
+    float32 [rows] (0 on pad rows) when the source has a target.
     With `with_index`, also `index` int32 [rows]: each row's record (-1 on pad rows).
     """
 
@@ -254,6 +255,9 @@ class BatchBuilder:
         # The HF fast tokenizer sets its truncation state on every call: not safe to call from
         # several grain threads at once.
         self._lock = threading.Lock()
+        # Pad rows hold the empty sentence ([CLS] [SEP]) rather than nothing: an all-zero mask
+        # pools to a zero vector, and normalising that has a NaN gradient even at weight 0.
+        self._empty = tokenizer.encode([""], cfg.seq_length)[0]
 
     def __call__(self, step: int) -> Batch:
         return self.build(self.plan.records(int(step)))
@@ -280,8 +284,8 @@ class BatchBuilder:
         for k, c in enumerate(src.columns):
             a = np.full((rows, length), pad, np.int32)
             m = np.zeros((rows, length), np.int32)
-            for r, j in enumerate(mine):
-                x = ids[k * n + j]
+            for r in range(rows):
+                x = ids[k * n + lo + r] if r < len(mine) else self._empty
                 a[r, : len(x)] = x
                 m[r, : len(x)] = 1
             out[f"{c}_ids"], out[f"{c}_mask"] = a, m

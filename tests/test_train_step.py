@@ -8,7 +8,9 @@ from flax import nnx
 
 from sbert_flax import sharding
 from sbert_flax.config import BertConfig
-from sbert_flax.training import optim
+from sbert_flax.model import BertModel
+from sbert_flax.pooling import pool
+from sbert_flax.training import losses, optim
 from sbert_flax.training.siamese import model_def, weighted_cross_entropy
 from sbert_flax.training.state import create_train_state, state_layout
 from sbert_flax.training.step import TraceCounter, make_eval_step, make_train_step
@@ -18,6 +20,7 @@ CFG = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attent
                  intermediate_size=64, max_position_embeddings=64)
 NUM_LABELS = 3
 ROWS, LEN = 16, 12
+LOSS = losses.make_loss("softmax", num_labels=NUM_LABELS)
 
 
 def _host_params(seed=0):
@@ -38,7 +41,8 @@ def _batch(seed=1):
     mask_b = (np.arange(LEN)[None] < lens_b[:, None]).astype(np.int32)
     weights = np.ones(ROWS, np.float32)
     weights[-3:] = 0.0  # zero-weight pad rows, as the last partial batch has
-    return {"a_ids": ids_a * mask_a, "a_mask": mask_a, "b_ids": ids_b * mask_b, "b_mask": mask_b,
+    return {"text_a_ids": ids_a * mask_a, "text_a_mask": mask_a, "text_b_ids": ids_b * mask_b,
+            "text_b_mask": mask_b,
             "labels": rng.integers(0, NUM_LABELS, ROWS).astype(np.int32), "weights": weights}
 
 
@@ -49,7 +53,7 @@ def _one_step(mesh, rules, host_params, batch, uer=False):
     layout = state_layout(mdef, tx, mesh, rules)
     state = create_train_state(host_params, tx, layout)
     counter = TraceCounter()
-    step = make_train_step(mdef.graphdef, tx, layout, seed=7, counter=counter)
+    step = make_train_step(mdef.graphdef, LOSS, tx, layout, seed=7, counter=counter)
     state, metrics = step(state, sharding.put_batch(batch, mesh))
     for leaf, sh in zip(jax.tree.leaves(state.params), jax.tree.leaves(layout.shardings.params),
                         strict=True):
@@ -86,8 +90,8 @@ def test_sharded_step_equals_single_device(reference, shape, param_sharding):
         err = np.max(np.abs(a - b)) / np.max(np.abs(b))
         assert err <= 1e-5, (jax.tree_util.keystr(path), err)
     # The params moved (the comparison is not vacuous).
-    assert not np.allclose(params["backbone"]["layers"][0]["mlp"]["wi_kernel"],
-                           host["backbone"]["layers"][0]["mlp"]["wi_kernel"])
+    assert not np.allclose(params["embedder"]["backbone"]["layers"][0]["mlp"]["wi_kernel"],
+                           host["embedder"]["backbone"]["layers"][0]["mlp"]["wi_kernel"])
 
 
 def test_loss_ignores_zero_weight_rows():
@@ -98,11 +102,39 @@ def test_loss_ignores_zero_weight_rows():
     np.testing.assert_allclose(padded, full, rtol=1e-6)
 
 
+def test_softmax_loss_is_the_uer_recipe():
+    """The softmax loss (SiameseClassifier around SentenceEmbedder) computes what the step
+    computed before the embedder existed: BertModel on [a; b], pooling, [u, v, |u-v|, u*v],
+    linear head, weighted cross-entropy -- same dropout masks, same loss and gradient."""
+    host, b = _host_params(), _batch()
+    key = jax.random.key(5)
+    graphdef = model_def(CFG, NUM_LABELS, "cls").graphdef
+    backbone_def, _ = nnx.split(nnx.eval_shape(lambda: BertModel(CFG, rngs=nnx.Rngs(0))))
+
+    def reference(params):
+        backbone = nnx.merge(backbone_def, params["embedder"]["backbone"])
+        emb = pool(backbone(jnp.concatenate([b["text_a_ids"], b["text_b_ids"]]),
+                            jnp.concatenate([b["text_a_mask"], b["text_b_mask"]]), dropout_key=key),
+                   jnp.concatenate([b["text_a_mask"], b["text_b_mask"]]), "cls")
+        u, v = emb[:ROWS], emb[ROWS:]
+        head = params["classifier"]
+        logits = jnp.concatenate([u, v, jnp.abs(u - v), u * v], -1) @ head["kernel"] + head["bias"]
+        return weighted_cross_entropy(logits, b["labels"], b["weights"])
+
+    want, want_g = jax.jit(jax.value_and_grad(reference))(host)
+    got, got_g, metrics = jax.jit(lambda p: LOSS.value_and_grad(graphdef, p, b, key))(host)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(got_g), jax.tree.leaves(want_g),
+                            strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+    assert 0.0 <= float(metrics["accuracy"]) <= 1.0
+
+
 def test_dropout_only_in_training_and_keyed_by_step():
     mdef = model_def(CFG, NUM_LABELS, "cls")
     model = nnx.merge(mdef.graphdef, _host_params())
     b = _batch()
-    args = (b["a_ids"], b["a_mask"], b["b_ids"], b["b_mask"])
+    args = (b["text_a_ids"], b["text_a_mask"], b["text_b_ids"], b["text_b_mask"])
     graphdef, params = nnx.split(model)
     fwd = jax.jit(lambda p, key: nnx.merge(graphdef, p)(*args, dropout_key=key))
     eval_fwd = jax.jit(lambda p: nnx.merge(graphdef, p)(*args))
@@ -122,7 +154,7 @@ def test_nan_hook_and_eval_step():
     tx = optim.make_optimizer(1e-3, 10, params_for_mask=mdef.abstract_params)
     layout = state_layout(mdef, tx, mesh, sharding.FSDP_RULES)
     state = create_train_state(_host_params(), tx, layout)
-    step = make_train_step(mdef.graphdef, tx, layout, seed=7, debug_nan_at_step=2)
+    step = make_train_step(mdef.graphdef, LOSS, tx, layout, seed=7, debug_nan_at_step=2)
     batch = sharding.put_batch(_batch(), mesh)
     state, m1 = step(state, batch)
     assert bool(m1["finite"])
@@ -143,7 +175,7 @@ def test_bf16_compute_keeps_float32_master_state():
         mdef = model_def(CFG, NUM_LABELS, "cls", dtype)
         tx = optim.make_optimizer(1e-3, 10, params_for_mask=mdef.abstract_params)
         layout = state_layout(mdef, tx, mesh, sharding.REPLICATED_RULES)
-        state, m = make_train_step(mdef.graphdef, tx, layout, seed=7)(
+        state, m = make_train_step(mdef.graphdef, LOSS, tx, layout, seed=7)(
             create_train_state(host, tx, layout), sharding.put_batch(batch, mesh))
         assert bool(m["finite"])
         assert {x.dtype for x in jax.tree.leaves((state.params, state.opt_state))

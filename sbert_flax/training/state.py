@@ -26,7 +26,8 @@ class TrainState:
 
     Attributes:
       step: int32 scalar, optimizer steps taken.
-      params: {"backbone": ..., "classifier": ...} float32 master weights.
+      params: float32 master weights, `{"embedder": {"backbone": ...}}` plus the softmax loss's
+        `"classifier"` (see `losses.py`).
       opt_state: the optax state (float32 moments).
     """
 
@@ -42,10 +43,6 @@ class StateLayout:
     mesh: Mesh
     shardings: TrainState  # of NamedSharding
     abstract: TrainState  # of ShapeDtypeStruct, with .sharding set
-
-    @property
-    def param_shardings(self) -> Any:
-        return self.shardings.params
 
 
 def state_layout(mdef: ModelDef, tx: optax.GradientTransformation, mesh: Mesh,

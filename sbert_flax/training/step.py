@@ -1,9 +1,11 @@
 """The pure, jitted train and eval steps: one `jax.jit` each, explicit shardings, donated state.
 
-`train_step(state, batch) -> (state, metrics)`. Dropout's key is `fold_in(key(seed), step)`, a
-function of the state, so a resumed run draws exactly the masks an uninterrupted run would.
-The metrics include `finite`: loss, gradients and the updated params are all finite; the loop
-stops on a False before anything is saved.
+`train_step(state, batch) -> (state, metrics)` runs any loss of `losses.py` (the step does not
+know which). Dropout's key is `fold_in(key(seed), step)`, a function of the state, so a resumed
+run draws exactly the masks an uninterrupted run would. The metrics stay on the device (the host
+fetches them only when it logs or checks): "loss", "grad_norm", "finite" (loss, gradients and the
+updated params are all finite; the loop stops on a False before anything is saved), plus the
+loss's own (e.g. "accuracy").
 """
 
 from __future__ import annotations
@@ -17,11 +19,10 @@ import optax
 from flax import nnx
 
 from sbert_flax import sharding
-from sbert_flax.training.siamese import weighted_cross_entropy
+from sbert_flax.training.losses import Loss
 from sbert_flax.training.state import StateLayout, TrainState
 
 Batch = dict[str, jax.Array]
-TRAIN_KEYS = ("a_ids", "a_mask", "b_ids", "b_mask", "labels", "weights")
 
 
 class TraceCounter:
@@ -31,13 +32,14 @@ class TraceCounter:
         self.count = 0
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, layout: StateLayout,
-                    *, seed: int, debug_nan_at_step: int | None = None,
+def make_train_step(graphdef: nnx.GraphDef, loss: Loss, tx: optax.GradientTransformation,
+                    layout: StateLayout, *, seed: int, debug_nan_at_step: int | None = None,
                     counter: TraceCounter | None = None) -> Callable[[TrainState, Batch], tuple]:
     """Builds the jitted train step.
 
     Args:
-      graphdef: the `SiameseClassifier` graph (from `siamese.model_def`).
+      graphdef: the model graph (from `loss.model_def(...)`).
+      loss: the loss (`losses.make_loss`).
       tx: the optimizer.
       layout: state shardings.
       seed: dropout seed; step k uses `fold_in(key(seed), k)`.
@@ -50,29 +52,14 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, la
         if counter is not None:
             counter.count += 1
         dropout_key = jax.random.fold_in(base_key, state.step)
-
-        def loss_fn(params):
-            model = nnx.merge(graphdef, params)
-            logits = model(batch["a_ids"], batch["a_mask"], batch["b_ids"], batch["b_mask"],
-                           dropout_key=dropout_key)
-            loss = weighted_cross_entropy(logits, batch["labels"], batch["weights"])
-            if debug_nan_at_step is not None:
-                loss = jnp.where(state.step + 1 == debug_nan_at_step, jnp.nan, loss)
-            return loss, logits
-
-        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        value, grads, extra = loss.value_and_grad(graphdef, state.params, batch, dropout_key)
+        if debug_nan_at_step is not None:
+            value = jnp.where(state.step + 1 == debug_nan_at_step, jnp.nan, value)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(params))
-        w = batch["weights"]
-        correct = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
-        metrics = {
-            "loss": loss,
-            "grad_norm": grad_norm,
-            "accuracy": jnp.sum(correct * w) / jnp.maximum(jnp.sum(w), 1e-9),
-            "finite": finite,
-        }
+        finite = jnp.isfinite(value) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(params))
+        metrics = {**extra, "loss": value, "grad_norm": grad_norm, "finite": finite}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     batch_sh = sharding.batch_sharding(layout.mesh)
@@ -83,28 +70,18 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, la
 
 def make_eval_step(graphdef: nnx.GraphDef, layout: StateLayout,
                    counter: TraceCounter | None = None) -> Callable[[Any, Batch], dict]:
-    """Builds the jitted eval step: `(params, batch) -> {"logits", "index"}`, replicated so every
-    process can read all rows (no dropout)."""
+    """Builds the jitted eval step of the softmax classifier: `(params, batch) -> {"logits",
+    "index"}`, replicated so every process can read all rows (no dropout). The batch has the
+    softmax loss's columns (`text_a_ids`, `text_a_mask`, `text_b_ids`, `text_b_mask`) and "index"."""
 
     def eval_step(params: Any, batch: Batch) -> dict[str, jax.Array]:
         if counter is not None:
             counter.count += 1
         model = nnx.merge(graphdef, params)
-        logits = model(batch["a_ids"], batch["a_mask"], batch["b_ids"], batch["b_mask"])
+        logits = model(batch["text_a_ids"], batch["text_a_mask"], batch["text_b_ids"],
+                       batch["text_b_mask"])
         return {"logits": logits, "index": batch["index"]}
 
     rep = sharding.replicated(layout.mesh)
     return jax.jit(eval_step, in_shardings=(layout.shardings.params, sharding.batch_sharding(layout.mesh)),
                    out_shardings=rep)
-
-
-def make_embed_step(graphdef: nnx.GraphDef, layout: StateLayout) -> Callable[[Any, jax.Array, jax.Array],
-                                                                            jax.Array]:
-    """Jitted `(params, ids, mask) -> pooled embeddings`, replicated (for STS dev evaluation)."""
-
-    def embed(params: Any, ids: jax.Array, mask: jax.Array) -> jax.Array:
-        return nnx.merge(graphdef, params).embed(ids, mask)
-
-    bsh = sharding.batch_sharding(layout.mesh)
-    return jax.jit(embed, in_shardings=(layout.shardings.params, bsh, bsh),
-                   out_shardings=sharding.replicated(layout.mesh))

@@ -1,0 +1,132 @@
+"""Embedding a batch's text columns for the embedding losses: in one pass, or GradCache-style.
+
+Dropout is keyed per row: row `r` of text column `c` draws its masks from
+`fold_in(fold_in(step_key, c), r)`. The masks of a sentence then do not depend on how the batch is
+cut (mini-batches, devices, padding rows after it), so `cached-mnrl` reproduces `mnrl` exactly,
+dropout included, for any `mini_batch_size`. The embedder runs under `vmap` over rows: its
+matmuls still see every row at once (a vmapped `x @ W` is one GEMM). This needs threefry keys
+(JAX's default), which draw the same bits under vmap as unbatched; with `jax_default_prng_impl`
+"rbg" the masks depend on the batch layout and cached-mnrl is then only statistically mnrl.
+
+GradCache (Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited
+Setup"), as sentence-transformers' `CachedMultipleNegativesRankingLoss` does it:
+  1. embed every mini-batch without gradients (`lax.map`: only the [m, D] outputs are kept);
+  2. the loss and its gradient w.r.t. the embeddings, on the whole global batch;
+  3. re-embed each mini-batch with gradients (same keys, so the same embeddings) and accumulate
+     `vjp(d loss / d embeddings)` into the parameter gradient (`lax.scan`: one mini-batch's
+     activations live at a time, so memory is flat in the global batch size).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+# embeddings [C, B, D] -> (loss, metrics)
+Objective = Callable[[Array], tuple[Array, dict[str, Array]]]
+
+
+def stack_columns(batch: dict[str, Array], columns: tuple[str, ...]) -> tuple[Array, Array]:
+    """ids, mask [C, B, L] of the text columns (stacked on a new axis: the sharded row axis stays
+    where it is, unlike a concatenation along rows, which would move rows between devices)."""
+    ids = jnp.stack([batch[f"{c}_ids"] for c in columns])
+    mask = jnp.stack([batch[f"{c}_mask"] for c in columns])
+    return ids, mask
+
+
+def row_keys(key: Array, columns: int, rows: int) -> Array:
+    """Dropout keys [C, B]: `fold_in(fold_in(key, c), r)`."""
+    return jax.vmap(lambda c: jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(key, c), r))(
+        jnp.arange(rows)))(jnp.arange(columns))
+
+
+def embed_rows(graphdef: nnx.GraphDef, params: Any, ids: Array, mask: Array,
+               keys: Array | None) -> Array:
+    """Sentence embeddings [..., D] float32 of ids/mask [..., L]; one dropout key per row
+    (`keys` [...]), or no dropout when `keys` is None."""
+    embedder = nnx.merge(graphdef, params).embedder
+    lead, length = ids.shape[:-1], ids.shape[-1]
+    if keys is None:
+        out = embedder(ids.reshape(-1, length), mask.reshape(-1, length))
+        return out.reshape(*lead, out.shape[-1])
+
+    def one(i: Array, m: Array, k: Array) -> Array:
+        return embedder(i[None], m[None], dropout_key=k)[0]
+
+    fn = one
+    for _ in lead:
+        fn = jax.vmap(fn)
+    return fn(ids, mask, keys)
+
+
+def value_and_grad(objective: Objective, graphdef: nnx.GraphDef, params: Any, ids: Array,
+                   mask: Array, keys: Array | None) -> tuple[Array, Any, dict[str, Array]]:
+    """One pass: embed all columns with gradients, `(loss, grads, metrics)`."""
+
+    def loss_fn(p):
+        return objective(embed_rows(graphdef, p, ids, mask, keys))
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, grads, metrics
+
+
+def _chunk(x: Array, mini: int) -> Array:
+    """[C, B, ...] -> [C * n, m, ...]: mini-batch k of column c holds rows {i * n + k}.
+
+    With the rows split in contiguous blocks over devices, this keeps each mini-batch split over
+    all devices (when m is a multiple of the device count) and moves no data: a reshape and a
+    transpose of unsharded axes.
+    """
+    c, b = x.shape[:2]
+    n = b // mini
+    x = x.reshape(c, mini, n, *x.shape[2:])
+    return jnp.swapaxes(x, 1, 2).reshape(c * n, mini, *x.shape[3:])
+
+
+def _unchunk(y: Array, columns: int) -> Array:
+    """Inverse of `_chunk`: [C * n, m, ...] -> [C, B, ...]."""
+    cn, mini = y.shape[:2]
+    n = cn // columns
+    y = jnp.swapaxes(y.reshape(columns, n, mini, *y.shape[2:]), 1, 2)
+    return y.reshape(columns, mini * n, *y.shape[3:])
+
+
+def cached_value_and_grad(objective: Objective, graphdef: nnx.GraphDef, params: Any, ids: Array,
+                          mask: Array, keys: Array | None, mini_batch_size: int
+                          ) -> tuple[Array, Any, dict[str, Array]]:
+    """GradCache: the loss and gradient of `value_and_grad`, embedding `mini_batch_size` sentences
+    at a time.
+
+    Raises:
+      ValueError: the batch's rows are not a multiple of `mini_batch_size`.
+    """
+    columns, rows = ids.shape[:2]
+    if rows % mini_batch_size:
+        raise ValueError(f"mini_batch_size={mini_batch_size} must divide the global batch size "
+                         f"({rows} rows)")
+    cids, cmask = _chunk(ids, mini_batch_size), _chunk(mask, mini_batch_size)
+    ckeys = None if keys is None else _chunk(keys, mini_batch_size)
+    frozen = jax.lax.stop_gradient(params)
+
+    def embed_chunk(xs):
+        i, m, k = xs
+        return embed_rows(graphdef, frozen, i, m, k)
+
+    embs = jax.lax.map(embed_chunk, (cids, cmask, ckeys))  # [C * n, m, D], no residuals kept
+    (loss, metrics), g_emb = jax.value_and_grad(objective, has_aux=True)(_unchunk(embs, columns))
+    g_chunks = _chunk(g_emb, mini_batch_size)
+
+    def accumulate(acc, xs):
+        i, m, k, g = xs
+        _, vjp = jax.vjp(lambda p: embed_rows(graphdef, p, i, m, k), params)
+        (grad,) = vjp(g)
+        return jax.tree.map(jnp.add, acc, grad), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, _ = jax.lax.scan(accumulate, zeros, (cids, cmask, ckeys, g_chunks))
+    return loss, grads, metrics

@@ -19,9 +19,9 @@ from sbert_flax import sharding
 from sbert_flax.devdata import data_path
 from sbert_flax.training import cli
 from sbert_flax.training.data import TRAIN_BUCKETS, bucket_of
-from sbert_flax.training.loop import TrainingDiverged, train_and_evaluate
 from sbert_flax.training.pretrained import load_pretrained, read_uer_config
 from sbert_flax.training.train_config import TrainConfig
+from sbert_flax.training.trainer import TrainingDiverged, train_and_evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "train", "run_classifier_siamese.py")

@@ -54,6 +54,7 @@ def test_openai_sdk_equals_direct_encode(server, encoder):
     from openai import AuthenticationError, NotFoundError, OpenAI
 
     client = OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+    assert [m.id for m in client.models.list()] == [NAME]
     want = encoder.encode(SENTENCES)
     res = client.embeddings.create(model=NAME, input=SENTENCES)  # base64 on the wire
     got = np.asarray([d.embedding for d in res.data])

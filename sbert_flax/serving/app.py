@@ -55,6 +55,7 @@ class Server:
         # so tokenization has one thread of its own, as TEI has tokenization workers.
         self.tokenizer_pool = concurrent.futures.ThreadPoolExecutor(1, "sbert-flax-tokenizer")
         self.in_flight = 0
+        self.started = int(time.time())
 
     # ---- request plumbing -------------------------------------------------------------------
 
@@ -206,6 +207,12 @@ class Server:
             "ready": self.batcher.ready.is_set(), "compiled_shapes": self.batcher.warmup_shapes,
         })
 
+    async def route_models(self, request: Request) -> Response:
+        # OpenAI's model list: some clients check it before calling /v1/embeddings.
+        return json_response({"object": "list", "data": [{
+            "id": self.settings.model_name, "object": "model", "created": self.started,
+            "owned_by": "sbert-flax"}]})
+
     async def route_health(self, request: Request) -> Response:
         if self.batcher.ready.is_set():
             return json_response({"status": "ok"})
@@ -262,6 +269,7 @@ def create_app(encoder, settings: ServeSettings | None = None) -> FastAPI:
     add("/similarity", "POST", "similarity", server.route_similarity, True)
     add("/tokenize", "POST", "tokenize", server.route_tokenize, False)
     add("/info", "GET", "info", server.route_info, False)
+    add("/v1/models", "GET", "models", server.route_models, False)
     add("/health", "GET", "health", server.route_health, False)
     add("/metrics", "GET", "metrics", server.route_metrics, False)
 

@@ -146,20 +146,29 @@ def test_cached_mnrl_equals_mnrl():
     assert abs(v0 - v1) > 1e-4
 
 
-def test_padding_rows_change_nothing():
-    """cosent: whatever text the zero-weight rows hold, loss and gradient are the same."""
-    loss = losses.make_loss("cosent")
-    host, batch = _host_params(loss), _batch(("sentence1", "sentence2"))
-    other = _batch(("sentence1", "sentence2"), seed=9)
+@pytest.mark.parametrize("name", ["cosent", "mnrl"])
+def test_padding_rows_change_nothing(name):
+    """Whatever the zero-weight rows hold (other text, or nothing: an all-zero mask pools to a
+    zero vector), loss and gradient are the same, and finite."""
+    loss = losses.make_loss(name)
+    names = loss.text_columns(False)
+    host, batch = _host_params(loss), _batch(names)
+    other = _batch(names, seed=9)
     changed = {k: v.copy() for k, v in batch.items()}
     for k in changed:
         changed[k][list(PAD)] = other[k][list(PAD)]
-    assert not np.array_equal(changed["sentence1_ids"], batch["sentence1_ids"])
+    empty = {k: v.copy() for k, v in batch.items()}
+    for c in names:
+        empty[f"{c}_ids"][list(PAD)] = 0
+        empty[f"{c}_mask"][list(PAD)] = 0
+    assert not np.array_equal(changed[f"{names[0]}_ids"], batch[f"{names[0]}_ids"])
     v1, g1, _ = _value_and_grad(loss, host, batch, KEY)
-    v2, g2, _ = _value_and_grad(loss, host, changed, KEY)
     assert np.isfinite(v1) and v1 > 0
-    np.testing.assert_allclose(v2, v1, rtol=1e-6)
-    _assert_trees_close(g2, g1, tol=1e-6)
+    for b in (changed, empty):
+        v2, g2, _ = _value_and_grad(loss, host, b, KEY)
+        assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(g2))
+        np.testing.assert_allclose(v2, v1, rtol=1e-6)
+        _assert_trees_close(g2, g1, tol=1e-6)
 
 
 def test_mini_batch_must_divide_the_batch():

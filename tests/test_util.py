@@ -10,6 +10,7 @@ import torch
 from sentence_transformers import util as st_util
 
 from sbert_flax import util
+from sbert_flax.files import read_json
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -236,7 +237,7 @@ def test_shards_manifest_load_and_merge(tmp_path, umask022):
     assert os.path.basename(paths[2]) == "emb.npy.shard-00002-of-00003.npy"
     manifest = util.manifest_path(out)
     assert {_mode(p) for p in [*paths, manifest]} == {0o644}
-    m = util.read_json(manifest)
+    m = read_json(manifest)
     assert m == {"format": "sbert-flax-embeddings", "version": 1, "rows": 12, "dim": 8,
                  "dtype": "float32", "shards": [
                      {"path": os.path.basename(paths[0]), "start": 0, "rows": 5},

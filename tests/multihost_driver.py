@@ -1,20 +1,61 @@
-"""One process of the multi-host test: `python tests/multihost_driver.py PORT PROC_ID OUT_DIR CFG_JSON`.
+"""One process of the multi-host tests, 4 fake CPU devices with gloo collectives, joining a
+2-process JAX cluster on loopback; process 0 writes the final params to OUT_DIR/params.npz.
 
-Sets up 4 fake CPU devices with gloo collectives, joins a 2-process JAX cluster on loopback,
-trains with `train_and_evaluate`, and (process 0) writes the final params to OUT_DIR/params.npz.
+    python tests/multihost_driver.py PORT PROC_ID OUT_DIR CFG_JSON   # train_and_evaluate(config)
+    python tests/multihost_driver.py PORT PROC_ID OUT_DIR --mnrl     # `mnrl_run`: the mnrl step
+
+`mnrl_run` is also what the test runs in one process on 8 devices (importing this file sets no
+JAX config; running it does).
 """
 
 import json
 import os
 import sys
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ["SBERT_FLAX_COMPILATION_CACHE"] = "0"
+import jax
 
-import jax  # noqa: E402
+MNRL_ROWS, MNRL_LEN, MNRL_PAD = 16, 12, (6, 7, 14, 15)  # each process pads its local half
 
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-jax.config.update("jax_num_cpu_devices", 4)
+
+def mnrl_run(steps: int = 3):
+    """mnrl (anchor, positive, negative) on a data=4 x fsdp=2 mesh of all devices, SGD: each
+    process feeds its contiguous half of a fixed global batch. Returns (losses, host params)."""
+    import numpy as np
+    import optax
+
+    from sbert_flax import sharding
+    from sbert_flax.config import BertConfig
+    from sbert_flax.training import losses
+    from sbert_flax.training.state import create_train_state, state_layout
+    from sbert_flax.training.step import make_train_step
+
+    cfg = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64)
+    loss = losses.make_loss("mnrl")
+    mdef = loss.model_def(cfg, "mean")
+    rng = np.random.default_rng(0)
+    host = jax.tree.map(lambda x: (0.05 * rng.standard_normal(x.shape)).astype(np.float32)
+                        + (1.0 if x.ndim == 1 else 0.0), mdef.abstract_params)
+    batch = {}
+    for c in loss.text_columns(True):
+        mask = (np.arange(MNRL_LEN)[None] < rng.integers(2, MNRL_LEN + 1, MNRL_ROWS)[:, None])
+        batch[f"{c}_ids"] = rng.integers(1, 128, (MNRL_ROWS, MNRL_LEN)).astype(np.int32) * mask
+        batch[f"{c}_mask"] = mask.astype(np.int32)
+    batch["weights"] = np.ones(MNRL_ROWS, np.float32)
+    batch["weights"][list(MNRL_PAD)] = 0.0
+    n, i = jax.process_count(), jax.process_index()
+    local = {k: v[i * MNRL_ROWS // n:(i + 1) * MNRL_ROWS // n] for k, v in batch.items()}
+
+    mesh = sharding.make_mesh(4, 2)
+    tx = optax.sgd(0.5)
+    layout = state_layout(mdef, tx, mesh, sharding.FSDP_RULES)
+    state = create_train_state(host, tx, layout)
+    step = make_train_step(mdef.graphdef, loss, tx, layout, seed=7)
+    seen = []
+    for _ in range(steps):
+        state, m = step(state, sharding.put_batch(local, mesh))
+        seen.append(float(m["loss"]))
+    return seen, sharding.host_tree(state.params, mesh)
 
 
 def flat(tree) -> dict:
@@ -24,6 +65,10 @@ def flat(tree) -> dict:
 
 
 def main() -> None:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ["SBERT_FLAX_COMPILATION_CACHE"] = "0"
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.config.update("jax_num_cpu_devices", 4)
     port, pid, out_dir, cfg_json = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
     from sbert_flax.training.cli import init_distributed
 
@@ -31,6 +76,15 @@ def main() -> None:
     assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
 
     import numpy as np
+
+    if cfg_json == "--mnrl":
+        seen, params = mnrl_run()
+        if pid == 0:
+            np.savez(os.path.join(out_dir, "params.npz"), **flat(params))
+            with open(os.path.join(out_dir, "losses.json"), "w") as f:
+                json.dump(seen, f)
+        jax.distributed.shutdown()
+        return
     from jax.experimental import multihost_utils
 
     from sbert_flax.training.loop import train_and_evaluate

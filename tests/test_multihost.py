@@ -1,4 +1,5 @@
-"""Two processes x 4 CPU devices (gloo, loopback) train to the same params as 1 process x 8."""
+"""Two processes x 4 CPU devices (gloo, loopback) train to the same params as 1 process x 8:
+the siamese trainer end to end, and the mnrl step (in-batch negatives across the two hosts)."""
 
 import dataclasses
 import json
@@ -10,6 +11,7 @@ import time
 
 import helpers
 import jax
+import multihost_driver
 import numpy as np
 import pytest
 
@@ -37,6 +39,32 @@ def _write_pairs(path: str, n: int, seed: int) -> None:
             f.write(f"{s}\t{s if same else sents[(i + 1) % n]}\t{int(same)}\n")
 
 
+def _run_two_processes(out_dir, arg: str, timeout_s: float = TIMEOUT_S) -> None:
+    """Runs the driver as processes 0 and 1 of a loopback cluster; kills both on any failure."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(os.path.dirname(DRIVER)), os.environ.get("PYTHONPATH", "")]))
+    env.pop("XLA_FLAGS", None)
+    port = _free_port()
+    procs = []
+    try:
+        for pid in range(2):
+            procs.append(subprocess.Popen(
+                [sys.executable, DRIVER, str(port), str(pid), str(out_dir), arg],
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        deadline = time.monotonic() + timeout_s
+        outs = []
+        for p in procs:
+            out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            outs.append(out)
+        for pid, (p, out) in enumerate(zip(procs, outs, strict=True)):
+            assert p.returncode == 0, f"process {pid} failed:\n{out[-3000:]}"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
 def _flat(tree) -> dict:
     return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
 
@@ -51,28 +79,7 @@ def test_two_processes_equal_one_process(tmp_path, tiny_bert):
                       progress_bar=False, output_dir=str(tmp_path / "multi"))
     cfg_json = tmp_path / "cfg.json"
     cfg_json.write_text(json.dumps(cfg.to_dict()))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
-        [os.path.dirname(os.path.dirname(DRIVER)), os.environ.get("PYTHONPATH", "")]))
-    env.pop("XLA_FLAGS", None)
-    port = _free_port()
-    procs = []
-    try:
-        for pid in range(2):
-            procs.append(subprocess.Popen(
-                [sys.executable, DRIVER, str(port), str(pid), str(tmp_path), str(cfg_json)],
-                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-        deadline = time.monotonic() + TIMEOUT_S
-        outs = []
-        for p in procs:
-            out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            outs.append(out)
-        for pid, (p, out) in enumerate(zip(procs, outs, strict=True)):
-            assert p.returncode == 0, f"process {pid} failed:\n{out[-3000:]}"
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    _run_two_processes(tmp_path, str(cfg_json))
 
     # The same run in this process (8 devices, one process).
     summary = train_and_evaluate(dataclasses.replace(cfg, output_dir=str(tmp_path / "single")))
@@ -86,3 +93,16 @@ def test_two_processes_equal_one_process(tmp_path, tiny_bert):
         assert err <= 1e-5, (k, err)
     hist = json.loads((tmp_path / "history.json").read_text())
     assert hist[0]["accuracy"] == pytest.approx(summary["history"][0]["accuracy"])
+
+
+def test_mnrl_two_processes_equal_one_process(tmp_path):
+    """Each process holds half the anchors, positives and negatives (and its own padding rows);
+    every anchor must still be scored against all of them: 3 mnrl steps equal 1 process x 8."""
+    _run_two_processes(tmp_path, "--mnrl", timeout_s=300)
+    seen, params = multihost_driver.mnrl_run()
+    np.testing.assert_allclose(json.loads((tmp_path / "losses.json").read_text()), seen, rtol=1e-5)
+    single, multi = _flat(params), dict(np.load(tmp_path / "params.npz"))
+    assert sorted(multi) == sorted(single)
+    for k, b in single.items():
+        err = np.max(np.abs(multi[k] - b)) / np.max(np.abs(b))
+        assert err <= 1e-5, (k, err)

@@ -49,7 +49,7 @@ def assert_user_error(rc: int, err: str, *needles: str) -> None:
 def test_console_script_and_convert_script_help():
     r = subprocess.run(["sbert-flax", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    for command in ("convert", "encode", "similarity", "eval-sts", "train"):
+    for command in ("convert", "encode", "search", "similarity", "eval-sts", "serve", "train"):
         assert command in r.stdout, (r.stdout, r.stderr)
     r = subprocess.run([sys.executable, "convert/pytorch_to_flax.py", "--help"], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
@@ -227,3 +227,32 @@ def test_train_unavailable(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "sbert_flax.training.cli", None)  # import -> ModuleNotFoundError
     rc, _, err = run(capsys, "train", "--epochs", "1")
     assert rc == 2 and "training is not available" in err
+
+
+def test_default_model_offline_names_it_without_traceback(tmp_path):
+    # No --model: the default is uer/sbert-base-chinese-nli from the hub, unreachable here.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"),
+               SBERT_FLAX_COMPILATION_CACHE="0")
+    r = subprocess.run(["sbert-flax", "similarity", "那个人很开心", "那个人非常开心"],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2, r.stderr
+    assert "uer/sbert-base-chinese-nli" in r.stderr and "local directory" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_search_prints_top_k(tiny, tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("那个人很开心\n那只猫很开心\n今天下雨了\n", encoding="utf-8")
+    queries = tmp_path / "q.txt"
+    queries.write_text("那个人很开心\n", encoding="utf-8")
+    cache = tmp_path / "corpus.npy"
+    argv = ["search", "--model", tiny, "--corpus", str(corpus), "--queries", str(queries),
+            "--top-k", "2", "--json", "--corpus-embeddings", str(cache)]
+    assert cli.main(argv) == 0
+    rec = json.loads(capsys.readouterr().out.strip())
+    assert rec["query"] == "那个人很开心" and len(rec["hits"]) == 2
+    assert rec["hits"][0]["corpus_id"] == 0 and rec["hits"][0]["text"] == "那个人很开心"
+    assert rec["hits"][0]["score"] == pytest.approx(1.0, abs=1e-5)
+    assert cache.exists()
+    assert cli.main(argv) == 0  # second run reads the cached corpus embeddings
+    assert json.loads(capsys.readouterr().out.strip()) == rec

@@ -5,8 +5,10 @@ Closed-loop clients at each concurrency (default 1, 8, 32, 128) send STS-B-zh te
   (a) `sbert-flax serve` (POST /v1/embeddings),
   (b) Infinity (`infinity_emb v2`, torch engine, POST /embeddings), when its virtualenv exists,
   (c) no server: `SentenceEncoder.encode` of all the sentences in one call (the ceiling).
-Reports sentences/s, p50/p99 request latency, and the ratios (a)/(c) and (a)/(b). The load
-generator runs in this process, on the same cores as the server, as a client on the host would.
+Reports sentences/s, p50/p99 request latency, the ratios (a)/(c) and (a)/(b), and sentences per
+CPU-second of the server process (of this process for (c)): on a shared machine wall-clock rates
+move with the other load, CPU-time rates much less. The load generator runs in this process, on
+the same cores as the server, as a client on the host would.
 
 Infinity lives in its own virtualenv (its pins must not touch ours); create it once with
     python -m venv ~/.cache/sbert_flax/infinity-venv
@@ -76,6 +78,18 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float, log: str) -> 
     raise TimeoutError(f"{url} not healthy after {timeout} s (log: {log})")
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (all its threads), from /proc; None elsewhere.
+
+    Sentences per server CPU-second measure efficiency apart from what else the machine runs."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def stop(proc: subprocess.Popen) -> int:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -88,7 +102,7 @@ def stop(proc: subprocess.Popen) -> int:
 
 
 async def _load(url: str, path: str, model: str, requests: list[list[str]], concurrency: int,
-                seconds: float) -> dict:
+                seconds: float, pid: int) -> dict:
     """Closed loop: `concurrency` clients, each sending its next request as soon as the last
     one is answered, for `seconds` after a warm-up round."""
     import httpx
@@ -119,25 +133,28 @@ async def _load(url: str, path: str, model: str, requests: list[list[str]], conc
                 latencies.append(time.perf_counter() - t0)
                 sentences += len(texts)
 
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), cpu_seconds(pid)
         await asyncio.gather(*(client_loop() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu1 = time.perf_counter() - t0, cpu_seconds(pid)
     lat = sorted(latencies)
+    cpu = (cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None
     return {"sent_per_s": sentences / elapsed, "requests": len(lat),
+            "sent_per_cpu_s": sentences / cpu if cpu else None,
             "p50_ms": 1e3 * lat[len(lat) // 2], "p99_ms": 1e3 * lat[min(len(lat) - 1, int(0.99 * len(lat)))]}
 
 
-def run_levels(name: str, url: str, path: str, model: str, requests, levels, seconds) -> dict:
+def run_levels(name: str, url: str, path: str, model: str, requests, levels, seconds, pid) -> dict:
     out = {}
     for c in levels:
-        r = asyncio.run(_load(url, path, model, requests, c, seconds))
+        r = asyncio.run(_load(url, path, model, requests, c, seconds, pid))
         print(f"  {name} c={c}: {r['sent_per_s']:.1f} sent/s, p50 {r['p50_ms']:.0f} ms, "
-              f"p99 {r['p99_ms']:.0f} ms ({r['requests']} requests)", flush=True)
+              f"p99 {r['p99_ms']:.0f} ms ({r['requests']} requests), "
+              f"{r['sent_per_cpu_s'] or 0:.1f} sent per server CPU-s", flush=True)
         out[c] = r
     return out
 
 
-def bench_direct(model: str, sentences: list[str], repeats: int) -> float:
+def bench_direct(model: str, sentences: list[str], repeats: int) -> tuple[float, float]:
     """(c): one `encode` call over all the sentences, best of `repeats` after a warm-up pass."""
     import jax
 
@@ -145,12 +162,13 @@ def bench_direct(model: str, sentences: list[str], repeats: int) -> float:
 
     enc = SentenceEncoder.from_pretrained(model, devices=jax.local_devices()[:1])
     enc.encode(sentences)
-    best = 0.0
+    best, best_cpu = 0.0, 0.0
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         enc.encode(sentences)
         best = max(best, len(sentences) / (time.perf_counter() - t0))
-    return best
+        best_cpu = max(best_cpu, len(sentences) / (time.process_time() - cpu0))
+    return best, best_cpu
 
 
 def bench_sbert_flax(model, requests, levels, seconds, extra_args, logdir) -> tuple[dict, float]:
@@ -165,7 +183,7 @@ def bench_sbert_flax(model, requests, levels, seconds, extra_args, logdir) -> tu
         ready = wait_healthy(f"http://127.0.0.1:{port}", proc, 900, log)
         print(f"(a) sbert-flax serve ready in {ready:.0f} s", flush=True)
         return run_levels("(a) sbert-flax", f"http://127.0.0.1:{port}", "/v1/embeddings", "bench",
-                          requests, levels, seconds), ready
+                          requests, levels, seconds, proc.pid), ready
     finally:
         stop(proc)
 
@@ -186,7 +204,7 @@ def bench_infinity(venv, model, requests, levels, seconds, batch_size, logdir) -
         ready = wait_healthy(f"http://127.0.0.1:{port}", proc, 900, log)
         print(f"(b) Infinity ready in {ready:.0f} s", flush=True)
         return run_levels("(b) Infinity", f"http://127.0.0.1:{port}", "/embeddings", "bench",
-                          requests, levels, seconds), f"torch engine, batch size {batch_size}"
+                          requests, levels, seconds, proc.pid), f"torch engine, batch size {batch_size}"
     except (RuntimeError, TimeoutError) as e:
         return None, f"skipped: Infinity did not start ({str(e)[-300:]})"
     finally:
@@ -219,27 +237,31 @@ def main() -> None:
     print(f"model {model}; {len(sentences)} STS-B-zh sentences; {os.cpu_count()} CPUs; "
           f"{args.seconds:.0f} s per level", flush=True)
 
-    direct = bench_direct(model, sentences, args.repeats)
-    print(f"(c) direct encode: {direct:.1f} sent/s", flush=True)
+    direct, direct_cpu = bench_direct(model, sentences, args.repeats)
+    print(f"(c) direct encode: {direct:.1f} sent/s, {direct_cpu:.1f} sent per CPU-s", flush=True)
     a, a_ready = bench_sbert_flax(model, requests, levels, args.seconds, args.serve_args.split(),
                                   logdir)
     b, b_note = (None, "skipped: --no-infinity") if args.no_infinity else bench_infinity(
         args.infinity_venv, model, requests, levels, args.seconds, args.infinity_batch_size, logdir)
 
     print("\n| concurrency | (a) sbert-flax serve sent/s | p50 / p99 ms | (b) Infinity sent/s | "
-          "p50 / p99 ms | (c) direct encode sent/s | (a)/(c) | (a)/(b) |")
-    print("|---|---|---|---|---|---|---|---|")
+          "p50 / p99 ms | (c) direct encode sent/s | (a)/(c) | (a)/(b) | sent per server CPU-s "
+          "(a) / (b) / (c) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for c in levels:
         ra, rb = a[c], (b or {}).get(c)
         bcol = (f"{rb['sent_per_s']:.1f} | {rb['p50_ms']:.0f} / {rb['p99_ms']:.0f}" if rb
                 else "- | -")
         ratio_b = f"{ra['sent_per_s'] / rb['sent_per_s']:.2f}" if rb else "-"
+        eff = " / ".join(f"{x:.1f}" if x else "-" for x in (
+            ra["sent_per_cpu_s"], rb and rb["sent_per_cpu_s"], direct_cpu))
         print(f"| {c} | {ra['sent_per_s']:.1f} | {ra['p50_ms']:.0f} / {ra['p99_ms']:.0f} | {bcol} | "
-              f"{direct:.1f} | {ra['sent_per_s'] / direct:.2f} | {ratio_b} |")
+              f"{direct:.1f} | {ra['sent_per_s'] / direct:.2f} | {ratio_b} | {eff} |")
     print(f"\n(b): {b_note}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"model": model, "direct_sent_per_s": direct, "sbert_flax": a,
+            json.dump({"model": model, "direct_sent_per_s": direct,
+                       "direct_sent_per_cpu_s": direct_cpu, "sbert_flax": a,
                        "sbert_flax_ready_s": a_ready, "infinity": b, "infinity_note": b_note},
                       f, indent=2)
 

@@ -118,23 +118,28 @@ def test_429_past_the_concurrency_limit(server):
 
 
 def test_disconnected_client_work_is_dropped(server):
-    """Behind a backlog, a client sends 32 inputs and hangs up: none of them reach the device."""
+    """Behind a backlog, a client sends 32 inputs and hangs up once they are queued: none of
+    them reach the device."""
     dropped = metric(server.url, "te_dropped_inputs_total")
-    long = ["word " * 60] * 16  # truncated to 64 tokens (--auto-truncate)
+    queued = metric(server.url, "te_request_input_count_count")  # requests tokenized + queued
+    backlog = LIMIT - 2
+    long = ["word " * 60] * 24  # truncated to 64 tokens (--auto-truncate): 6 device batches each
 
     async def run():
-        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
-            backlog = [asyncio.ensure_future(client.post("/embed", json={"inputs": long},
-                                                         headers=auth())) for _ in range(LIMIT - 2)]
-            while metric(server.url, "te_queue_size") < 16:
-                await asyncio.sleep(0.02)
+        async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
+            tasks = [asyncio.ensure_future(client.post("/embed", json={"inputs": long},
+                                                       headers=auth())) for _ in range(backlog)]
+            while metric(server.url, "te_request_input_count_count") < queued + backlog:
+                await asyncio.sleep(0.01)
             body = json.dumps({"inputs": [f"gone {i}" for i in range(32)]}).encode()
             with socket.create_connection(("127.0.0.1", server.port)) as s:
                 s.sendall(b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                           b"Authorization: Bearer " + KEY.encode() +
                           b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-                await asyncio.sleep(0.3)  # queued behind the backlog
-            return await asyncio.gather(*backlog)
+                # Hang up as soon as the request is queued (behind the backlog).
+                while metric(server.url, "te_request_input_count_count") < queued + backlog + 1:
+                    await asyncio.sleep(0.005)
+            return await asyncio.gather(*tasks)
 
     results = asyncio.run(run())
     assert all(r.status_code == 200 for r in results)

@@ -19,6 +19,7 @@ import numpy as np
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from sbert_flax.serving import schemas
 from sbert_flax.serving.backend import EncoderBackend, InputTooLong
@@ -130,7 +131,7 @@ class Server:
         except ApiError as e:
             self.metrics.request_failure.labels(route, e.error_type).inc()
             return json_response(e.body(), e.status)
-        except ClientGone:
+        except (ClientGone, ClientDisconnect):
             self.metrics.request_failure.labels(route, "client_disconnected").inc()
             return Response(status_code=499)
         except Exception as e:  # noqa: BLE001 -- a failed request must not take the server down

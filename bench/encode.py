@@ -19,47 +19,13 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from sbert_flax.xla import apply_cpu_performance_flags  # noqa: E402  (before jax starts)
 
 apply_cpu_performance_flags()
 
-
-def bert_base_dir() -> str:
-    """A random BERT-base-sized Chinese model (stand-in for uer/sbert-base-chinese-nli)."""
-    from sbert_flax.devdata import data_path, model_cache_dir
-
-    d = os.path.join(model_cache_dir(), "bert-base-zh-random")
-    if os.path.isfile(os.path.join(d, "config.json")):
-        return d
-    import torch
-    from transformers import BertConfig, BertModel
-
-    from sbert_flax.tokenization import load_tokenizer
-
-    torch.manual_seed(0)
-    model = BertModel(BertConfig(vocab_size=21128, hidden_size=768, num_hidden_layers=12,
-                                 num_attention_heads=12, intermediate_size=3072),
-                      add_pooling_layer=False)
-    tmp = d + ".tmp"
-    model.save_pretrained(tmp)
-    load_tokenizer(data_path("vocab", "google_zh_vocab.txt")).save(tmp)
-    os.replace(tmp, d)
-    return d
-
-
-def load_sentences(n: int | None) -> list[str]:
-    from sbert_flax.devdata import data_path
-
-    path = data_path("stsb-zh", "test.tsv")
-    if path is None:
-        sys.exit("STS-B-zh test.tsv not found: set SBERT_FLAX_DATA to the shared data folder")
-    sents = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            parts = line.rstrip("\n").split("\t")
-            sents += parts[:2]
-    return sents[:n] if n else sents
+from common import bert_base_dir, stsb_sentences  # noqa: E402
 
 
 def main() -> None:
@@ -83,7 +49,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     model_dir = args.model or bert_base_dir()
-    sents = load_sentences(args.sentences)
+    sents = stsb_sentences("test", args.sentences)
     print(f"model {model_dir}\n{len(sents)} sentences, sentence-transformers batch {args.batch_size}, "
           f"sbert-flax {args.max_batch_tokens} tokens per packed batch, "
           f"torch threads {torch.get_num_threads()}, jax devices {jax.devices()}, "

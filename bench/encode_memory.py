@@ -24,31 +24,17 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import random_bert_dir  # noqa: E402
 
 CHARS = ("的一是不了人我在有他这中大来上国个到说们为子和你地出道也时年得就那要下以生会自着去之过家学"
          "对可她里后小么心多天而能好都然没日于起还发成事只作当想看文无开手十用主行方又如前所本见经")
 
 
 def tiny_model_dir() -> str:
-    from sbert_flax.devdata import data_path, model_cache_dir
-
-    d = os.path.join(model_cache_dir(), "bert-tiny-zh-random")
-    if os.path.isfile(os.path.join(d, "config.json")):
-        return d
-    import torch
-    from transformers import BertConfig, BertModel
-
-    from sbert_flax.tokenization import load_tokenizer
-
-    torch.manual_seed(0)
-    model = BertModel(BertConfig(vocab_size=21128, hidden_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, intermediate_size=128,
-                                 max_position_embeddings=128), add_pooling_layer=False)
-    tmp = d + ".tmp"
-    model.save_pretrained(tmp)
-    load_tokenizer(data_path("vocab", "google_zh_vocab.txt")).save(tmp)
-    os.replace(tmp, d)
-    return d
+    return random_bert_dir("bert-tiny-zh-random", hidden_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, intermediate_size=128, max_position_embeddings=128)
 
 
 def child(model: str, path: str) -> None:

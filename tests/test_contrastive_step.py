@@ -146,11 +146,11 @@ def test_cached_mnrl_equals_mnrl():
     assert abs(v0 - v1) > 1e-4
 
 
-@pytest.mark.parametrize("name", ["cosent", "mnrl"])
-def test_padding_rows_change_nothing(name):
+def test_padding_rows_change_nothing():
     """Whatever the zero-weight rows hold (other text, or nothing: an all-zero mask pools to a
-    zero vector), loss and gradient are the same, and finite."""
-    loss = losses.make_loss(name)
+    zero vector), loss and gradient are the same, and finite. (cosent; mnrl's padding rows are in
+    every batch of the tests above, and test_losses.py checks both losses on zero vectors.)"""
+    loss = losses.make_loss("cosent")
     names = loss.text_columns(False)
     host, batch = _host_params(loss), _batch(names)
     other = _batch(names, seed=9)

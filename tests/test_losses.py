@@ -128,6 +128,23 @@ def test_matryoshka_equals_sentence_transformers(name):
     _compare(ours, theirs)
 
 
+@pytest.mark.parametrize("name,options", [("mnrl", {"symmetric": True}), ("cosent", {}),
+                                          ("mnrl", {"matryoshka_dims": (16, 4)})])
+def test_zero_padding_embeddings(name, options):
+    """A padding row whose mask is all zero pools to a zero vector: loss and gradients stay
+    finite and equal the loss on the real rows (the norm's gradient at 0 would be NaN)."""
+    embs, w = _data(3 if name == "mnrl" else 2, seed=8)
+    for e in embs:
+        e[PAD] = 0.0
+    scores = np.random.default_rng(2).random(B).astype(np.float32)
+    batch = {"weights": jnp.asarray(w), "scores": jnp.asarray(scores)}
+    fn = losses.make_loss(name, **options).objective()
+    value, grads = _ours(fn, embs, batch)
+    assert np.isfinite(value) and all(np.all(np.isfinite(g)) for g in grads)
+    real = {"weights": jnp.ones(B - len(PAD)), "scores": jnp.asarray(_real(scores))}
+    np.testing.assert_allclose(value, _ours(fn, [_real(e) for e in embs], real)[0], rtol=1e-6)
+
+
 def test_make_loss_validates():
     with pytest.raises(ValueError, match="unknown loss"):
         losses.make_loss("triplet")

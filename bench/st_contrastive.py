@@ -101,6 +101,9 @@ def train_st(model_dir: str, loss_name: str, rows: Rows, *, batch_size: int, lr:
             step_end.append(time.perf_counter())
             step_sentences.append(len(idx) * len(batch[0]))
             last_loss = value.detach().item()
+            if step % 10 == 0:  # progress in the run log (the parent reads only stats.json)
+                print(f"step {step}/{total} loss {last_loss:.4f} "
+                      f"{sum(step_sentences) / (step_end[-1] - step_end[0]):.1f} sentences/s", flush=True)
             if not math.isfinite(last_loss):
                 raise RuntimeError(f"loss is {last_loss} at step {step}")
     model.eval()

@@ -180,12 +180,13 @@ def evaluate(args, dirs: list[str], work: str, tag: str) -> dict:
 
 # ---- report ----------------------------------------------------------------------------------
 
-def _ms(xs: list[float], fmt: str) -> str:
+def _ms(xs: list[float], fmt: str, sign: str = "") -> str:
+    """Mean +- sample standard deviation (0 for a single value)."""
     if not xs:
         return "-"
     mean = sum(xs) / len(xs)
     std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-    return f"{mean:{fmt}} +- {std:{fmt}}"
+    return f"{mean:{sign}{fmt}} +- {std:{fmt}}"
 
 
 def _mean(xs: list[float]) -> float:
@@ -206,7 +207,7 @@ def table(results: list[dict], args) -> str:
         for key, name, fmt in (("dev", "STS-B-zh dev Spearman", ".4f"), ("test", "STS-B-zh test Spearman", ".4f")):
             a, b = [r["st"][key] for r in rs], [r["flax"][key] for r in rs]
             diffs = [y - x for x, y in zip(a, b, strict=True)]
-            lines.append(f"| {name} | {_ms(a, fmt)} | {_ms(b, fmt)} | {_ms(diffs, '+.4f')} |")
+            lines.append(f"| {name} | {_ms(a, fmt)} | {_ms(b, fmt)} | {_ms(diffs, fmt, '+')} |")
         for key, name in (("steady_sps", "training sentences/s"),
                           ("loop_sps", "sentences/s, whole loop (incl. first compile)")):
             a, b = [r["st"][key] for r in rs], [r["flax"][key] for r in rs]

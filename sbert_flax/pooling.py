@@ -45,8 +45,13 @@ def pool(hidden: Array, mask: Array, mode: str) -> Array:
 
 
 def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
-    norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
-    return x / jnp.maximum(norm, eps)
+    """x / max(||x||, eps), as torch's F.normalize, with a finite gradient at x = 0.
+
+    `x / max(sqrt(sum x^2), eps)` has a NaN gradient at 0 (sqrt'(0) = inf, times 0), and a padding
+    row whose mask is all zero pools to exactly 0; clamping the squared norm before the root keeps
+    the value and makes that gradient 0.
+    """
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
 def cosine_similarity(a: Array, b: Array) -> Array:

@@ -64,7 +64,8 @@ def test_tree_shardings_like_matches_moments():
     opt = jax.eval_shape(optax.adamw(1e-3).init, mdef.abstract_params)
     o_sh = sharding.tree_shardings_like(opt, mdef.abstract_params, p_sh, mesh)
     mu = o_sh[0].mu
-    assert mu["backbone"]["embeddings"]["word_embeddings"] == p_sh["backbone"]["embeddings"]["word_embeddings"]
+    assert (mu["embedder"]["backbone"]["embeddings"]["word_embeddings"]
+            == p_sh["embedder"]["backbone"]["embeddings"]["word_embeddings"])
     assert o_sh[0].count.spec == P()
 
 
@@ -81,5 +82,5 @@ def test_put_batch_is_sharded_over_all_devices():
 
 def test_model_params_carry_logical_names():
     mdef, _ = _tiny_def_and_mesh()
-    assert tuple(mdef.logical_specs["backbone"]["layers"][0]["mlp"]["wi_kernel"]) == ("embed", "mlp")
+    assert tuple(mdef.logical_specs["embedder"]["backbone"]["layers"][0]["mlp"]["wi_kernel"]) == ("embed", "mlp")
     assert isinstance(mdef.graphdef, nnx.GraphDef)

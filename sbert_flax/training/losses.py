@@ -31,6 +31,7 @@ from flax import nnx
 
 from sbert_flax.config import BertConfig, PoolingConfig
 from sbert_flax.embedder import SentenceEmbedder
+from sbert_flax.pooling import l2_normalize
 from sbert_flax.training import columns as cols
 from sbert_flax.training import siamese
 from sbert_flax.training.siamese import ModelDef
@@ -47,16 +48,6 @@ _EXCLUDED = -1e9
 
 
 # ---- losses on embeddings ------------------------------------------------------------------------
-
-def l2_normalize(x: Array) -> Array:
-    """x / max(||x||, 1e-12), as torch's F.normalize, with a finite gradient at x = 0.
-
-    `x / max(sqrt(sum x^2), eps)` has a NaN gradient at 0 (sqrt'(0) = inf, times 0); a padding
-    row whose mask is all zero pools to exactly 0. Clamping the squared norm before the root
-    keeps the value and makes that gradient 0.
-    """
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
-
 
 def mnrl(anchors: Array, positives: Array, weights: Array, negatives: Array | None = None, *,
          scale: float = 20.0, symmetric: bool = False) -> tuple[Array, dict[str, Array]]:

@@ -14,6 +14,8 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from sbert_flax.loading import DEFAULT_MODEL
+
 DESCRIPTION = """Serve a sentence-embedding model over HTTP with dynamic batching: TEI routes
 (/embed, /similarity, /tokenize, /info, /health, /metrics) and OpenAI routes (/v1/embeddings,
 /embeddings). Every device shape is compiled before /health answers 200."""
@@ -21,8 +23,8 @@ DESCRIPTION = """Serve a sentence-embedding model over HTTP with dynamic batchin
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The serve options, on any parser."""
-    p.add_argument("--model", required=True,
-                   help="sbert-flax dir, HF / sentence-transformers dir, or hub id")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"sbert-flax dir, HF / sentence-transformers dir, or hub id (default: {DEFAULT_MODEL})")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080)")

@@ -1,4 +1,4 @@
-"""The `sbert-flax` console script: convert, encode, similarity, eval-sts (and a `train` slot).
+"""The `sbert-flax` console script: convert, encode, search, similarity, eval, eval-sts, serve, train.
 
 Only this module parses argv. Errors a user can fix (missing files, corrupt weights, bad config,
 malformed input) become one line on stderr and exit code 2; `--debug` shows the traceback.
@@ -178,6 +178,16 @@ def cmd_eval_sts(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from sbert_flax.evaluation import format_sts_table, read_sts, sts_table
+
+    for path in args.sts:
+        read_sts(path)  # a missing or malformed file fails before the slow model load
+    enc = _load_encoder(args)
+    print(format_sts_table(sts_table(enc, args.sts, batch_size=args.batch_size)))
+    return 0
+
+
 def cmd_train(argv: Sequence[str]) -> int:
     """Forwards to `sbert_flax.training.cli.main(argv)` when training is installed."""
     try:
@@ -292,6 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve_command.add_parser(sub)
     sub.choices["serve"].set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("eval", help="Spearman x100 on one or more STS files and their mean "
+                       "(C-MTEB style table)")
+    _model_args(p, dtype=True)
+    p.add_argument("--sts", action="append", required=True,
+                   help="s1<TAB>s2<TAB>score file; repeat for several")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=cmd_eval)
 
     sub.add_parser("train", help="fine-tuning: siamese softmax (UER) or contrastive "
                    "(arguments go to the training CLI)", add_help=False)

@@ -144,3 +144,26 @@ def evaluate_sts(encoder: Any, path: str, batch_size: int = 64) -> dict[str, flo
     """`evaluate_pairs` on a `s1 \\t s2 \\t score` file (see `read_sts`)."""
     s1, s2, scores = read_sts(path)
     return evaluate_pairs(encoder, s1, s2, scores, batch_size=batch_size)
+
+
+def sts_table(encoder: Any, paths: Sequence[str], batch_size: int = 64) -> list[dict[str, Any]]:
+    """One row per file: {"file", "pairs", "spearman", "pearson"} (coefficients in [-1, 1])."""
+    rows = []
+    for p in paths:
+        r = evaluate_sts(encoder, p, batch_size=batch_size)
+        rows.append({"file": p, "pairs": int(r["pairs"]), "spearman": float(r["spearman"]),
+                     "pearson": float(r["pearson"])})
+    return rows
+
+
+def format_sts_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Spearman x100 per file and the mean over files, aligned for a terminal."""
+    names = [os.path.relpath(r["file"]) if not os.path.isabs(r["file"]) else r["file"] for r in rows]
+    width = max([len("mean"), len("file"), *map(len, names)])
+    lines = [f"{'file':<{width}}  {'pairs':>7}  {'spearman':>8}",
+             f"{'-' * width}  {'-' * 7}  {'-' * 8}"]
+    for name, r in zip(names, rows, strict=True):
+        lines.append(f"{name:<{width}}  {r['pairs']:>7d}  {100 * r['spearman']:>8.2f}")
+    mean = sum(r["spearman"] for r in rows) / len(rows)
+    lines.append(f"{'mean':<{width}}  {'':>7}  {100 * mean:>8.2f}")
+    return "\n".join(lines)

@@ -15,8 +15,10 @@ import jax
 import numpy as np
 import pytest
 
+from sbert_flax import cli as main_cli
 from sbert_flax import sharding
-from sbert_flax.training import cli, eval_cli
+from sbert_flax.evaluation import sts_table
+from sbert_flax.training import cli
 from sbert_flax.training.train_config import TrainConfig
 from sbert_flax.training.trainer import ResumeMismatch, train_and_evaluate
 
@@ -101,11 +103,11 @@ def test_mnrl_command_line_logs_every_step_and_exports(tmp_path, model, capsys):
     from sbert_flax.encoder import SentenceEncoder
 
     enc = SentenceEncoder.from_pretrained(os.path.join(out, "best_model"), devices=jax.devices()[:1])
-    rows = eval_cli.sts_table(enc, [sts1, sts2])
+    rows = sts_table(enc, [sts1, sts2])
     assert abs(rows[0]["spearman"] - dev[0]["sts"][sts1]) < 1e-4
     assert abs(rows[1]["spearman"] - dev[0]["sts"][sts2]) < 1e-4
     # Standalone eval: a table of Spearman x100 per file and the mean.
-    assert eval_cli.main(["--model", os.path.join(out, "best_model"), "--sts", sts1, "--sts", sts2]) == 0
+    assert main_cli.main(["eval", "--model", os.path.join(out, "best_model"), "--sts", sts1, "--sts", sts2]) == 0
     table = capsys.readouterr().out.strip().splitlines()
     assert len(table) == 5 and table[-1].startswith("mean")
     vals = [float(line.split()[-1]) for line in table[2:]]

@@ -68,8 +68,8 @@ def run_jax(args, train_path: str, dev_path: str, sts_dev: str) -> dict:
     from sbert_flax.xla import apply_cpu_performance_flags
 
     apply_cpu_performance_flags()
-    from sbert_flax.training.loop import train_and_evaluate
     from sbert_flax.training.train_config import TrainConfig
+    from sbert_flax.training.trainer import train_and_evaluate
 
     out = tempfile.mkdtemp(prefix="sbert-flax-bench-")
     cfg = TrainConfig(pretrained_model_path=args.model, train_path=train_path, dev_path=dev_path,

@@ -70,7 +70,7 @@ def main() -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.config.update("jax_num_cpu_devices", 4)
     port, pid, out_dir, cfg_json = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    from sbert_flax.training.cli import init_distributed
+    from sbert_flax.distributed import init_distributed
 
     init_distributed(f"127.0.0.1:{port}", 2, pid)
     assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
@@ -87,8 +87,8 @@ def main() -> None:
         return
     from jax.experimental import multihost_utils
 
-    from sbert_flax.training.loop import train_and_evaluate
     from sbert_flax.training.train_config import TrainConfig
+    from sbert_flax.training.trainer import train_and_evaluate
 
     with open(cfg_json) as f:
         cfg = TrainConfig.from_dict(json.load(f))

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from sbert_flax import sharding
-from sbert_flax.training.loop import train_and_evaluate
 from sbert_flax.training.train_config import TrainConfig
+from sbert_flax.training.trainer import train_and_evaluate
 
 DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_driver.py")
 TIMEOUT_S = 300  # two processes compile at once; a shared 2-core machine needs minutes

@@ -13,10 +13,10 @@ checkpointed), 1 diverged (NaN/inf), 2 bad input (data, config, paths).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 
+from sbert_flax.distributed import add_distributed_flags, init_distributed
 from sbert_flax.training.train_config import TrainConfig
 
 # UER-py flags that describe its own model plumbing; accepted so UER command lines run unchanged,
@@ -100,26 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--no_progress_bar", action="store_true")
     g.add_argument("--debug_nan_at_step", type=int, help="TEST HOOK: make this step's loss NaN")
     g.add_argument("--debug_step_delay", type=float, default=0.0, help="TEST HOOK: sleep after each step")
-    _distributed_flags(p)
+    add_distributed_flags(p)
     return p
-
-
-def _distributed_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--coordinator_address", help="host:port of process 0 (multi-host)")
-    p.add_argument("--num_processes", type=int)
-    p.add_argument("--process_id", type=int)
-
-
-def init_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
-    """`jax.distributed.initialize` from explicit flags, or auto-detected on TPU pods / SLURM."""
-    import jax
-
-    if coordinator or num_processes or process_id is not None:
-        if not (coordinator and num_processes and process_id is not None):
-            raise ValueError("multi-host needs all of --coordinator_address, --num_processes, --process_id")
-        jax.distributed.initialize(coordinator, num_processes, process_id)
-    elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        jax.distributed.initialize()  # JAX reads the cluster from the environment
 
 
 def _ints(s: str | None) -> tuple[int, ...] | None:
@@ -164,7 +146,7 @@ def _parse(argv: Sequence[str]) -> tuple[TrainConfig, argparse.Namespace]:
                                     description="Fine-tuning from a TrainConfig JSON file.")
         p.add_argument("--config", required=True, help="JSON object of TrainConfig fields")
         p.add_argument("overrides", nargs="*", help="key=value (values parsed as JSON if they can be)")
-        _distributed_flags(p)
+        add_distributed_flags(p)
         args = p.parse_args(argv)
         bad = [o for o in args.overrides if "=" not in o]
         if bad:

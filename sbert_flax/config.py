@@ -41,6 +41,9 @@ class BertConfig:
     attention_probs_dropout_prob: float = 0.1
     initializer_range: float = 0.02
     pad_token_id: int = 0
+    # How it is computed, not what it is (never written to config.json): recompute each layer's
+    # activations in the backward pass instead of keeping them (training memory O(1 layer)).
+    remat: bool = False
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:
@@ -106,6 +109,7 @@ class BertConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """The config.json that `transformers.BertModel` loads to the same architecture."""
         d = dataclasses.asdict(self)
+        d.pop("remat")
         d.update(
             architectures=["BertModel"],
             model_type="bert",

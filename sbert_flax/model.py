@@ -228,7 +228,11 @@ class BertModel(nnx.Module):
             mask = (same & (segment_ids[:, None, :] > 0))[:, None]  # [B, 1, L, L]
         x = self.embeddings(input_ids, token_type_ids, positions, self.dtype, keys[0])
         for layer, key in zip(self.layers, keys[1:], strict=True):
-            x = layer(x, mask, key)
+            if self.config.remat:
+                # Keep only each layer's input for the backward pass; recompute the rest.
+                x = nnx.remat(lambda lyr, h, m, k: lyr(h, m, k))(layer, x, mask, key)
+            else:
+                x = layer(x, mask, key)
         return x
 
 

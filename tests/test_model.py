@@ -199,3 +199,28 @@ def test_every_param_has_logical_axes():
         meta = var.get_metadata()
         axes = meta.get("sharding_names") or meta.get("out_sharding")
         assert axes is not None and len(axes) == len(var.shape), path
+
+
+def test_remat_same_values_and_gradients():
+    # --remat recomputes each layer in the backward pass: same numbers, less activation memory.
+    import dataclasses
+
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64)
+    ids = jax.random.randint(jax.random.key(1), (3, 16), 1, VOCAB)
+    mask = jnp.ones((3, 16), jnp.int32).at[1, 9:].set(0)
+    key = jax.random.key(2)
+
+    def loss_and_grad(c):
+        graphdef, state = nnx.split(BertModel(c, rngs=nnx.Rngs(0)))
+
+        def loss(p):
+            return jnp.sum(nnx.merge(graphdef, p)(ids, mask, dropout_key=key) ** 2)
+
+        return jax.jit(jax.value_and_grad(loss))(state)
+
+    (v0, g0), (v1, g1) = loss_and_grad(cfg), loss_and_grad(dataclasses.replace(cfg, remat=True))
+    assert abs(float(v0) - float(v1)) <= 1e-5 * abs(float(v0))
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    assert "remat" not in cfg.to_hf_dict()

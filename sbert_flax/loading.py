@@ -91,7 +91,9 @@ def load_model(source: str = DEFAULT_MODEL, *, pooling: str | None = None,
       ModelNotFoundError: not local and not downloadable.
       weights.WeightsError, ConfigError, ValueError: the files do not fit together (names which).
     """
-    if os.path.isfile(source):
+    # A UER checkpoint is a file; with its vocab and config given, a missing one is reported by
+    # the UER path (vocab first: cheap) rather than as a missing model folder.
+    if os.path.isfile(source) or (config_path and vocab_path and not os.path.isdir(source)):
         if not (vocab_path and config_path):
             raise ValueError(f"{source} is a UER-py checkpoint file: pass vocab_path (e.g. "
                              "models/google_zh_vocab.txt) and config_path (its config json)")

@@ -28,6 +28,7 @@ from sbert_flax.training.sources import (
     TextSource,
     open_source,
     parse_columns,
+    skipped_summary,
 )
 
 __all__ = ["NLI_LABELS", "TRAIN_BUCKETS", "Batch", "BatchPlan", "DataError", "PairData",
@@ -81,12 +82,7 @@ class PairData:
 
     def skipped_summary(self, first: int = 5) -> str:
         """One log line about skipped malformed lines ("" when none were skipped)."""
-        if not self.skipped_lines:
-            return ""
-        shown = ", ".join(map(str, self.skipped_lines[:first]))
-        more = ", ..." if len(self.skipped_lines) > first else ""
-        return (f"{self.path}: skipped {len(self.skipped_lines)} malformed line(s), "
-                f"first: {shown}{more}; kept {len(self)}")
+        return skipped_summary(self.path, self.skipped_lines, len(self), first)
 
 
 @dataclasses.dataclass(frozen=True)

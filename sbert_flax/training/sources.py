@@ -39,6 +39,17 @@ _EOL = re.compile(rb"\r\n|\r|\n")
 _CHUNK = 1 << 20
 
 
+
+def skipped_summary(path: str, skipped_lines: Sequence[int], kept: int,
+                    first: int = MAX_REPORTED) -> str:
+    """One log line about skipped malformed lines ("" when none were skipped)."""
+    if not skipped_lines:
+        return ""
+    shown = ", ".join(map(str, skipped_lines[:first]))
+    more = ", ..." if len(skipped_lines) > first else ""
+    return (f"{path}: skipped {len(skipped_lines)} malformed line(s), first: {shown}{more}; "
+            f"kept {kept}")
+
 class DataError(ValueError):
     """A data file cannot be used as given; the message names the file and line."""
 
@@ -297,12 +308,7 @@ class TextSource:
 
     def skipped_summary(self, first: int = MAX_REPORTED) -> str:
         """One log line about skipped malformed lines ("" when none were skipped)."""
-        if not self.skipped_lines:
-            return ""
-        shown = ", ".join(map(str, self.skipped_lines[:first]))
-        more = ", ..." if len(self.skipped_lines) > first else ""
-        return (f"{self.path}: skipped {len(self.skipped_lines)} malformed line(s), "
-                f"first: {shown}{more}; kept {len(self)}")
+        return skipped_summary(self.path, self.skipped_lines, len(self), first)
 
     def close(self) -> None:
         if self._fd is not None and self._pid == os.getpid():

@@ -1,7 +1,8 @@
 """Host-side tokenization (the model's own HF fast tokenizer) and length bucketing.
 
 Nothing here runs under jit: text -> numpy ids on the host, then fixed-shape padded batches go to
-the device. Length buckets bound the number of compiled shapes.
+the device. Length buckets bound the number of compiled shapes of padded training batches
+(inference packs sentences instead: `packing.py`).
 """
 
 from __future__ import annotations
@@ -14,16 +15,8 @@ import numpy as np
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 
-# Default bucket lengths (tokens, incl. [CLS]/[SEP]). Chinese sentences are mostly 10-60 tokens
-# (STS-B-zh: median 16, 99th percentile 56), so steps are fine there (4 up to 32, 8 up to 64) and
-# geometric after. On STS-B-zh test with batch 64 this pads 12.5% of token slots (padding every
-# batch to its own longest sentence, as sentence-transformers does, pads 4.9% but needs a shape per
-# batch); a coarser (16, 24, 32, 48, 64, ...) set pads 23%. At most 18 compiled lengths, and only
-# the ones a workload touches are compiled (the persistent compilation cache keeps them).
-DEFAULT_BUCKETS = (8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 128, 192, 256, 384, 512)
 
-
-def bucket_lengths(max_seq_length: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> tuple[int, ...]:
+def bucket_lengths(max_seq_length: int, buckets: Sequence[int]) -> tuple[int, ...]:
     """The buckets not longer than `max_seq_length`, which is always the last bucket."""
     out = [b for b in buckets if b < max_seq_length]
     return (*out, max_seq_length)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from sbert_flax.arraylike import to_numpy
-from sbert_flax.files import read_json, write_json
+from sbert_flax.files import atomic_path, read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -41,12 +41,6 @@ def manifest_path(path: str) -> str:
     return f"{path}.manifest.json"
 
 
-def _tmp_name(path: str) -> str:
-    # Keeps the .npy suffix so numpy does not append one; pid-unique for concurrent writers.
-    d, b = os.path.split(path)
-    return os.path.join(d, f".{b}.tmp-{os.getpid()}.npy")
-
-
 def save_embeddings(path: str, embeddings: Any) -> str:
     """Writes a 2-D array as a `.npy` atomically (temp name + rename; mode 0666 & ~umask).
 
@@ -57,15 +51,8 @@ def save_embeddings(path: str, embeddings: Any) -> str:
     if arr.ndim != 2:
         raise ValueError(f"{path}: embeddings must be 2-D [rows, dim], got shape {arr.shape}")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, arr)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, arr)  # a file object: numpy appends no ".npy" to the temp name
     return path
 
 
@@ -196,8 +183,7 @@ def merge_shards(path: str, keep_shards: bool = False, block_rows: int = 65536) 
     """
     mpath = manifest_path(path)
     m, shards = _checked_shards(mpath)
-    tmp = _tmp_name(path)
-    try:
+    with atomic_path(path) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(m["dtype"]),
                                         shape=(int(m["rows"]), int(m["dim"])))
         row = 0
@@ -210,11 +196,6 @@ def merge_shards(path: str, keep_shards: bool = False, block_rows: int = 65536) 
             del src
         out.flush()
         del out
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     if not keep_shards:
         for shard, _ in shards:
             os.remove(shard)

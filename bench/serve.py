@@ -34,9 +34,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sbert_flax.xla import apply_cpu_performance_flags  # noqa: E402  (before jax starts)
-
-apply_cpu_performance_flags()
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_VENV = os.path.join(os.path.expanduser("~"), ".cache", "sbert_flax", "infinity-venv")

@@ -65,9 +65,6 @@ def run_torch(args, train_path: str, dev_path: str, sts_dev: str) -> dict:
 
 
 def run_jax(args, train_path: str, dev_path: str, sts_dev: str) -> dict:
-    from sbert_flax.xla import apply_cpu_performance_flags
-
-    apply_cpu_performance_flags()
     from sbert_flax.training.train_config import TrainConfig
     from sbert_flax.training.trainer import train_and_evaluate
 

@@ -20,7 +20,6 @@ from sbert_flax.distributed import add_distributed_flags
 from sbert_flax.files import read_text_lines
 from sbert_flax.loading import DEFAULT_MODEL
 from sbert_flax.weights import WeightsError
-from sbert_flax.xla import apply_cpu_performance_flags
 
 PROG = "sbert-flax"
 # Exceptions that mean "the input is wrong", shown without a traceback.
@@ -336,8 +335,6 @@ def _run(func, args, debug: bool) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (argparse exits with 2 on usage errors)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    # Before any JAX computation initialises the backend (flags set later are ignored).
-    apply_cpu_performance_flags()
     # A second start loads compiled programs instead of compiling them (the library never turns
     # this on by itself: it is process-wide JAX config).
     from sbert_flax.encoder import enable_compilation_cache

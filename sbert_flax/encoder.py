@@ -33,6 +33,7 @@ from sbert_flax.packing import ROW_LENGTHS, PackedBatch, Packer
 from sbert_flax.pooling import cosine_similarity
 from sbert_flax.st_format import write_st_folder
 from sbert_flax.tokenization import Tokenizer
+from sbert_flax.xla import compiler_options
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Token budget of one device batch by default: 64 rows of 64 tokens. On CPU bigger batches gain
@@ -208,7 +209,7 @@ class SentenceEncoder:
 
             data = NamedSharding(self.mesh, P("data"))
             self._fns[key] = jax.jit(forward, in_shardings=(NamedSharding(self.mesh, P()), data, data, data),
-                                     out_shardings=data)
+                                     out_shardings=data, compiler_options=compiler_options(self.devices))
         return self._fns[key]
 
     def _dispatch(self, batch: PackedBatch, dtype: str, output: str) -> jax.Array:

@@ -40,10 +40,20 @@ def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None
     return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
+def exact_gelu(x: Array) -> Array:
+    """HF's "gelu": x/2 * (1 + erf(x/sqrt 2)), the formula torch uses.
+
+    `jax.nn.gelu(approximate=False)` goes through erfc, which XLA:CPU evaluates 1.6x slower than
+    erf ([4096, 3072] f32: 47 vs 30 ms); the erf form's error against a float64 reference is
+    1.1e-6, the same as torch's own float32 GELU (1.3e-6).
+    """
+    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.7071067811865476, x.dtype)))
+
+
 def activation(name: str):
     """HF activation names -> functions. "gelu" is HF's exact erf GELU."""
     if name == "gelu":
-        return lambda x: jax.nn.gelu(x, approximate=False)
+        return exact_gelu
     if name in ("gelu_new", "gelu_pytorch_tanh"):
         return lambda x: jax.nn.gelu(x, approximate=True)
     if name == "relu":

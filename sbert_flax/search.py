@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sbert_flax.arraylike import as_matrix
+from sbert_flax.xla import compiler_options
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +112,8 @@ def _kernels(devices: tuple[jax.Device, ...], score: str | Callable, k: int, kc:
         v, pos = jax.lax.top_k(jnp.concatenate([v0, v1], axis=1), k)
         return v, jnp.take_along_axis(jnp.concatenate([i0, i1], axis=1), pos, axis=1)
 
-    return (jax.jit(prepare, in_shardings=rows, out_shardings=rows), jax.jit(chunk_topk),
+    return (jax.jit(prepare, in_shardings=rows, out_shardings=rows),
+            jax.jit(chunk_topk, compiler_options=compiler_options(mesh.devices.flat)),
             jax.jit(merge), rows, NamedSharding(mesh, P()))
 
 

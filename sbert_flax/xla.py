@@ -1,23 +1,49 @@
-"""XLA:CPU settings that make the encoder fast on CPU hosts, applied only by entry points.
+"""XLA:CPU compile options for our jitted functions: per function, never process-wide.
 
-Library modules never touch XLA_FLAGS (it must be set before JAX initialises its backend, and
-it is the user's to control); the CLI and the benchmarks call `apply_cpu_performance_flags()`
-first thing. Flags the user already set win.
+jax 0.10's XLA:CPU hands every dot (and the elementwise work fused around it) to YNNPACK. For
+BERT's f32 GEMMs on x86 that path is the slow one: in one process, alternating, on the 2-core
+AVX-512 dev host (`python bench/encode.py`, README "Performance"):
+
+  GEMM 4096x768x3072     YNNPACK 116 GFLOP/s   XLA's own dot path 189   PyTorch (oneDNN) 203
+  BERT-base forward, one packed batch of 64x64 tokens: 4.8 s -> 4.0 s (PyTorch 3.8 s)
+
+so our functions compile with YNNPACK fusion off when every device they run on is a CPU. The
+options go to `jax.jit(..., compiler_options=...)`, which touches no global JAX state (unlike
+XLA_FLAGS, which must be set before JAX starts and belongs to the user). A flag the user sets in
+XLA_FLAGS wins: its option is left out here. If a later jaxlib drops an option, it is left out too
+(checked once by compiling a tiny function), so an upgrade costs speed, never a crash.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Iterable
+from typing import Any
 
-# Measured on a 2-core x86 CPU with bench/encode.py; see README "Performance".
-CPU_FLAGS: tuple[str, ...] = ()
+import jax
+
+CPU_COMPILER_OPTIONS: dict[str, Any] = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
-def apply_cpu_performance_flags() -> str:
-    """Adds `CPU_FLAGS` to XLA_FLAGS (keeping any flag the user set). Returns the result."""
-    current = os.environ.get("XLA_FLAGS", "")
-    names = {f.split("=")[0] for f in current.split()}
-    extra = [f for f in CPU_FLAGS if f.split("=")[0] not in names]
-    if extra:
-        os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
-    return os.environ.get("XLA_FLAGS", "")
+@functools.cache
+def _supported_cpu_options() -> tuple[tuple[str, Any], ...]:
+    user = os.environ.get("XLA_FLAGS", "")
+    out = []
+    for name, value in CPU_COMPILER_OPTIONS.items():
+        if f"--{name}=" in user or f"--{name} " in f"{user} ":
+            continue
+        try:
+            jax.jit(lambda x: x + 1).lower(1.0).compile(compiler_options={name: value})
+        except Exception:  # the option is gone in this jaxlib: keep its default
+            continue
+        out.append((name, value))
+    return tuple(out)
+
+
+def compiler_options(devices: Iterable[jax.Device]) -> dict[str, Any] | None:
+    """Compile options for a function that runs on `devices` (None: XLA's defaults)."""
+    devices = list(devices)
+    if not devices or any(d.platform != "cpu" for d in devices):
+        return None
+    return dict(_supported_cpu_options()) or None

@@ -126,9 +126,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from sbert_flax.xla import apply_cpu_performance_flags
-
-    apply_cpu_performance_flags()
     parser = argparse.ArgumentParser(prog="sbert-flax serve", description=DESCRIPTION)
     add_arguments(parser)
     args = parser.parse_args(argv)

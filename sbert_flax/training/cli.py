@@ -167,9 +167,6 @@ def _parse(argv: Sequence[str]) -> tuple[TrainConfig, argparse.Namespace]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `sbert-flax train ...` and train/run_classifier_siamese.py; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    from sbert_flax.xla import apply_cpu_performance_flags
-
-    apply_cpu_performance_flags()  # before JAX initialises its backend
     try:
         cfg, args = _parse(argv)
     except (ValueError, FileNotFoundError) as e:

@@ -25,6 +25,7 @@ from sbert_flax.training.pipeline import TRAIN_BUCKETS, eval_batches
 from sbert_flax.training.sources import TextSource
 from sbert_flax.training.state import StateLayout
 from sbert_flax.training.step import TraceCounter, make_eval_step
+from sbert_flax.xla import compiler_options
 
 log = logging.getLogger("sbert_flax.train")
 
@@ -58,7 +59,8 @@ class Evaluator:
             return nnx.merge(graphdef, params).embedder(ids, mask)
 
         self._embed = jax.jit(embed, in_shardings=(layout.shardings.params, bsh, bsh),
-                              out_shardings=sharding.replicated(mesh))
+                              out_shardings=sharding.replicated(mesh),
+                              compiler_options=compiler_options(mesh.devices.flat))
 
     # ---- STS --------------------------------------------------------------------------------
 

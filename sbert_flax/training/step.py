@@ -21,6 +21,7 @@ from flax import nnx
 from sbert_flax import sharding
 from sbert_flax.training.losses import Loss
 from sbert_flax.training.state import StateLayout, TrainState
+from sbert_flax.xla import compiler_options
 
 Batch = dict[str, jax.Array]
 
@@ -65,7 +66,8 @@ def make_train_step(graphdef: nnx.GraphDef, loss: Loss, tx: optax.GradientTransf
     batch_sh = sharding.batch_sharding(layout.mesh)
     rep = sharding.replicated(layout.mesh)
     return jax.jit(train_step, in_shardings=(layout.shardings, batch_sh),
-                   out_shardings=(layout.shardings, rep), donate_argnums=(0,))
+                   out_shardings=(layout.shardings, rep), donate_argnums=(0,),
+                   compiler_options=compiler_options(layout.mesh.devices.flat))
 
 
 def make_eval_step(graphdef: nnx.GraphDef, layout: StateLayout,
@@ -84,4 +86,4 @@ def make_eval_step(graphdef: nnx.GraphDef, layout: StateLayout,
 
     rep = sharding.replicated(layout.mesh)
     return jax.jit(eval_step, in_shardings=(layout.shardings.params, sharding.batch_sharding(layout.mesh)),
-                   out_shardings=rep)
+                   out_shardings=rep, compiler_options=compiler_options(layout.mesh.devices.flat))

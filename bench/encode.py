@@ -79,7 +79,9 @@ def main() -> None:
         st_sps, our_sps = len(sents) / min(t_st), len(sents) / min(t_ours)
         print(f"{dtype} repeats (sent/s): sentence-transformers "
               f"{[round(len(sents) / t, 1) for t in t_st]}, sbert-flax "
-              f"{[round(len(sents) / t, 1) for t in t_ours]}")
+              f"{[round(len(sents) / t, 1) for t in t_ours]}; paired ratios "
+              f"{[round(a / b, 2) for a, b in zip(t_st, t_ours, strict=True)]} (median "
+              f"{float(np.median([a / b for a, b in zip(t_st, t_ours, strict=True)])):.2f})")
         stats = enc.last_stats
         rows.append((dtype, st_sps, our_sps, our_sps / st_sps, stats.padding_waste, compiles,
                      max(first - min(t_ours), 0.0), float(cos.min())))

@@ -25,6 +25,8 @@ first compilation). Peak RSS is `ru_maxrss` of the training subprocess (os.wait4
 
     python bench/train_contrastive_vs_st.py                          # 3 seeds x 2 recipes x 2 sides
     python bench/train_contrastive_vs_st.py --max-steps 5 --seeds 7  # smoke run
+    python bench/train_contrastive_vs_st.py --seeds 8,9 --results b.json   # more seeds later,
+    python bench/train_contrastive_vs_st.py --report a.json b.json        # then one table
 """
 
 from __future__ import annotations
@@ -233,6 +235,8 @@ def main() -> None:
                     help="sentence-transformers' gradient clipping (its default 1.0; 0 = off)")
     ap.add_argument("--results", default=None, help="also write every run's figures to this JSON file")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (models, logs)")
+    ap.add_argument("--report", nargs="+", metavar="RESULTS_JSON",
+                    help="only print the table of runs saved with --results (several files join)")
     ap.add_argument("--child", choices=["st", "eval"], help=argparse.SUPPRESS)
     ap.add_argument("--recipe", help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, help=argparse.SUPPRESS)
@@ -244,11 +248,18 @@ def main() -> None:
         return child_eval(args)
     if args.child == "st":
         return child_st(args)
+    args.recipes = [r for r in args.recipes.split(",") if r]
+    if args.report:
+        results = []
+        for path in args.report:
+            with open(path, encoding="utf-8") as f:
+                results += json.load(f)
+        print(table(results, args))
+        return None
 
     from sbert_flax.devdata import data_path, reference_model
 
     args.model = args.model or reference_model("m3e-small")
-    args.recipes = [r for r in args.recipes.split(",") if r]
     seeds = [int(s) for s in args.seeds.split(",") if s]
     args.sbert_flax = shutil.which("sbert-flax")
     if not args.sbert_flax:

@@ -7,7 +7,9 @@ AVX-512 dev host (`python bench/encode.py`, README "Performance"):
   GEMM 4096x768x3072     YNNPACK 116 GFLOP/s   XLA's own dot path 189   PyTorch (oneDNN) 203
   BERT-base forward, one packed batch of 64x64 tokens: 4.8 s -> 4.0 s (PyTorch 3.8 s)
 
-so our functions compile with YNNPACK fusion off when every device they run on is a CPU. The
+so our forward-only functions (encode, evaluation, search) compile with YNNPACK fusion off when
+every device they run on is a CPU. The train step keeps XLA's defaults: its backward pass was
+slower with YNNPACK off (see `training/step.py`). The
 options go to `jax.jit(..., compiler_options=...)`, which touches no global JAX state (unlike
 XLA_FLAGS, which must be set before JAX starts and belongs to the user). A flag the user sets in
 XLA_FLAGS wins: its option is left out here. If a later jaxlib drops an option, it is left out too

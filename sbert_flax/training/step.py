@@ -65,9 +65,11 @@ def make_train_step(graphdef: nnx.GraphDef, loss: Loss, tx: optax.GradientTransf
 
     batch_sh = sharding.batch_sharding(layout.mesh)
     rep = sharding.replicated(layout.mesh)
+    # XLA's default CPU options here (not `xla.compiler_options`): with YNNPACK off the backward
+    # pass got slower (m3e-small mnrl step, batch 64 x 64 tokens: 9.5 s vs 8.2 s), the forward
+    # faster.
     return jax.jit(train_step, in_shardings=(layout.shardings, batch_sh),
-                   out_shardings=(layout.shardings, rep), donate_argnums=(0,),
-                   compiler_options=compiler_options(layout.mesh.devices.flat))
+                   out_shardings=(layout.shardings, rep), donate_argnums=(0,))
 
 
 def make_eval_step(graphdef: nnx.GraphDef, layout: StateLayout,

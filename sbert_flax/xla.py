@@ -9,8 +9,7 @@ AVX-512 dev host (`python bench/encode.py`, README "Performance"):
 
 so our forward-only functions (encode, evaluation, search) compile with YNNPACK fusion off when
 every device they run on is a CPU. The train step keeps XLA's defaults: its backward pass was
-slower with YNNPACK off (see `training/step.py`). The
-options go to `jax.jit(..., compiler_options=...)`, which touches no global JAX state (unlike
+slower with YNNPACK off (see `training/step.py`). The options go to `jax.jit(..., compiler_options=...)`, which touches no global JAX state (unlike
 XLA_FLAGS, which must be set before JAX starts and belongs to the user). A flag the user sets in
 XLA_FLAGS wins: its option is left out here. If a later jaxlib drops an option, it is left out too
 (checked once by compiling a tiny function), so an upgrade costs speed, never a crash.
@@ -24,19 +23,21 @@ from collections.abc import Iterable
 from typing import Any
 
 import jax
+import numpy as np
 
 CPU_COMPILER_OPTIONS: dict[str, Any] = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 @functools.cache
 def _supported_cpu_options() -> tuple[tuple[str, Any], ...]:
-    user = os.environ.get("XLA_FLAGS", "")
+    user = {f.split("=")[0].lstrip("-") for f in os.environ.get("XLA_FLAGS", "").split()}
+    probe = jax.device_put(np.float32(1), jax.devices("cpu")[0])  # compiled for the CPU backend
     out = []
     for name, value in CPU_COMPILER_OPTIONS.items():
-        if f"--{name}=" in user or f"--{name} " in f"{user} ":
+        if name in user:
             continue
         try:
-            jax.jit(lambda x: x + 1).lower(1.0).compile(compiler_options={name: value})
+            jax.jit(lambda x: x + 1).lower(probe).compile(compiler_options={name: value})
         except Exception:  # the option is gone in this jaxlib: keep its default
             continue
         out.append((name, value))

@@ -39,7 +39,6 @@ _EOL = re.compile(rb"\r\n|\r|\n")
 _CHUNK = 1 << 20
 
 
-
 def skipped_summary(path: str, skipped_lines: Sequence[int], kept: int,
                     first: int = MAX_REPORTED) -> str:
     """One log line about skipped malformed lines ("" when none were skipped)."""
@@ -49,6 +48,7 @@ def skipped_summary(path: str, skipped_lines: Sequence[int], kept: int,
     more = ", ..." if len(skipped_lines) > first else ""
     return (f"{path}: skipped {len(skipped_lines)} malformed line(s), first: {shown}{more}; "
             f"kept {kept}")
+
 
 class DataError(ValueError):
     """A data file cannot be used as given; the message names the file and line."""

@@ -45,17 +45,20 @@ def read_rows(path: str, *, header: bool, columns: int, score_scale: float | Non
 
 def train_st(model_dir: str, loss_name: str, rows: Rows, *, batch_size: int, lr: float, epochs: int,
              seq_length: int, warmup: float, scale: float, seed: int, max_steps: int | None,
-             max_grad_norm: float | None, weight_decay: float = 0.01):
+             max_grad_norm: float | None, weight_decay: float = 0.01, device: str = "cpu",
+             autocast_dtype: torch.dtype | None = None):
     """Trains a SentenceTransformer on `rows`; returns (model, stats).
 
     stats: "steps", "step_end" (perf_counter after each optimizer step, index 0 = loop start),
-    "step_sentences" (texts embedded in each step), "train_seconds".
+    "step_sentences" (texts embedded in each step), "train_seconds". `autocast_dtype` (e.g.
+    torch.bfloat16 on a GPU) runs the forward and loss under `torch.autocast`, float32 master
+    weights, as the HF Trainer's `bf16=True` does.
     """
     from sentence_transformers import SentenceTransformer, losses
     from transformers import get_linear_schedule_with_warmup, set_seed
 
     set_seed(seed)
-    model = SentenceTransformer(model_dir, device="cpu")
+    model = SentenceTransformer(model_dir, device=device)
     model.max_seq_length = seq_length
     if loss_name == "mnrl":
         loss_model = losses.MultipleNegativesRankingLoss(model, scale=scale)
@@ -90,7 +93,11 @@ def train_st(model_dir: str, loss_name: str, rows: Rows, *, batch_size: int, lr:
             features = [model.preprocess([row[c] for row in batch]) for c in range(len(batch[0]))]
             labels = (torch.tensor([scores[i] for i in idx], dtype=torch.float32) if scores is not None
                       else torch.zeros(len(idx)))
-            value = loss_model(features, labels)
+            features = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in f.items()}
+                        for f in features]
+            with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype or torch.float32,
+                                enabled=autocast_dtype is not None):
+                value = loss_model(features, labels.to(device))
             value.backward()
             if max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(loss_model.parameters(), max_grad_norm)

@@ -21,9 +21,11 @@ P=/tmp/pairs-x8.tsv
 head -1 "$SBERT_FLAX_DATA/contrastive/nli-zh-pairs.tsv" > $P
 for _ in 1 2 3 4 5 6 7 8; do tail -n +2 "$SBERT_FLAX_DATA/contrastive/nli-zh-pairs.tsv" >> $P; done
 
-timeout ${ENCODE_TIMEOUT:-200} python3 bench/gpu_check.py encode --model "$M" --repeat 8 --passes 2 ${ENCODE_ARGS:-} > "$OUT/encode.log" 2>&1
-tail -14 "$OUT/encode.log"
-for B in 64 512; do
+if [ -z "${SKIP_ENCODE:-}" ]; then
+  timeout ${ENCODE_TIMEOUT:-200} python3 bench/gpu_check.py encode --model "$M" --repeat 8 --passes 2 ${ENCODE_ARGS:-} > "$OUT/encode.log" 2>&1
+  tail -14 "$OUT/encode.log"
+fi
+for B in ${TRAIN_BATCHES:-64 512}; do
   timeout ${TRAIN_TIMEOUT:-110} python3 -m sbert_flax.cli train --loss mnrl --pretrained_model_path "$M" --train_path $P \
     --batch_size $B --learning_rate 2e-5 --epochs_num 1 --seq_length 64 --warmup 0.1 --seed 7 --bf16 \
     --max_steps 50 --log_every_steps 10 --no_export --no_progress_bar --output_dir /tmp/run$B > "$OUT/flax-train-$B.log" 2>&1

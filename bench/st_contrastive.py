@@ -105,14 +105,18 @@ def train_st(model_dir: str, loss_name: str, rows: Rows, *, batch_size: int, lr:
             sched.step()
             opt.zero_grad()
             step += 1
+            # Read the loss (a device sync on a GPU) only when logging, as the HF Trainer does;
+            # before the step's time, so the times of logged steps (the windows) are synced.
+            logged = step % 10 == 0 or step == total
+            if logged:
+                last_loss = value.detach().item()
             step_end.append(time.perf_counter())
             step_sentences.append(len(idx) * len(batch[0]))
-            last_loss = value.detach().item()
-            if step % 10 == 0:  # progress in the run log (the parent reads only stats.json)
+            if logged:
                 print(f"step {step}/{total} loss {last_loss:.4f} "
                       f"{sum(step_sentences) / (step_end[-1] - step_end[0]):.1f} sentences/s", flush=True)
-            if not math.isfinite(last_loss):
-                raise RuntimeError(f"loss is {last_loss} at step {step}")
+                if not math.isfinite(last_loss):
+                    raise RuntimeError(f"loss is {last_loss} at step {step}")
     model.eval()
     stats = {"steps": step, "step_end": step_end, "step_sentences": step_sentences,
              "train_seconds": step_end[-1] - step_end[0], "final_loss": last_loss}

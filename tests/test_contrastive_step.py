@@ -4,6 +4,7 @@
   in-batch negatives of every anchor come from the whole global batch.
 - cached-mnrl == mnrl (loss and gradient, dropout on, Matryoshka too), also on the mesh.
 - zero-weight padding rows change neither loss nor gradient.
+Every text column of the test batches has its own padded length, as the pipeline pads them.
 Tolerances as in test_train_step.py (loss rtol 1e-5; per-tensor max |a - b| / max |b| <= 1e-5).
 """
 
@@ -22,7 +23,8 @@ from sbert_flax.training.step import TraceCounter, make_train_step
 # One layer keeps the compilations affordable on 2 CPU cores; dropout stays on (0.1).
 CFG = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                  intermediate_size=64, max_position_embeddings=64)
-ROWS, LEN = 16, 12
+ROWS = 16
+WIDTHS = (12, 8, 10)  # each text column its own padded length, as the pipeline pads them
 PAD = (5, 13, 14, 15)  # zero-weight rows, one inside the batch (a padded local batch of a process)
 
 
@@ -36,10 +38,10 @@ def _host_params(loss, seed=0):
 def _batch(columns, rows=ROWS, pad=PAD, seed=1):
     rng = np.random.default_rng(seed)
     out = {}
-    for c in columns:
-        lens = rng.integers(2, LEN + 1, rows)
-        mask = (np.arange(LEN)[None] < lens[:, None]).astype(np.int32)
-        out[f"{c}_ids"] = rng.integers(1, CFG.vocab_size, (rows, LEN)).astype(np.int32) * mask
+    for c, width in zip(columns, WIDTHS, strict=False):
+        lens = rng.integers(2, width + 1, rows)
+        mask = (np.arange(width)[None] < lens[:, None]).astype(np.int32)
+        out[f"{c}_ids"] = rng.integers(1, CFG.vocab_size, (rows, width)).astype(np.int32) * mask
         out[f"{c}_mask"] = mask
     out["weights"] = np.ones(rows, np.float32)
     out["weights"][list(pad)] = 0.0

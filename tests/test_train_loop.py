@@ -113,9 +113,10 @@ def test_learns_synthetic_task_and_writes_outputs(tmp_path, model):
           f"{[round(h['sts_spearman'], 3) for h in summary['history']]}")
     assert trained >= 0.75 and trained >= untrained + 0.2
     assert summary["test"]["accuracy"] >= 0.9
-    # Lengths 2..40 chars -> buckets 32 and 48: one compiled train step per bucket for all epochs.
-    buckets = {bucket_of(n, 48, TRAIN_BUCKETS) for n in (4, 42)}
-    assert buckets == {32, 48}
+    # Lengths 2..40 chars (4..42 tokens) -> buckets 16, 32 and 48; both columns pad to one
+    # (softmax): at most one compiled train step per bucket for all epochs.
+    buckets = {bucket_of(n, 48, TRAIN_BUCKETS) for n in range(4, 43)}
+    assert buckets == {16, 32, 48}
     assert 1 <= summary["train_step_traces"] <= len(buckets)
     assert 1 <= summary["eval_step_traces"] <= len(buckets)
     for name in ("config.json", "metrics.jsonl", "results.json", "train.log"):

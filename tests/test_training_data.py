@@ -302,10 +302,10 @@ def test_batches_cover_every_record_once_per_epoch_with_fixed_shapes(tmp_path):
         seen = []
         for b in epoch:
             assert set(b) == {"anchor_ids", "anchor_mask", "positive_ids", "positive_mask", "weights"}
-            rows, length = b["anchor_ids"].shape
-            assert rows == 16 and length in TRAIN_BUCKETS[:2] and b["positive_ids"].shape == (16, length)
-            longest = int(max(b["anchor_mask"].sum(1).max(), b["positive_mask"].sum(1).max()))
-            assert length == bucket_of(longest, 64)  # smallest bucket that holds the batch
+            for k in ("anchor", "positive"):  # each column: the smallest bucket holding its longest
+                rows, length = b[f"{k}_ids"].shape
+                assert rows == 16 and length in TRAIN_BUCKETS and b[f"{k}_mask"].shape == (16, length)
+                assert length == bucket_of(int(b[f"{k}_mask"].sum(1).max()), 64)
             real = b["weights"] > 0
             assert np.all(np.diff(real.astype(int)) <= 0)  # pads last: the empty sentence
             for k in ("anchor", "positive"):
@@ -317,6 +317,20 @@ def test_batches_cover_every_record_once_per_epoch_with_fixed_shapes(tmp_path):
         assert sorted(seen) == list(range(n))
     # One partial batch per epoch (150 = 9 x 16 + 6), padded, never dropped.
     assert [int(b["weights"].sum()) for b in batches].count(6) == 2
+
+
+def test_each_column_pads_to_its_own_bucket_unless_joint(tmp_path):
+    # Long anchors (~40 tokens), short positives (2-4 tokens).
+    lines = ["anchor\tpositive"] + [f"{1000 + i} " + "w " * 40 + f"\t{5000 + i} " + "p " * (i % 3)
+                                    for i in range(32)]
+    path = write(tmp_path, "\n".join(lines) + "\n")
+    own = next(iter(_pipe(path, epochs=1).iterator()))
+    assert own["anchor_ids"].shape == (16, 48) and own["positive_ids"].shape == (16, 16)
+    joint = next(iter(_pipe(path, epochs=1, joint_length=True).iterator()))
+    assert joint["anchor_ids"].shape == joint["positive_ids"].shape == (16, 48)
+    # The same tokens, only more padding.
+    np.testing.assert_array_equal(joint["positive_ids"][:, :16], own["positive_ids"])
+    assert not joint["positive_mask"][:, 16:].any()
 
 
 def test_deterministic_by_seed_and_epoch(tmp_path):
@@ -333,18 +347,18 @@ def test_deterministic_by_seed_and_epoch(tmp_path):
 
 
 def test_random_composition_by_default_and_group_by_length(tmp_path):
-    # Half the records are short (bucket 32), half long (bucket 64), interleaved in the file.
+    # Half the records are short (bucket 16), half long (bucket 48), interleaved in the file.
     lines = ["anchor\tpositive"] + [f"{1000 + i} " + ("w " * (40 if i % 2 else 1)) + "\tp"
                                     for i in range(256)]
     path = write(tmp_path, "\n".join(lines) + "\n")
     mixed = list(_pipe(path, epochs=1).iterator())
-    # Random samples: (almost) every batch mixes both lengths, so pads to 64.
-    assert sum(b["anchor_ids"].shape[1] == 64 for b in mixed) >= len(mixed) - 1
+    # Random samples: (almost) every batch mixes both lengths, so pads to 48.
+    assert sum(b["anchor_ids"].shape[1] == 48 for b in mixed) >= len(mixed) - 1
     assert all(0 < np.mean(rows_of(b) % 2) < 1 for b in mixed)
     grouped = _pipe(path, epochs=1, group_by_length=True)
     gb = list(grouped.iterator())
     assert all(np.mean(rows_of(b) % 2) in (0.0, 1.0) for b in gb)  # one length per batch
-    assert collections.Counter(b["anchor_ids"].shape[1] for b in gb) == {32: 8, 64: 8}
+    assert collections.Counter(b["anchor_ids"].shape[1] for b in gb) == {16: 8, 48: 8}
 
 
 @pytest.mark.parametrize("process_count", [2, 4])

@@ -31,12 +31,11 @@ Array = jax.Array
 Objective = Callable[[Array], tuple[Array, dict[str, Array]]]
 
 
-def stack_columns(batch: dict[str, Array], columns: tuple[str, ...]) -> tuple[Array, Array]:
-    """ids, mask [C, B, L] of the text columns (stacked on a new axis: the sharded row axis stays
-    where it is, unlike a concatenation along rows, which would move rows between devices)."""
-    ids = jnp.stack([batch[f"{c}_ids"] for c in columns])
-    mask = jnp.stack([batch[f"{c}_mask"] for c in columns])
-    return ids, mask
+def column_arrays(batch: dict[str, Array], columns: tuple[str, ...]) -> list[tuple[Array, Array]]:
+    """(ids, mask) [B, L_c] of each text column. Each column keeps its own padded length L_c: a
+    batch's positives are usually much shorter than its anchors, and padding them to the anchors'
+    length would spend a third more tokens on nothing."""
+    return [(batch[f"{c}_ids"], batch[f"{c}_mask"]) for c in columns]
 
 
 def row_keys(key: Array, columns: int, rows: int) -> Array:
@@ -64,62 +63,64 @@ def embed_rows(graphdef: nnx.GraphDef, params: Any, ids: Array, mask: Array,
     return fn(ids, mask, keys)
 
 
-def value_and_grad(objective: Objective, graphdef: nnx.GraphDef, params: Any, ids: Array,
-                   mask: Array, keys: Array | None) -> tuple[Array, Any, dict[str, Array]]:
-    """One pass: embed all columns with gradients, `(loss, grads, metrics)`."""
+def value_and_grad(objective: Objective, graphdef: nnx.GraphDef, params: Any,
+                   columns: list[tuple[Array, Array]], keys: Array | None
+                   ) -> tuple[Array, Any, dict[str, Array]]:
+    """One pass: embed every column (ids, mask [B, L_c]) with gradients, `(loss, grads, metrics)`.
+
+    `keys` [C, B] are the rows' dropout keys (None: no dropout)."""
 
     def loss_fn(p):
-        return objective(embed_rows(graphdef, p, ids, mask, keys))
+        embs = [embed_rows(graphdef, p, i, m, None if keys is None else keys[c])
+                for c, (i, m) in enumerate(columns)]
+        return objective(jnp.stack(embs))
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return loss, grads, metrics
 
 
 def _chunk(x: Array, mini: int) -> Array:
-    """[C, B, ...] -> [C * n, m, ...]: mini-batch k of column c holds rows {i * n + k}.
+    """[B, ...] -> [n, m, ...]: mini-batch k holds rows {i * n + k}.
 
     With the rows split in contiguous blocks over devices, this keeps each mini-batch split over
     all devices (when m is a multiple of the device count) and moves no data: a reshape and a
     transpose of unsharded axes.
     """
-    c, b = x.shape[:2]
-    n = b // mini
-    x = x.reshape(c, mini, n, *x.shape[2:])
-    return jnp.swapaxes(x, 1, 2).reshape(c * n, mini, *x.shape[3:])
+    n = x.shape[0] // mini
+    return jnp.swapaxes(x.reshape(mini, n, *x.shape[1:]), 0, 1)
 
 
-def _unchunk(y: Array, columns: int) -> Array:
-    """Inverse of `_chunk`: [C * n, m, ...] -> [C, B, ...]."""
-    cn, mini = y.shape[:2]
-    n = cn // columns
-    y = jnp.swapaxes(y.reshape(columns, n, mini, *y.shape[2:]), 1, 2)
-    return y.reshape(columns, mini * n, *y.shape[3:])
+def _unchunk(y: Array) -> Array:
+    """Inverse of `_chunk`: [n, m, ...] -> [B, ...]."""
+    n, mini = y.shape[:2]
+    return jnp.swapaxes(y, 0, 1).reshape(mini * n, *y.shape[2:])
 
 
-def cached_value_and_grad(objective: Objective, graphdef: nnx.GraphDef, params: Any, ids: Array,
-                          mask: Array, keys: Array | None, mini_batch_size: int
+def cached_value_and_grad(objective: Objective, graphdef: nnx.GraphDef, params: Any,
+                          columns: list[tuple[Array, Array]], keys: Array | None, mini_batch_size: int
                           ) -> tuple[Array, Any, dict[str, Array]]:
     """GradCache: the loss and gradient of `value_and_grad`, embedding `mini_batch_size` sentences
-    at a time.
+    at a time (one column after the other: each keeps its own padded length).
 
     Raises:
       ValueError: the batch's rows are not a multiple of `mini_batch_size`.
     """
-    columns, rows = ids.shape[:2]
+    rows = columns[0][0].shape[0]
     if rows % mini_batch_size:
         raise ValueError(f"mini_batch_size={mini_batch_size} must divide the global batch size "
                          f"({rows} rows)")
-    cids, cmask = _chunk(ids, mini_batch_size), _chunk(mask, mini_batch_size)
-    ckeys = None if keys is None else _chunk(keys, mini_batch_size)
+    chunked = [(_chunk(i, mini_batch_size), _chunk(m, mini_batch_size),
+                None if keys is None else _chunk(keys[c], mini_batch_size))
+               for c, (i, m) in enumerate(columns)]
     frozen = jax.lax.stop_gradient(params)
 
     def embed_chunk(xs):
         i, m, k = xs
         return embed_rows(graphdef, frozen, i, m, k)
 
-    embs = jax.lax.map(embed_chunk, (cids, cmask, ckeys))  # [C * n, m, D], no residuals kept
-    (loss, metrics), g_emb = jax.value_and_grad(objective, has_aux=True)(_unchunk(embs, columns))
-    g_chunks = _chunk(g_emb, mini_batch_size)
+    # [C, B, D]; lax.map keeps no residuals, only each mini-batch's [m, D] output.
+    embs = jnp.stack([_unchunk(jax.lax.map(embed_chunk, xs)) for xs in chunked])
+    (loss, metrics), g_emb = jax.value_and_grad(objective, has_aux=True)(embs)
 
     def accumulate(acc, xs):
         i, m, k, g = xs
@@ -127,6 +128,7 @@ def cached_value_and_grad(objective: Objective, graphdef: nnx.GraphDef, params: 
         (grad,) = vjp(g)
         return jax.tree.map(jnp.add, acc, grad), None
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    grads, _ = jax.lax.scan(accumulate, zeros, (cids, cmask, ckeys, g_chunks))
+    grads = jax.tree.map(jnp.zeros_like, params)
+    for c, (i, m, k) in enumerate(chunked):
+        grads, _ = jax.lax.scan(accumulate, grads, (i, m, k, _chunk(g_emb[c], mini_batch_size)))
     return loss, grads, metrics

@@ -100,8 +100,8 @@ class Evaluator:
         """Predicted labels int64 [N] of a labelled source."""
         preds = np.full(len(source), -1, np.int64)
         for b in eval_batches(source, self.tokenizer, global_batch=self.batch_size,
-                              seq_length=self.seq_length, process_index=jax.process_index(),
-                              process_count=jax.process_count()):
+                              seq_length=self.seq_length, joint_length=True,  # [a; b] in one call
+                              process_index=jax.process_index(), process_count=jax.process_count()):
             out = self._classify(params, sharding.put_batch(b, self.layout.mesh))
             idx, logits = np.asarray(out["index"]), np.asarray(out["logits"])
             keep = idx >= 0

@@ -145,6 +145,8 @@ class SoftmaxLoss:
     pooling: PoolingConfig | None = None
     name: ClassVar[str] = "softmax"
     target: ClassVar[str] = "labels"
+    # The batch pads both columns to one length: the classifier embeds [a; b] in one call.
+    joint_length: ClassVar[bool] = True
 
     def text_columns(self, has_negative: bool = False) -> tuple[str, ...]:
         if has_negative:
@@ -192,6 +194,8 @@ class EmbeddingLoss:
     mini_batch_size: int | None = None
     matryoshka_dims: tuple[int, ...] | None = None
     pooling: PoolingConfig | None = None
+    # Each text column is embedded on its own, at its own padded length.
+    joint_length: ClassVar[bool] = False
 
     @property
     def target(self) -> str | None:
@@ -231,17 +235,18 @@ class EmbeddingLoss:
     def value_and_grad(self, graphdef: nnx.GraphDef, params: Any, batch: Batch,
                        dropout_key: Array | None) -> tuple[Array, Any, dict[str, Array]]:
         names = self.text_columns(has_negative="negative_ids" in batch and self.name != "cosent")
-        ids, mask = cols.stack_columns(batch, names)
-        keys = None if dropout_key is None else cols.row_keys(dropout_key, *ids.shape[:2])
+        columns = cols.column_arrays(batch, names)
+        keys = None if dropout_key is None else cols.row_keys(dropout_key, len(names),
+                                                              columns[0][0].shape[0])
         fn = self.objective()
 
         def objective(embs: Array) -> tuple[Array, dict[str, Array]]:  # [C, B, D]
             return fn(list(embs), batch)
 
         if self.mini_batch_size:
-            return cols.cached_value_and_grad(objective, graphdef, params, ids, mask, keys,
+            return cols.cached_value_and_grad(objective, graphdef, params, columns, keys,
                                               self.mini_batch_size)
-        return cols.value_and_grad(objective, graphdef, params, ids, mask, keys)
+        return cols.value_and_grad(objective, graphdef, params, columns, keys)
 
 
 Loss = SoftmaxLoss | EmbeddingLoss

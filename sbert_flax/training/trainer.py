@@ -162,7 +162,8 @@ class Trainer:
         self.pipeline = data.TrainPipeline(self.train_src, self.pre.tokenizer, data.PipelineConfig(
             global_batch=cfg.batch_size, seq_length=cfg.seq_length, seed=cfg.seed,
             epochs=cfg.epochs_num, max_steps=cfg.max_steps, group_by_length=cfg.group_by_length,
-            no_duplicates=cfg.no_duplicates, process_index=jax.process_index(),
+            no_duplicates=cfg.no_duplicates, joint_length=self.loss.joint_length,
+            process_index=jax.process_index(),
             process_count=jax.process_count(), num_threads=cfg.data_threads))
         self.total_steps = self.pipeline.total_steps
         self.tx = optim.make_optimizer(cfg.learning_rate, self.total_steps, warmup_ratio=cfg.warmup,

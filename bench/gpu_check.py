@@ -29,10 +29,9 @@ from common import bert_base_dir, stsb_sentences  # noqa: E402
 
 
 def _min_cos(a, b) -> float:
-    import numpy as np
+    from sbert_flax.evaluation import pair_cosines
 
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float((np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).min())
+    return float(pair_cosines(a, b).min())
 
 
 def _best_rate(fn, n: int, passes: int) -> tuple[float, float, object]:
@@ -107,7 +106,7 @@ def encode(args) -> None:
 
 def train_st(args) -> None:
     import torch
-    from st_contrastive import read_rows
+    from st_contrastive import read_rows, window_rate
     from st_contrastive import train_st as run
 
     from sbert_flax.devdata import data_path
@@ -118,8 +117,6 @@ def train_st(args) -> None:
     _, stats = run(model_dir, "mnrl", rows, batch_size=args.batch_size, lr=2e-5, epochs=100, seq_length=64,
                    warmup=0.1, scale=20.0, seed=7, max_steps=args.steps, max_grad_norm=1.0,
                    device=args.device, autocast_dtype=dtype)
-    from st_contrastive import window_rate
-
     rate = window_rate(stats["step_end"], stats["step_sentences"], 10, stats["steps"])
     print(json.dumps({"side": "sentence-transformers", "batch_size": args.batch_size, "autocast": args.autocast,
                       "steps": stats["steps"], "texts_per_s_steps_11_on": rate}), flush=True)

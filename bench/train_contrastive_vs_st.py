@@ -18,8 +18,8 @@ Speed, the same definition on both sides: texts embedded per second (2 per pair)
 loop between the end of step s1 and the end of step s2, where s1 / s2 are the first / last steps
 the sbert-flax CLI logs to OUT/metrics.jsonl (every 10 steps: steps 10..100 for mnrl, 10..80 for
 cosent). That excludes model loading, the first steps (the first XLA compilation) and evaluation;
-a later bucket compilation (at most 2 shapes) falls inside unless JAX's persistent compilation
-cache (on in the CLI) already holds it. The "whole loop" row counts steps 1..s2 from the start of
+a later compilation (another packed row count: rows come in multiples of 8, 2-3 shapes a run)
+falls inside unless JAX's persistent compilation cache (on in the CLI) already holds it. The "whole loop" row counts steps 1..s2 from the start of
 the loop (sbert-flax's start is the first record's time minus its window, so it includes the
 first compilation). Peak RSS is `ru_maxrss` of the training subprocess (os.wait4).
 

@@ -44,6 +44,9 @@ class BertConfig:
     # How it is computed, not what it is (never written to config.json): recompute each layer's
     # activations in the backward pass instead of keeping them (training memory O(1 layer)).
     remat: bool = False
+    # Run the layers as one `lax.scan` over their stacked params: the layer is traced and compiled
+    # once, so compile time does not grow with depth (never written to config.json either).
+    scan_layers: bool = False
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:
@@ -110,6 +113,7 @@ class BertConfig:
         """The config.json that `transformers.BertModel` loads to the same architecture."""
         d = dataclasses.asdict(self)
         d.pop("remat")
+        d.pop("scan_layers")
         d.update(
             architectures=["BertModel"],
             model_type="bert",

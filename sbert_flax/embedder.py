@@ -3,12 +3,12 @@ training (every loss wraps it) and serving all run.
 
 Two ways in:
 
-- `__call__(ids, mask)`: one sentence per row, right-padded ([B, L] -> [B, D]). Training uses it
-  (the losses need a fixed [B, D] per text column), and so does anything that embeds a padded
-  batch.
+- `__call__(ids, mask)`: one sentence per row, right-padded ([B, L] -> [B, D]). The softmax
+  recipe's training uses it, and so does anything that embeds a padded batch.
 - `embed_packed(ids, segments, positions, slots)`: several sentences per row (sequence packing,
   block-diagonal attention, positions restarting per sentence), pooled per sentence into
-  `[B, slots, D]`. Inference uses it: a packed batch wastes almost no token slots on padding.
+  `[B, slots, D]`. Inference and the embedding losses' training use it: a packed batch wastes
+  almost no token slots on padding.
 
 Both run the same backbone and the same pooling rules (sentence-transformers' clamped mean,
 -1e9-filled max, first token), so a sentence embeds the same either way (up to float rounding).
@@ -66,8 +66,9 @@ class SentenceEmbedder(nnx.Module):
         """Last hidden states as float32 [B, L, D] (padded or packed rows)."""
         return self.backbone(ids, mask, segment_ids=segments, positions=positions).astype(jnp.float32)
 
-    def embed_packed(self, ids: Array, segments: Array, positions: Array, slots: int) -> Array:
-        """Pooled float32 [B, slots, D] for packed rows.
+    def embed_packed(self, ids: Array, segments: Array, positions: Array, slots: int, *,
+                     dropout_key: Array | None = None) -> Array:
+        """Pooled float32 [B, slots, D] for packed rows; dropout iff `dropout_key` is given.
 
         Args:
           ids: [B, L] token ids, several sentences per row.
@@ -77,8 +78,8 @@ class SentenceEmbedder(nnx.Module):
             caller drops (they are finite zeros for cls/mean, and zeros for max).
         """
         mask = (segments > 0).astype(jnp.int32)
-        hidden = self.backbone(ids, mask, segment_ids=segments,
-                               positions=positions).astype(jnp.float32)  # [B, L, D]
+        hidden = self.backbone(ids, mask, segment_ids=segments, positions=positions,
+                               dropout_key=dropout_key).astype(jnp.float32)  # [B, L, D]
         onehot = (segments[:, :, None] == jnp.arange(1, slots + 1)[None, None, :])  # [B, L, S]
         onehot = onehot.astype(jnp.float32)
         if self.pooling == "cls":

@@ -237,12 +237,33 @@ class BertModel(nnx.Module):
             same = segment_ids[:, :, None] == segment_ids[:, None, :]
             mask = (same & (segment_ids[:, None, :] > 0))[:, None]  # [B, 1, L, L]
         x = self.embeddings(input_ids, token_type_ids, positions, self.dtype, keys[0])
+        if self.config.scan_layers and len(self.layers) > 1:
+            return self._scan_layers(x, mask, None if dropout_key is None else jnp.stack(keys[1:]))
         for layer, key in zip(self.layers, keys[1:], strict=True):
             if self.config.remat:
                 # Keep only each layer's input for the backward pass; recompute the rest.
                 x = nnx.remat(lambda lyr, h, m, k: lyr(h, m, k))(layer, x, mask, key)
             else:
                 x = layer(x, mask, key)
+        return x
+
+    def _scan_layers(self, x: Array, mask: Array, keys: Array | None) -> Array:
+        """The layers as one `lax.scan` over their params stacked on a leading axis.
+
+        The params stay one entry per layer (the checkpoint and weight-map layout); the stack is
+        built inside the jitted function (one params-sized copy, freed after the step), and the
+        gradient flows back through it to each layer's entry.
+        """
+        graphdef, _ = nnx.split(self.layers[0])
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(lyr) for lyr in self.layers])
+
+        def body(h: Array, xs) -> tuple[Array, None]:
+            state, key = xs
+            return nnx.merge(graphdef, state)(h, mask, key), None
+
+        if self.config.remat:
+            body = jax.checkpoint(body)
+        x, _ = jax.lax.scan(body, x, (stacked, keys))
         return x
 
 

@@ -4,7 +4,9 @@
   in-batch negatives of every anchor come from the whole global batch.
 - cached-mnrl == mnrl (loss and gradient, dropout on, Matryoshka too), also on the mesh.
 - zero-weight padding rows change neither loss nor gradient.
-Every text column of the test batches has its own padded length, as the pipeline pads them.
+- packed batches (the texts of all columns in shared rows, the pipeline's default for these
+  losses): the same loss and gradient as padded ones without dropout, and all of the above with it.
+Every text column of the padded test batches has its own length, as the pipeline pads them.
 Tolerances as in test_train_step.py (loss rtol 1e-5; per-tensor max |a - b| / max |b| <= 1e-5).
 """
 
@@ -16,6 +18,7 @@ import pytest
 
 from sbert_flax import sharding
 from sbert_flax.config import BertConfig
+from sbert_flax.packing import TrainPacking
 from sbert_flax.training import losses
 from sbert_flax.training.state import create_train_state, state_layout
 from sbert_flax.training.step import TraceCounter, make_train_step
@@ -47,6 +50,17 @@ def _batch(columns, rows=ROWS, pad=PAD, seed=1):
     out["weights"][list(pad)] = 0.0
     out["scores"] = rng.random(rows).astype(np.float32)
     return out
+
+
+def _packed(batch, columns, groups=1, row_multiple=1, length=16):
+    """The padded test batch's texts packed as the pipeline packs them (`TrainPacking`)."""
+    texts = [[batch[f"{c}_ids"][r, : batch[f"{c}_mask"][r].sum()] for r in range(len(batch["weights"]))]
+             for c in columns]
+    p = TrainPacking(length, groups, row_multiple).pack(texts)
+    out = {f"packed_{k}": p[k] for k in ("ids", "segments", "positions")}
+    for k, c in enumerate(columns):
+        out[f"{c}_row"], out[f"{c}_slot"] = p["row"][k], p["slot"][k]
+    return {**out, "weights": batch["weights"], "scores": batch["scores"]}
 
 
 def _rel_err(a, b):
@@ -90,10 +104,14 @@ def _train(loss, mesh, rules, host, batch, steps=3):
 COLUMNS = ("anchor", "positive", "negative")
 
 
-@pytest.fixture(scope="module")
-def reference():
+@pytest.fixture(scope="module", params=["padded", "packed"])
+def reference(request):
+    """One-device mnrl run. Packed: 2 groups (the cached-mnrl runs' mini-batches of 8) of rows
+    in multiples of 8 (the devices)."""
     loss = losses.make_loss("mnrl")
     host, batch = _host_params(loss), _batch(COLUMNS)
+    if request.param == "packed":
+        batch = _packed(batch, COLUMNS, groups=2, row_multiple=8)
     mesh1 = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
     return host, batch, _train(loss, mesh1, sharding.REPLICATED_RULES, host, batch)
 
@@ -132,12 +150,16 @@ def _value_and_grad(loss, params, batch, key):
     return float(value), jax.tree.map(np.asarray, grads), metrics
 
 
-def test_cached_mnrl_equals_mnrl():
-    """Hard negatives, symmetric and Matryoshka together, dropout on, 12 mini-batches of 4."""
+@pytest.mark.parametrize("packed", [False, True])
+def test_cached_mnrl_equals_mnrl(packed):
+    """Hard negatives, symmetric and Matryoshka together, dropout on, 4 mini-batches of 4 (a
+    packed batch: packed in those 4 groups, as the pipeline packs it for cached-mnrl)."""
     options = {"symmetric": True, "matryoshka_dims": (32, 16, 8)}
     plain = losses.make_loss("mnrl", **options)
     cached = losses.make_loss("cached-mnrl", mini_batch_size=4, **options)
     host, batch = _host_params(plain), _batch(COLUMNS)
+    if packed:
+        batch = _packed(batch, COLUMNS, groups=4)
     v1, g1, m1 = _value_and_grad(plain, host, batch, KEY)
     v2, g2, m2 = _value_and_grad(cached, host, batch, KEY)
     np.testing.assert_allclose(v2, v1, rtol=1e-5)
@@ -177,3 +199,27 @@ def test_mini_batch_must_divide_the_batch():
     loss = losses.make_loss("cached-mnrl", mini_batch_size=5)
     with pytest.raises(ValueError, match="must divide"):
         _value_and_grad(loss, _host_params(loss), _batch(("anchor", "positive")), KEY)
+
+
+@pytest.mark.parametrize("name", ["mnrl", "cosent"])
+def test_packed_equals_padded_without_dropout(name):
+    """Packing changes where a text sits, not what it embeds to: block-diagonal attention and
+    positions restarting per text give each text its padded embedding, so loss and gradient match."""
+    loss = losses.make_loss(name)
+    names = COLUMNS if name == "mnrl" else loss.text_columns(False)
+    host, batch = _host_params(loss), _batch(names)
+    packed = _packed(batch, names)
+    assert packed["packed_ids"].shape[0] < ROWS * len(names)  # several texts share a row
+    v1, g1, m1 = _value_and_grad(loss, host, batch, None)
+    v2, g2, m2 = _value_and_grad(loss, host, packed, None)
+    np.testing.assert_allclose(v2, v1, rtol=1e-5)
+    assert m2.keys() == m1.keys()
+    _assert_trees_close(g2, g1)
+
+
+def test_packed_groups_must_match_the_mini_batches():
+    loss = losses.make_loss("cached-mnrl", mini_batch_size=4)
+    batch = _packed(_batch(("anchor", "positive")), ("anchor", "positive"), groups=1)  # 8 rows, 4 groups wanted
+    batch = {k: v[:6] if k.startswith("packed_") else v for k, v in batch.items()}
+    with pytest.raises(ValueError, match="do not split into 4 mini-batch groups"):
+        _value_and_grad(loss, _host_params(loss), batch, KEY)

@@ -141,6 +141,27 @@ def test_cached_mnrl_triplets_no_duplicates_matryoshka(tmp_path, model):
     assert [r["step"] for r in _records(cfg.output_dir) if r["kind"] == "train"] == [1, 2, 3]
 
 
+def test_scan_layers_and_remat_train_the_same(tmp_path, tiny_bert):
+    """--scan_layers --remat (2 layers, so the scan runs): the same losses and final params."""
+    model = tiny_bert(hidden=32, layers=2, heads=4, intermediate=64, max_position=64, pooling="mean")
+    train = write_contrastive(tmp_path / "pairs.tsv", 48, seed=5)
+
+    def run(name, **flags):
+        cfg = TrainConfig(pretrained_model_path=model, train_path=train, loss="mnrl", batch_size=16,
+                          seq_length=32, epochs_num=1, learning_rate=1e-3, export=False,
+                          progress_bar=False, log_every_steps=1, output_dir=str(tmp_path / name), **flags)
+        summary = train_and_evaluate(cfg)
+        losses = [r["loss"] for r in _records(cfg.output_dir) if r["kind"] == "train"]
+        return losses, jax.tree.leaves(summary["params"])
+
+    (l0, p0), (l1, p1) = run("plain"), run("scan", scan_layers=True, remat=True)
+    assert len(l0) == 3
+    np.testing.assert_allclose(l1, l0, rtol=1e-5)
+    for a, b in zip(p1, p0, strict=True):
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.max(np.abs(a - b)) <= 1e-5 * np.max(np.abs(b))
+
+
 def test_resume_refusals_keep_config_json(tmp_path, model, capsys):
     train = write_contrastive(tmp_path / "pairs.tsv", 64, seed=7)
     out = str(tmp_path / "run")
@@ -161,6 +182,11 @@ def test_resume_refusals_keep_config_json(tmp_path, model, capsys):
         assert "cannot resume" in err and field in err and "--force" in err, err[-2000:]
         assert open(os.path.join(out, "config.json")).read() == config_json
     assert cli.main([*base, "--resume", "--loss", "cosent"]) == 2  # wrong columns for cosent
+    assert cli.main([*base, "--resume", "--no_pack"]) == 2  # other batches than checkpointed
+    assert "pack: True -> False" in capsys.readouterr().err
+    # A checkpoint from before packing existed trained padded: resuming it packed is refused too.
+    assert TrainConfig(loss="mnrl").resume_mismatches({"seed": 7}) == ["pack: False -> True"]
+    assert TrainConfig(loss="softmax").resume_mismatches({"seed": 7}) == []  # softmax never packs
     with pytest.raises(ResumeMismatch, match="seed"):
         train_and_evaluate(TrainConfig(pretrained_model_path=model, train_path=train, loss="mnrl",
                                        batch_size=16, seq_length=32, epochs_num=1, max_steps=2,

@@ -333,6 +333,50 @@ def test_each_column_pads_to_its_own_bucket_unless_joint(tmp_path):
     assert not joint["positive_mask"][:, 16:].any()
 
 
+@pytest.mark.parametrize("groups", [1, 4])
+def test_packed_batches_hold_every_text_at_its_row_and_slot(tmp_path, groups):
+    """Packing (the embedding losses' default) keeps each text whole at its (row, slot): the same
+    tokens as the padded batch of the same step, positions restarting at 0, group k's texts in
+    group k's rows (r * groups + k: GradCache's mini-batch k), row counts a multiple of
+    lcm(8, row_multiple)."""
+    path = write_pairs(tmp_path, 150)
+    padded = list(_pipe(path, epochs=1).iterator())
+    packed = list(_pipe(path, epochs=1, pack=True, pack_groups=groups, row_multiple=4).iterator())
+    assert len(packed) == len(padded) == 10
+    for p, b in zip(packed, padded, strict=True):
+        assert set(p) == {"packed_ids", "packed_segments", "packed_positions", "anchor_row",
+                          "anchor_slot", "positive_row", "positive_slot", "weights"}
+        rows, length = p["packed_ids"].shape
+        assert length == 64 and rows % (8 * groups) == 0
+        np.testing.assert_array_equal(p["weights"], b["weights"])
+        seg, pos = p["packed_segments"], p["packed_positions"]
+        assert not p["packed_ids"][seg == 0].any() and not pos[seg == 0].any()
+        for c in ("anchor", "positive"):
+            for i in range(16):
+                r, slot = p[f"{c}_row"][i], p[f"{c}_slot"][i]
+                at = seg[r] == slot + 1
+                want = b[f"{c}_ids"][i, : b[f"{c}_mask"][i].sum()]
+                np.testing.assert_array_equal(p["packed_ids"][r, at], want)
+                np.testing.assert_array_equal(pos[r, at], np.arange(len(want)))
+                assert r % groups == i % groups
+        assert seg.max() <= 16  # the slots of a 64-token row
+    if groups == 1:  # fewer token slots than padding each column to its bucket
+        assert (sum(p["packed_ids"].size for p in packed)
+                < 0.8 * sum(b["anchor_ids"].size + b["positive_ids"].size for b in padded))
+
+
+def test_packed_process_shards_split_rows_and_texts(tmp_path):
+    path = write_pairs(tmp_path, 70)
+    whole = list(_pipe(path, pack=True, row_multiple=2).iterator())
+    parts = [list(_pipe(path, pack=True, row_multiple=2, process_index=i, process_count=2).iterator())
+             for i in range(2)]
+    for j, b in enumerate(whole):
+        for k in b:
+            np.testing.assert_array_equal(np.concatenate([p[j][k] for p in parts]), b[k])
+    with pytest.raises(DataError, match="must divide row_multiple"):
+        PipelineConfig(global_batch=16, seq_length=64, pack=True, row_multiple=3, process_count=2)
+
+
 def test_deterministic_by_seed_and_epoch(tmp_path):
     path = write_pairs(tmp_path, 100)
 

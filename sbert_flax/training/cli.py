@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--group_by_length", action="store_true",
                    help="batches of similar length (default: random batches)")
     g.add_argument("--no_duplicates", action="store_true", help="no text twice in a batch")
+    g.add_argument("--no_pack", action="store_true",
+                   help="embedding losses: pad each text to its column's length bucket instead of "
+                        "packing the batch's texts into shared rows (the default)")
     g.add_argument("--data_threads", type=int, default=2, help="input pipeline threads")
     g = p.add_argument_group("optimisation")
     g.add_argument("--learning_rate", type=float, default=2e-5)
@@ -83,8 +86,8 @@ def _parser() -> argparse.ArgumentParser:
                    choices=["replicated", "fsdp"])
     g.add_argument("--mesh_fsdp", type=int, help="fsdp axis size (default: all devices with fsdp, else 1)")
     g.add_argument("--bf16", action="store_true", help="bfloat16 compute, float32 master params")
-    g.add_argument("--remat", action="store_true", help="rematerialise each layer (when the model supports it)")
-    g.add_argument("--scan_layers", action="store_true", help="scan over layers (when the model supports it)")
+    g.add_argument("--remat", action="store_true", help="rematerialise each layer in the backward pass (less activation memory)")
+    g.add_argument("--scan_layers", action="store_true", help="run the layers as one lax.scan: compile time independent of depth")
     g.add_argument("--peak_flops", type=float, help="per-device peak FLOP/s for MFU (known TPU/GPU peaks otherwise)")
     g = p.add_argument_group("output")
     g.add_argument("--output_dir", help="run directory (default ./runs/siamese)")
@@ -125,7 +128,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         columns=parse_columns(args.columns), has_header=not args.no_header,
         skip_bad_lines=args.skip_bad_lines, score_scale=args.score_scale,
         group_by_length=args.group_by_length, no_duplicates=args.no_duplicates,
-        data_threads=args.data_threads, learning_rate=args.learning_rate,
+        pack=not args.no_pack, data_threads=args.data_threads, learning_rate=args.learning_rate,
         epochs_num=args.epochs_num, max_steps=args.max_steps, batch_size=args.batch_size,
         seq_length=args.seq_length, warmup=args.warmup, weight_decay=args.weight_decay,
         uer_adamw=args.uer_adamw, max_grad_norm=args.max_grad_norm, seed=args.seed,

@@ -8,6 +8,12 @@ matmuls still see every row at once (a vmapped `x @ W` is one GEMM). This needs 
 (JAX's default), which draw the same bits under vmap as unbatched; with `jax_default_prng_impl`
 "rbg" the masks depend on the batch layout and cached-mnrl is then only statistically mnrl.
 
+Packed batches (`packing.TrainPacking`: the texts of all columns share rows, block-diagonal
+attention) take the same two routes, `packed_value_and_grad` and `packed_cached_value_and_grad`.
+Their dropout is keyed per packed row (`fold_in(fold_in(step_key, 0), row)`): a text's masks then
+depend on the packing, which the host fixes for the batch (with the mini-batches as its groups),
+so the same batch gives the same masks on any mesh and with or without GradCache.
+
 GradCache (Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited
 Setup"), as sentence-transformers' `CachedMultipleNegativesRankingLoss` does it:
   1. embed every mini-batch without gradients (`lax.map`: only the [m, D] outputs are kept);
@@ -25,6 +31,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from sbert_flax.packing import Packer
 
 Array = jax.Array
 # embeddings [C, B, D] -> (loss, metrics)
@@ -131,4 +139,87 @@ def cached_value_and_grad(objective: Objective, graphdef: nnx.GraphDef, params: 
     grads = jax.tree.map(jnp.zeros_like, params)
     for c, (i, m, k) in enumerate(chunked):
         grads, _ = jax.lax.scan(accumulate, grads, (i, m, k, _chunk(g_emb[c], mini_batch_size)))
+    return loss, grads, metrics
+
+
+# ---- packed batches ----------------------------------------------------------------------------
+
+def packed_arrays(batch: dict[str, Array], columns: tuple[str, ...]
+                  ) -> tuple[Array, Array, Array, Array, Array]:
+    """(ids, segments, positions [R, L], row [C, B], slot [C, B]) of a packed batch."""
+    return (batch["packed_ids"], batch["packed_segments"], batch["packed_positions"],
+            jnp.stack([batch[f"{c}_row"] for c in columns]),
+            jnp.stack([batch[f"{c}_slot"] for c in columns]))
+
+
+def embed_packed_rows(graphdef: nnx.GraphDef, params: Any, ids: Array, segments: Array,
+                      positions: Array, keys: Array | None) -> Array:
+    """Pooled float32 [R, slots, D] of packed rows [R, L]; one dropout key per row (`keys` [R]),
+    or no dropout when `keys` is None."""
+    embedder = nnx.merge(graphdef, params).embedder
+    slots = Packer.slots(ids.shape[-1])
+    if keys is None:
+        return embedder.embed_packed(ids, segments, positions, slots)
+
+    def one(i: Array, s: Array, p: Array, k: Array) -> Array:
+        return embedder.embed_packed(i[None], s[None], p[None], slots, dropout_key=k)[0]
+
+    return jax.vmap(one)(ids, segments, positions, keys)
+
+
+def packed_value_and_grad(objective: Objective, graphdef: nnx.GraphDef, params: Any,
+                          packed: tuple[Array, ...], keys: Array | None
+                          ) -> tuple[Array, Any, dict[str, Array]]:
+    """`value_and_grad` of a packed batch (`packed_arrays`); `keys` [R] per packed row."""
+    ids, segments, positions, row, slot = packed
+
+    def loss_fn(p):
+        return objective(embed_packed_rows(graphdef, p, ids, segments, positions, keys)[row, slot])
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, grads, metrics
+
+
+def packed_cached_value_and_grad(objective: Objective, graphdef: nnx.GraphDef, params: Any,
+                                 packed: tuple[Array, ...], keys: Array | None,
+                                 mini_batch_size: int) -> tuple[Array, Any, dict[str, Array]]:
+    """GradCache over a batch packed in `B / mini_batch_size` groups: mini-batch k embeds group
+    k's rows (global rows r * groups + k, which `_chunk` hands it) and gathers its texts.
+
+    Raises:
+      ValueError: `mini_batch_size` does not divide the batch, or the packed rows do not split
+        into the groups.
+    """
+    ids, segments, positions, row, slot = packed
+    texts, rows = row.shape[1], ids.shape[0]
+    if texts % mini_batch_size:
+        raise ValueError(f"mini_batch_size={mini_batch_size} must divide the global batch size "
+                         f"({texts} rows)")
+    groups = texts // mini_batch_size
+    if rows % groups:
+        raise ValueError(f"{rows} packed rows do not split into {groups} mini-batch groups: pack the "
+                         f"batch with groups={groups}")
+    per_group = rows // groups
+    chunked = (_chunk(ids, per_group), _chunk(segments, per_group), _chunk(positions, per_group),
+               None if keys is None else _chunk(keys, per_group),
+               _chunk(row.T // groups, mini_batch_size), _chunk(slot.T, mini_batch_size))
+    frozen = jax.lax.stop_gradient(params)
+
+    def embed(p, xs):  # one mini-batch: [m, C, D]
+        i, s, pos, k, r, sl = xs
+        return embed_packed_rows(graphdef, p, i, s, pos, k)[r, sl]
+
+    # [C, B, D]; lax.map keeps no residuals, only each mini-batch's [m, C, D] output.
+    embs = jnp.swapaxes(_unchunk(jax.lax.map(lambda xs: embed(frozen, xs), chunked)), 0, 1)
+    (loss, metrics), g_emb = jax.value_and_grad(objective, has_aux=True)(embs)
+
+    def accumulate(acc, xs):
+        *inputs, g = xs
+        _, vjp = jax.vjp(lambda p: embed(p, inputs), params)
+        (grad,) = vjp(g)
+        return jax.tree.map(jnp.add, acc, grad), None
+
+    grads = jax.tree.map(jnp.zeros_like, params)
+    grads, _ = jax.lax.scan(accumulate, grads,
+                            (*chunked, _chunk(jnp.swapaxes(g_emb, 0, 1), mini_batch_size)))
     return loss, grads, metrics

@@ -234,20 +234,28 @@ class EmbeddingLoss:
 
     def value_and_grad(self, graphdef: nnx.GraphDef, params: Any, batch: Batch,
                        dropout_key: Array | None) -> tuple[Array, Any, dict[str, Array]]:
-        names = self.text_columns(has_negative="negative_ids" in batch and self.name != "cosent")
-        columns = cols.column_arrays(batch, names)
-        keys = None if dropout_key is None else cols.row_keys(dropout_key, len(names),
-                                                              columns[0][0].shape[0])
+        packed = "packed_ids" in batch
+        has_negative = ("negative_row" if packed else "negative_ids") in batch
+        names = self.text_columns(has_negative=has_negative and self.name != "cosent")
         fn = self.objective()
 
         def objective(embs: Array) -> tuple[Array, dict[str, Array]]:  # [C, B, D]
             return fn(list(embs), batch)
 
+        if packed:
+            arrays = cols.packed_arrays(batch, names)
+            keys = None if dropout_key is None else cols.row_keys(dropout_key, 1, arrays[0].shape[0])[0]
+            if self.mini_batch_size:
+                return cols.packed_cached_value_and_grad(objective, graphdef, params, arrays, keys,
+                                                         self.mini_batch_size)
+            return cols.packed_value_and_grad(objective, graphdef, params, arrays, keys)
+        columns = cols.column_arrays(batch, names)
+        keys = None if dropout_key is None else cols.row_keys(dropout_key, len(names),
+                                                              columns[0][0].shape[0])
         if self.mini_batch_size:
             return cols.cached_value_and_grad(objective, graphdef, params, columns, keys,
                                               self.mini_batch_size)
         return cols.value_and_grad(objective, graphdef, params, columns, keys)
-
 
 Loss = SoftmaxLoss | EmbeddingLoss
 

@@ -30,6 +30,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from sbert_flax.packing import TrainPacking, row_lengths
 from sbert_flax.tokenization import Tokenizer, bucket_for, bucket_lengths
 from sbert_flax.training.sources import DataError, TextSource
 
@@ -60,6 +61,11 @@ class PipelineConfig:
       buckets: padded lengths to choose from (capped at seq_length, which is always one).
       joint_length: pad every text column to one length (the softmax classifier runs both
         columns in one backbone call); otherwise each column has its own.
+      pack: pack the texts of all columns into shared rows (`packing.TrainPacking`) instead of
+        padding each text to a bucket; the embedding losses train on these.
+      pack_groups: with `pack`, pack this many groups of rows (GradCache's mini-batches).
+      row_multiple: with `pack`, each group's row count is a multiple of this (the number of
+        devices the batch is split over).
       process_index, process_count: this process's rows are the process_index-th contiguous slice
         of `global_batch // process_count` rows of every global batch.
       num_threads: grain read threads (texts are read, tokenized and padded off the main thread).
@@ -76,6 +82,9 @@ class PipelineConfig:
     no_duplicates: bool = False
     buckets: tuple[int, ...] = TRAIN_BUCKETS
     joint_length: bool = False
+    pack: bool = False
+    pack_groups: int = 1
+    row_multiple: int = 1
     process_index: int = 0
     process_count: int = 1
     num_threads: int = 2
@@ -96,6 +105,11 @@ class PipelineConfig:
             raise DataError(f"epochs must be >= 1, got {self.epochs}")
         if self.max_steps is not None and self.max_steps < 1:
             raise DataError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.pack and (self.global_batch % self.pack_groups
+                          or self.row_multiple % self.process_count):
+            raise DataError(f"packing: {self.pack_groups} groups must divide the global batch "
+                            f"{self.global_batch}, and the process count {self.process_count} must "
+                            f"divide row_multiple {self.row_multiple}")
         if self.group_by_length and self.no_duplicates:
             raise DataError("group_by_length and no_duplicates cannot be combined")
 
@@ -106,6 +120,10 @@ class PipelineConfig:
     @property
     def bucket_lengths(self) -> tuple[int, ...]:
         return bucket_lengths(self.seq_length, sorted(self.buckets))
+
+    def row_length(self, longest: int) -> int:
+        """The packed row length of a batch whose longest text has `longest` tokens."""
+        return bucket_for(longest, row_lengths(self.seq_length))
 
 
 def bucket_of(length: int, seq_length: int, buckets: Sequence[int] = TRAIN_BUCKETS) -> int:
@@ -252,6 +270,11 @@ class BatchBuilder:
     rows, which hold the empty sentence [CLS] [SEP]), and `labels` int32 [rows] or `scores`
     float32 [rows] (0 on pad rows) when the source has a target.
     With `with_index`, also `index` int32 [rows]: each row's record (-1 on pad rows).
+
+    With `cfg.pack` the texts are packed instead (`packing.TrainPacking`): `packed_ids`,
+    `packed_segments`, `packed_positions` int32 [R_local, L] (this process's contiguous share of
+    the global rows) and `{c}_row`, `{c}_slot` int32 [rows] (each text's global packed row and
+    slot) replace `{c}_ids` / `{c}_mask`.
     """
 
     def __init__(self, source: TextSource, tokenizer: Tokenizer, cfg: PipelineConfig,
@@ -278,28 +301,15 @@ class BatchBuilder:
         n = len(records)
         if n > g:
             raise ValueError(f"{n} records for a global batch of {g}")
-        # Every process tokenizes the whole global batch: the padded lengths must be the same on
-        # all of them, and they depend on the longest text of any row.
+        # Every process tokenizes the whole global batch: the padded lengths (or the packing) must
+        # be the same on all of them, and they depend on every text of the batch.
         cols = src.texts(records)
         flat = [t for c in src.columns for t in cols[c]]
         with self._lock:
             ids = self.tokenizer.encode(flat, cfg.seq_length) if flat else []
-        longest = [max((len(x) for x in ids[k * n:(k + 1) * n]), default=2) for k in range(len(src.columns))]
-        if cfg.joint_length:
-            longest = [max(longest)] * len(longest)
         lo = cfg.process_index * rows
         mine = range(lo, min(lo + rows, n))
-        out: Batch = {}
-        pad = self.tokenizer.pad_id
-        for k, c in enumerate(src.columns):
-            length = bucket_for(longest[k], cfg.bucket_lengths)
-            a = np.full((rows, length), pad, np.int32)
-            m = np.zeros((rows, length), np.int32)
-            for r in range(rows):
-                x = ids[k * n + lo + r] if r < len(mine) else self._empty
-                a[r, : len(x)] = x
-                m[r, : len(x)] = 1
-            out[f"{c}_ids"], out[f"{c}_mask"] = a, m
+        out = self._packed(ids, n, lo) if cfg.pack else self._padded(ids, n, lo)
         real = len(mine)
         w = np.zeros((rows,), np.float32)
         w[:real] = 1.0
@@ -312,6 +322,42 @@ class BatchBuilder:
             index = np.full((rows,), -1, np.int32)
             index[:real] = records[lo: lo + real]
             out["index"] = index
+        return out
+
+    def _padded(self, ids: list[np.ndarray], n: int, lo: int) -> Batch:
+        """Each text in its own row of the local batch, padded to its column's bucket."""
+        cfg, columns, rows = self.cfg, self.source.columns, self.cfg.local_batch
+        longest = [max((len(x) for x in ids[k * n:(k + 1) * n]), default=2) for k in range(len(columns))]
+        if cfg.joint_length:
+            longest = [max(longest)] * len(longest)
+        out: Batch = {}
+        pad = self.tokenizer.pad_id
+        for k, c in enumerate(columns):
+            length = bucket_for(longest[k], cfg.bucket_lengths)
+            a = np.full((rows, length), pad, np.int32)
+            m = np.zeros((rows, length), np.int32)
+            for r in range(rows):
+                x = ids[k * n + lo + r] if lo + r < n else self._empty
+                a[r, : len(x)] = x
+                m[r, : len(x)] = 1
+            out[f"{c}_ids"], out[f"{c}_mask"] = a, m
+        return out
+
+    def _packed(self, ids: list[np.ndarray], n: int, lo: int) -> Batch:
+        """The global batch's texts (pad rows: the empty sentence) packed into shared rows; this
+        process keeps its share of the rows and of the texts' (row, slot)."""
+        cfg, columns = self.cfg, self.source.columns
+        g, rows = cfg.global_batch, cfg.local_batch
+        texts = [[ids[k * n + i] if i < n else self._empty for i in range(g)] for k in range(len(columns))]
+        longest = max(len(x) for col in texts for x in col)
+        packing = TrainPacking(cfg.row_length(longest), cfg.pack_groups, cfg.row_multiple)
+        p = packing.pack(texts, pad_id=self.tokenizer.pad_id)
+        share = p["ids"].shape[0] // cfg.process_count
+        r0 = cfg.process_index * share
+        out: Batch = {f"packed_{k}": p[k][r0: r0 + share] for k in ("ids", "segments", "positions")}
+        for k, c in enumerate(columns):
+            out[f"{c}_row"] = p["row"][k, lo: lo + rows]
+            out[f"{c}_slot"] = p["slot"][k, lo: lo + rows]
         return out
 
 

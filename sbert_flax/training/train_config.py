@@ -17,7 +17,9 @@ from sbert_flax.files import read_json
 LOSSES = ("softmax", "mnrl", "cached-mnrl", "cosent")
 BEST_METRICS = ("accuracy", "macro_f1", "sts_spearman")
 # What `--resume` refuses to change silently: the run would no longer be the one checkpointed.
-RESUME_FIELDS = ("seed", "train_path", "loss", "batch_size", "learning_rate")
+RESUME_FIELDS = ("seed", "train_path", "loss", "batch_size", "learning_rate", "pack")
+# The value a checkpoint's config.json implies for a field it predates (it trained that way).
+RESUME_DEFAULTS = {"pack": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +52,8 @@ class TrainConfig:
     score_scale: float = 1.0  # cosent: gold scores are divided by it (5 for STS-B's 0..5)
     group_by_length: bool = False  # batches of similar length (less padding, not random samples)
     no_duplicates: bool = False  # no text twice in a batch (sentence-transformers' sampler)
+    pack: bool = True  # embedding losses: pack the batch's texts into shared rows (block-diagonal
+    #   attention); False pads each text to its column's bucket. softmax always pads
     data_threads: int = 2  # grain threads reading / tokenizing / padding ahead of the device
     # ---- optimisation (UER defaults) ----
     learning_rate: float = 2e-5  # peak lr
@@ -67,8 +71,8 @@ class TrainConfig:
     param_sharding: str = "replicated"  # "replicated" (data parallel) | "fsdp"
     mesh_fsdp: int | None = None  # fsdp axis size; None: 1 (replicated) or all devices (fsdp)
     bf16: bool = False  # bfloat16 compute; params and optimizer state stay float32
-    remat: bool = False  # rematerialise each layer in the backward pass (needs model support)
-    scan_layers: bool = False  # scan over layers (needs model support)
+    remat: bool = False  # rematerialise each layer in the backward pass
+    scan_layers: bool = False  # the layers as one lax.scan (compile time independent of depth)
     peak_flops: float | None = None  # per-device peak FLOP/s for MFU; None: known TPU/GPU peaks
     # ---- output, checkpoints ----
     output_dir: str = "./runs/siamese"
@@ -93,6 +97,8 @@ class TrainConfig:
             object.__setattr__(self, "sts_dev_path", None)
         if isinstance(self.sts_dev_paths, str):
             object.__setattr__(self, "sts_dev_paths", (self.sts_dev_paths,))
+        if self.loss == "softmax":  # its classifier embeds [a; b] in one padded call
+            object.__setattr__(self, "pack", False)
         if self.loss not in LOSSES:
             raise ValueError(f"loss={self.loss!r}; expected one of {' | '.join(LOSSES)}")
         if self.param_sharding not in ("replicated", "fsdp"):
@@ -139,8 +145,9 @@ class TrainConfig:
         """`field: checkpoint value -> this value` for each RESUME_FIELDS field that differs."""
         out = []
         for f in RESUME_FIELDS:
-            if f in saved and saved[f] != getattr(self, f):
-                out.append(f"{f}: {saved[f]!r} -> {getattr(self, f)!r}")
+            was = saved.get(f, RESUME_DEFAULTS.get(f, getattr(self, f)))
+            if was != getattr(self, f):
+                out.append(f"{f}: {was!r} -> {getattr(self, f)!r}")
         return out
 
     def to_dict(self) -> dict[str, Any]:

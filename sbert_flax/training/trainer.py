@@ -163,6 +163,8 @@ class Trainer:
             global_batch=cfg.batch_size, seq_length=cfg.seq_length, seed=cfg.seed,
             epochs=cfg.epochs_num, max_steps=cfg.max_steps, group_by_length=cfg.group_by_length,
             no_duplicates=cfg.no_duplicates, joint_length=self.loss.joint_length,
+            pack=cfg.pack, row_multiple=n_dev,
+            pack_groups=cfg.batch_size // cfg.mini_batch_size if cfg.mini_batch_size else 1,
             process_index=jax.process_index(),
             process_count=jax.process_count(), num_threads=cfg.data_threads))
         self.total_steps = self.pipeline.total_steps
@@ -201,13 +203,10 @@ class Trainer:
             log.warning("--force: resuming although %s", "; ".join(problems))
 
     def _model_config_flags(self) -> None:
-        # Passed through to the model config when it has the fields (lead's model.py).
-        for flag in ("remat", "scan_layers"):
-            if getattr(self.cfg, flag):
-                if not hasattr(self.pre.config, flag):
-                    raise ValueError(f"--{flag} is not supported by this model implementation yet")
-                self.pre = dataclasses.replace(
-                    self.pre, config=dataclasses.replace(self.pre.config, **{flag: True}))
+        # How the backbone computes (remat, scan over layers) lives on its config.
+        flags = {f: True for f in ("remat", "scan_layers") if getattr(self.cfg, f)}
+        if flags:
+            self.pre = dataclasses.replace(self.pre, config=dataclasses.replace(self.pre.config, **flags))
 
     def _meta(self, step: int, epochs_done: int) -> dict[str, Any]:
         return {"step": step, "epoch": epochs_done, "best": self.best, "history": self.history,
@@ -386,13 +385,19 @@ class _Window:
         self.rows = 0
 
     def add(self, local: data.Batch, process_count: int) -> None:
-        w = local["weights"]
-        for k, v in local.items():
-            if k.endswith("_mask"):
-                self.sentences += float(np.sum(w)) * process_count
-                self.tokens += float(np.sum(v)) * process_count
-                self.padded += float(v.shape[1] * np.sum(w)) * process_count
-                self.rows += int(np.sum(w)) * process_count
+        w = float(np.sum(local["weights"])) * process_count
+        packed = local.get("packed_segments")
+        if packed is not None:  # packed rows: every text's attention spans its whole row
+            widths = [packed.shape[1] for k in local if k.endswith("_row")]
+            tokens = float(np.sum(packed > 0))
+        else:
+            masks = [v for k, v in local.items() if k.endswith("_mask")]
+            widths = [m.shape[1] for m in masks]
+            tokens = float(sum(np.sum(m) for m in masks))
+        self.sentences += w * len(widths)
+        self.tokens += tokens * process_count
+        self.padded += w * sum(widths)
+        self.rows += int(w) * len(widths)
 
     def rates(self, step: int) -> dict[str, float]:
         dt = max(time.perf_counter() - self.t0, 1e-9)

@@ -18,13 +18,14 @@ MNRL_ROWS, MNRL_LEN, MNRL_PAD = 16, 12, (6, 7, 14, 15)  # each process pads its 
 
 
 def mnrl_run(steps: int = 3):
-    """mnrl (anchor, positive, negative) on a data=4 x fsdp=2 mesh of all devices, SGD: each
-    process feeds its contiguous half of a fixed global batch. Returns (losses, host params)."""
+    """mnrl (anchor, positive, negative; packed) on a data=4 x fsdp=2 mesh of all devices, SGD:
+    each process feeds its contiguous half of a fixed global batch. Returns (losses, host params)."""
     import numpy as np
     import optax
 
     from sbert_flax import sharding
     from sbert_flax.config import BertConfig
+    from sbert_flax.packing import TrainPacking
     from sbert_flax.training import losses
     from sbert_flax.training.state import create_train_state, state_layout
     from sbert_flax.training.step import make_train_step
@@ -41,10 +42,18 @@ def mnrl_run(steps: int = 3):
         mask = (np.arange(MNRL_LEN)[None] < rng.integers(2, MNRL_LEN + 1, MNRL_ROWS)[:, None])
         batch[f"{c}_ids"] = rng.integers(1, 128, (MNRL_ROWS, MNRL_LEN)).astype(np.int32) * mask
         batch[f"{c}_mask"] = mask.astype(np.int32)
+    # Packed, as the pipeline feeds the embedding losses: every process packs the whole global
+    # batch the same way and feeds its contiguous share of the rows and of the texts.
+    names = loss.text_columns(True)
+    texts = [[batch[f"{c}_ids"][r, : batch[f"{c}_mask"][r].sum()] for r in range(MNRL_ROWS)] for c in names]
+    p = TrainPacking(16, 1, row_multiple=8).pack(texts)
+    batch = {f"packed_{k}": p[k] for k in ("ids", "segments", "positions")}
+    for k, c in enumerate(names):
+        batch[f"{c}_row"], batch[f"{c}_slot"] = p["row"][k], p["slot"][k]
     batch["weights"] = np.ones(MNRL_ROWS, np.float32)
     batch["weights"][list(MNRL_PAD)] = 0.0
     n, i = jax.process_count(), jax.process_index()
-    local = {k: v[i * MNRL_ROWS // n:(i + 1) * MNRL_ROWS // n] for k, v in batch.items()}
+    local = {k: v[i * len(v) // n:(i + 1) * len(v) // n] for k, v in batch.items()}
 
     mesh = sharding.make_mesh(4, 2)
     tx = optax.sgd(0.5)

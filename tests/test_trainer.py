@@ -184,6 +184,8 @@ def test_resume_refusals_keep_config_json(tmp_path, model, capsys):
     assert cli.main([*base, "--resume", "--loss", "cosent"]) == 2  # wrong columns for cosent
     assert cli.main([*base, "--resume", "--no_pack"]) == 2  # other batches than checkpointed
     assert "pack: True -> False" in capsys.readouterr().err
+    assert cli.main([*base, "--resume", "--group_by_length"]) == 2
+    assert "group_by_length: False -> True" in capsys.readouterr().err
     # A checkpoint from before packing existed trained padded: resuming it packed is refused too.
     assert TrainConfig(loss="mnrl").resume_mismatches({"seed": 7}) == ["pack: False -> True"]
     assert TrainConfig(loss="softmax").resume_mismatches({"seed": 7}) == []  # softmax never packs
@@ -194,6 +196,26 @@ def test_resume_refusals_keep_config_json(tmp_path, model, capsys):
     # --force continues (the run is already at its last step: nothing left to train).
     assert cli.main([*base, "--resume", "--seed", "8", "--force"]) == 0
     assert json.load(open(os.path.join(out, "config.json")))["seed"] == 8
+
+
+def test_group_by_length_resume_needs_the_same_length_buckets():
+    """Length-grouped batches depend on the bucket grid: a checkpoint that does not record its
+    grid was trained on the first one, and resuming it on today's would regroup the data."""
+    from types import SimpleNamespace
+
+    from sbert_flax.training.data import FIRST_TRAIN_BUCKETS, TRAIN_BUCKETS
+    from sbert_flax.training.train_config import RESUME_FIELDS
+    from sbert_flax.training.trainer import Trainer
+
+    cfg = TrainConfig(loss="mnrl", group_by_length=True)
+    saved = {f: getattr(cfg, f) for f in RESUME_FIELDS}
+    trainer = SimpleNamespace(cfg=cfg)
+    with pytest.raises(ResumeMismatch, match=re.escape(f"length buckets of --group_by_length: "
+                                                       f"{FIRST_TRAIN_BUCKETS} -> {TRAIN_BUCKETS}")):
+        Trainer._check_resume(trainer, {"config": saved})
+    Trainer._check_resume(trainer, {"config": {**saved, "length_buckets": list(TRAIN_BUCKETS)}})
+    plain = SimpleNamespace(cfg=TrainConfig(loss="mnrl"))  # random batches: the grid does not matter
+    Trainer._check_resume(plain, {"config": {f: getattr(plain.cfg, f) for f in RESUME_FIELDS}})
 
 
 def test_batch_sizes_validated(tmp_path, model, capsys):

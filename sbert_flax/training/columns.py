@@ -25,6 +25,7 @@ Setup"), as sentence-transformers' `CachedMultipleNegativesRankingLoss` does it:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -104,6 +105,41 @@ def _unchunk(y: Array) -> Array:
     return jnp.swapaxes(y, 0, 1).reshape(mini * n, *y.shape[2:])
 
 
+# One mini-batch's embeddings [m, C_part, D] from (params, that mini-batch's inputs).
+PartEmbed = Callable[[Any, Any], Array]
+
+
+def _grad_cache(objective: Objective, params: Any, parts: list[tuple[PartEmbed, Any]],
+                mini_batch_size: int) -> tuple[Array, Any, dict[str, Array]]:
+    """GradCache's three passes over `parts`: each is (embed, its inputs chunked [n, ...] by
+    `_chunk`) and gives some of the text columns; their columns, in order, are the objective's."""
+    frozen = jax.lax.stop_gradient(params)
+    # [C, B, D]; lax.map keeps no residuals, only each mini-batch's [m, C_part, D] output.
+    outs = [jnp.swapaxes(_unchunk(jax.lax.map(functools.partial(embed, frozen), xs)), 0, 1)
+            for embed, xs in parts]
+    (loss, metrics), g_emb = jax.value_and_grad(objective, has_aux=True)(jnp.concatenate(outs))
+    grads = jax.tree.map(jnp.zeros_like, params)
+    first = 0
+    for (embed, xs), out in zip(parts, outs, strict=True):
+        g = _chunk(jnp.swapaxes(g_emb[first: first + out.shape[0]], 0, 1), mini_batch_size)
+        first += out.shape[0]
+
+        def accumulate(acc, step, embed=embed):
+            inputs, g_mini = step
+            _, vjp = jax.vjp(lambda p: embed(p, inputs), params)
+            (grad,) = vjp(g_mini)
+            return jax.tree.map(jnp.add, acc, grad), None
+
+        grads, _ = jax.lax.scan(accumulate, grads, (xs, g))
+    return loss, grads, metrics
+
+
+def _check_mini_batch(rows: int, mini_batch_size: int) -> None:
+    if rows % mini_batch_size:
+        raise ValueError(f"mini_batch_size={mini_batch_size} must divide the global batch size "
+                         f"({rows} rows)")
+
+
 def cached_value_and_grad(objective: Objective, graphdef: nnx.GraphDef, params: Any,
                           columns: list[tuple[Array, Array]], keys: Array | None, mini_batch_size: int
                           ) -> tuple[Array, Any, dict[str, Array]]:
@@ -113,33 +149,15 @@ def cached_value_and_grad(objective: Objective, graphdef: nnx.GraphDef, params: 
     Raises:
       ValueError: the batch's rows are not a multiple of `mini_batch_size`.
     """
-    rows = columns[0][0].shape[0]
-    if rows % mini_batch_size:
-        raise ValueError(f"mini_batch_size={mini_batch_size} must divide the global batch size "
-                         f"({rows} rows)")
-    chunked = [(_chunk(i, mini_batch_size), _chunk(m, mini_batch_size),
-                None if keys is None else _chunk(keys[c], mini_batch_size))
-               for c, (i, m) in enumerate(columns)]
-    frozen = jax.lax.stop_gradient(params)
+    _check_mini_batch(columns[0][0].shape[0], mini_batch_size)
 
-    def embed_chunk(xs):
-        i, m, k = xs
-        return embed_rows(graphdef, frozen, i, m, k)
+    def embed(p, xs):  # one column's mini-batch: [m, 1, D]
+        return embed_rows(graphdef, p, *xs)[:, None]
 
-    # [C, B, D]; lax.map keeps no residuals, only each mini-batch's [m, D] output.
-    embs = jnp.stack([_unchunk(jax.lax.map(embed_chunk, xs)) for xs in chunked])
-    (loss, metrics), g_emb = jax.value_and_grad(objective, has_aux=True)(embs)
-
-    def accumulate(acc, xs):
-        i, m, k, g = xs
-        _, vjp = jax.vjp(lambda p: embed_rows(graphdef, p, i, m, k), params)
-        (grad,) = vjp(g)
-        return jax.tree.map(jnp.add, acc, grad), None
-
-    grads = jax.tree.map(jnp.zeros_like, params)
-    for c, (i, m, k) in enumerate(chunked):
-        grads, _ = jax.lax.scan(accumulate, grads, (i, m, k, _chunk(g_emb[c], mini_batch_size)))
-    return loss, grads, metrics
+    parts = [(embed, (_chunk(i, mini_batch_size), _chunk(m, mini_batch_size),
+                      None if keys is None else _chunk(keys[c], mini_batch_size)))
+             for c, (i, m) in enumerate(columns)]
+    return _grad_cache(objective, params, parts, mini_batch_size)
 
 
 # ---- packed batches ----------------------------------------------------------------------------
@@ -192,34 +210,18 @@ def packed_cached_value_and_grad(objective: Objective, graphdef: nnx.GraphDef, p
     """
     ids, segments, positions, row, slot = packed
     texts, rows = row.shape[1], ids.shape[0]
-    if texts % mini_batch_size:
-        raise ValueError(f"mini_batch_size={mini_batch_size} must divide the global batch size "
-                         f"({texts} rows)")
+    _check_mini_batch(texts, mini_batch_size)
     groups = texts // mini_batch_size
     if rows % groups:
         raise ValueError(f"{rows} packed rows do not split into {groups} mini-batch groups: pack the "
                          f"batch with groups={groups}")
     per_group = rows // groups
-    chunked = (_chunk(ids, per_group), _chunk(segments, per_group), _chunk(positions, per_group),
-               None if keys is None else _chunk(keys, per_group),
-               _chunk(row.T // groups, mini_batch_size), _chunk(slot.T, mini_batch_size))
-    frozen = jax.lax.stop_gradient(params)
 
-    def embed(p, xs):  # one mini-batch: [m, C, D]
+    def embed(p, xs):  # one mini-batch of texts, all columns: [m, C, D]
         i, s, pos, k, r, sl = xs
         return embed_packed_rows(graphdef, p, i, s, pos, k)[r, sl]
 
-    # [C, B, D]; lax.map keeps no residuals, only each mini-batch's [m, C, D] output.
-    embs = jnp.swapaxes(_unchunk(jax.lax.map(lambda xs: embed(frozen, xs), chunked)), 0, 1)
-    (loss, metrics), g_emb = jax.value_and_grad(objective, has_aux=True)(embs)
-
-    def accumulate(acc, xs):
-        *inputs, g = xs
-        _, vjp = jax.vjp(lambda p: embed(p, inputs), params)
-        (grad,) = vjp(g)
-        return jax.tree.map(jnp.add, acc, grad), None
-
-    grads = jax.tree.map(jnp.zeros_like, params)
-    grads, _ = jax.lax.scan(accumulate, grads,
-                            (*chunked, _chunk(jnp.swapaxes(g_emb, 0, 1), mini_batch_size)))
-    return loss, grads, metrics
+    chunked = (_chunk(ids, per_group), _chunk(segments, per_group), _chunk(positions, per_group),
+               None if keys is None else _chunk(keys, per_group),
+               _chunk(row.T // groups, mini_batch_size), _chunk(slot.T, mini_batch_size))
+    return _grad_cache(objective, params, [(embed, chunked)], mini_batch_size)

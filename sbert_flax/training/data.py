@@ -14,6 +14,7 @@ import numpy as np
 
 from sbert_flax.tokenization import Tokenizer
 from sbert_flax.training.pipeline import (
+    FIRST_TRAIN_BUCKETS,
     TRAIN_BUCKETS,
     Batch,
     BatchPlan,
@@ -31,7 +32,7 @@ from sbert_flax.training.sources import (
     skipped_summary,
 )
 
-__all__ = ["NLI_LABELS", "TRAIN_BUCKETS", "Batch", "BatchPlan", "DataError", "PairData",
+__all__ = ["FIRST_TRAIN_BUCKETS", "NLI_LABELS", "TRAIN_BUCKETS", "Batch", "BatchPlan", "DataError", "PairData",
            "PipelineConfig", "Schema", "TextSource", "TokenizedPairs", "TrainPipeline", "bucket_of",
            "eval_batches", "open_source", "parse_columns", "read_pair_tsv", "schema_for",
            "tokenize_pairs"]

@@ -12,6 +12,9 @@
 - `matryoshka_dims`: wraps any embedding loss: the sum over dims of the loss on embeddings
   truncated to each dim (sentence-transformers' MatryoshkaLoss, weights 1).
 
+The embedding losses take a batch in either layout of the pipeline: padded (`{c}_ids`/`{c}_mask`
+per text column) or packed (the texts of all columns in shared rows, `packed_*` and `{c}_row` /
+`{c}_slot`; the default, see `packing.TrainPacking`). Both give each text the same embedding.
 Padding rows (weight 0) are neither negatives nor counted in any mean. Each loss exposes `name`,
 `text_columns(has_negative)`, `target` (the batch's label key), `model_def`, `initial_params` and
 `value_and_grad(graphdef, params, batch, dropout_key) -> (loss, grads, metrics)`, a pure
@@ -256,6 +259,7 @@ class EmbeddingLoss:
             return cols.cached_value_and_grad(objective, graphdef, params, columns, keys,
                                               self.mini_batch_size)
         return cols.value_and_grad(objective, graphdef, params, columns, keys)
+
 
 Loss = SoftmaxLoss | EmbeddingLoss
 

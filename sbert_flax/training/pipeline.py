@@ -41,6 +41,9 @@ from sbert_flax.training.sources import DataError, TextSource
 # columns (sentence-transformers' padding to each column's longest: 5,146), in 5 (anchor,
 # positive) shapes seen. Each shape is one compilation of the train step.
 TRAIN_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384)
+# The grid before per-column padding (2026-11-28): a checkpoint that does not record its grid was
+# trained with it, which `--group_by_length` resumes must know (it decides the batches).
+FIRST_TRAIN_BUCKETS = (32, 64, 128)
 
 Batch = dict[str, np.ndarray]
 

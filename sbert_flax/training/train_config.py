@@ -17,9 +17,11 @@ from sbert_flax.files import read_json
 LOSSES = ("softmax", "mnrl", "cached-mnrl", "cosent")
 BEST_METRICS = ("accuracy", "macro_f1", "sts_spearman")
 # What `--resume` refuses to change silently: the run would no longer be the one checkpointed.
-RESUME_FIELDS = ("seed", "train_path", "loss", "batch_size", "learning_rate", "pack")
-# The value a checkpoint's config.json implies for a field it predates (it trained that way).
-RESUME_DEFAULTS = {"pack": False}
+RESUME_FIELDS = ("seed", "train_path", "loss", "batch_size", "learning_rate", "pack",
+                 "group_by_length", "no_duplicates")
+# The value a checkpoint's saved config implies for a field it predates (it trained that way;
+# group_by_length / no_duplicates were not recorded: their default is the likely value).
+RESUME_DEFAULTS = {"pack": False, "group_by_length": False, "no_duplicates": False}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -194,6 +194,11 @@ class Trainer:
     def _check_resume(self, meta: dict[str, Any]) -> None:
         saved = meta.get("config", {})
         problems = self.cfg.resume_mismatches(saved)
+        if self.cfg.group_by_length:  # which records share a batch depends on the length buckets
+            was = tuple(saved.get("length_buckets", data.FIRST_TRAIN_BUCKETS))
+            if was != data.TRAIN_BUCKETS:
+                problems.append(f"length buckets of --group_by_length: {was} -> {data.TRAIN_BUCKETS} "
+                                "(this version groups other records into a batch)")
         if problems and not self.cfg.force:
             raise ResumeMismatch(
                 f"cannot resume {self.cfg.output_dir}: the checkpoint was trained with other "
@@ -212,7 +217,8 @@ class Trainer:
         return {"step": step, "epoch": epochs_done, "best": self.best, "history": self.history,
                 "total_steps": self.total_steps,
                 "steps_per_epoch": list(self.pipeline.steps_per_epoch),
-                "config": {f: getattr(self.cfg, f) for f in RESUME_FIELDS}}
+                "config": {**{f: getattr(self.cfg, f) for f in RESUME_FIELDS},
+                           "length_buckets": list(data.TRAIN_BUCKETS)}}
 
     def _initial_state(self):
         meta = self.resume_meta

@@ -237,7 +237,8 @@ class TrainPacking:
             raise ValueError(f"{b} texts per column do not split into {self.groups} groups")
         slots = Packer.slots(self.row_length)
         flat = [x for col in columns for x in col]
-        lens = _checked_lengths(flat, self.row_length, np.arange(len(flat)))
+        index = np.arange(len(flat), dtype=np.int64)
+        lens = _checked_lengths(flat, self.row_length, index)
         groups = []
         for k in range(self.groups):
             mine = np.array([j * b + i for j in range(c) for i in range(k, b, self.groups)], np.int64)
@@ -249,16 +250,14 @@ class TrainPacking:
         num_rows = self.rows_per_group(max(len(r) for r in groups))
         shape = (self.groups * num_rows, self.row_length)
         out = {"ids": np.full(shape, pad_id, np.int32), "segments": np.zeros(shape, np.int32),
-               "positions": np.zeros(shape, np.int32), "row": np.zeros((c, b), np.int32),
-               "slot": np.zeros((c, b), np.int32)}
+               "positions": np.zeros(shape, np.int32), "row": np.zeros(c * b, np.int32),
+               "slot": np.zeros(c * b, np.int32)}
         for k, rows in enumerate(groups):
-            for r, row in enumerate(rows):
-                g, off = r * self.groups + k, 0
-                for slot, t in enumerate(row):
-                    m = int(lens[t])
-                    out["ids"][g, off:off + m] = flat[t]
-                    out["segments"][g, off:off + m] = slot + 1
-                    out["positions"][g, off:off + m] = np.arange(m, dtype=np.int32)
-                    out["row"][t // b, t % b], out["slot"][t // b, t % b] = g, slot
-                    off += m
+            # Group k's row r is global row r * groups + k: the rows k::groups.
+            part = Packer._arrays(rows, num_rows, self.row_length, flat, lens, index, pad_id)
+            for key in ("ids", "segments", "positions"):
+                out[key][k::self.groups] = getattr(part, key)
+            out["row"][part.index] = part.row * self.groups + k
+            out["slot"][part.index] = part.slot
+        out["row"], out["slot"] = out["row"].reshape(c, b), out["slot"].reshape(c, b)
         return out

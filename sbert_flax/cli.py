@@ -297,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.set_defaults(func=cmd_eval_sts)
 
+    # Only the options: `sbert_flax.serving.command` imports no optional dependency at module
+    # level, so this works without the serve extra (FastAPI, uvicorn), which `serve` itself asks
+    # for when it runs (tests/test_optional_deps.py).
     from sbert_flax.serving import command as serve_command
 
     serve_command.add_parser(sub)

@@ -16,6 +16,15 @@ from collections.abc import Sequence
 
 from sbert_flax.loading import DEFAULT_MODEL
 
+# Top-level modules of the `serve` extra (pyproject.toml) that the server imports.
+SERVE_EXTRA_MODULES = frozenset({"fastapi", "starlette", "uvicorn", "prometheus_client", "orjson",
+                                 "httptools", "uvloop"})
+
+
+class MissingServeExtra(ImportError):
+    """`serve` was run in an install without the serve extra."""
+
+
 DESCRIPTION = """Serve a sentence-embedding model over HTTP with dynamic batching: TEI routes
 (/embed, /similarity, /tokenize, /info, /health, /metrics) and OpenAI routes (/v1/embeddings,
 /embeddings). Every device shape is compiled before /health answers 200."""
@@ -104,9 +113,13 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn
 
         from sbert_flax.serving.app import create_app
-    except ImportError as e:
-        raise ImportError(f"{e}; the server needs the serve extra: pip install "
-                          "\"sbert-flax[serve]\"") from None
+    except ModuleNotFoundError as e:
+        # A package of the serve extra is absent: one line that says what to install. Any other
+        # missing module is a broken install or a bug and keeps its traceback.
+        if (e.name or "").split(".")[0] not in SERVE_EXTRA_MODULES:
+            raise
+        raise MissingServeExtra(f"the server needs the serve extra (no module named {e.name!r}): "
+                                "pip install \"sbert-flax[serve]\"") from None
 
     settings = settings_from_args(args)  # bad limits fail before the slow model load
     logging.basicConfig(level=args.log_level.upper(),
@@ -131,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return run(args)
-    except (FileNotFoundError, ValueError, OSError) as e:
+    except (FileNotFoundError, ValueError, OSError, MissingServeExtra) as e:
         print(f"sbert-flax serve: error: {e}", file=sys.stderr)
         return 2
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import bisect
 import os
+import threading
 from collections.abc import Sequence
 
 import numpy as np
+import tokenizers
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 
@@ -33,24 +35,71 @@ def bucket_for(length: int, buckets: Sequence[int]) -> int:
 class Tokenizer:
     """Wraps a `transformers` fast tokenizer: texts -> lists of token ids with [CLS]/[SEP].
 
+    Thread-safe: `encode` never changes shared state. Calling the HF tokenizer sets truncation and
+    padding on its Rust backend every time (and `truncation_side` on the Python object), so two
+    threads asking for different sides or lengths could each get the other's. Instead each
+    (max_length, side) gets its own copy of the Rust tokenizer, configured once when it is first
+    asked for and only read after that; `tokenizers.Tokenizer.encode_batch` on one object from
+    several threads is safe. The copies are taken from `hf_tokenizer` as it is at construction.
+
     Args:
       hf_tokenizer: a `PreTrainedTokenizerFast`.
       lowercase_text: lowercase the text before tokenizing (sentence-transformers'
         `do_lower_case` in sentence_bert_config.json; distinct from the tokenizer's own flag).
     """
 
+    # Distinct (max_length, side) settings kept; more than this are built per call, uncached
+    # (callers use a handful: the model's length, a server's input limit, two sides).
+    MAX_CACHED_BACKENDS = 32
+
     def __init__(self, hf_tokenizer, lowercase_text: bool = False):
         self.hf = hf_tokenizer
         self.lowercase_text = lowercase_text
         self.pad_id = int(hf_tokenizer.pad_token_id or 0)
+        self._spec = hf_tokenizer.backend_tokenizer.to_str()
+        self._backends: dict[tuple[int | None, str], tokenizers.Tokenizer] = {}
+        self._backends_lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        # Locks do not pickle; the backend copies are rebuilt on demand.
+        state = dict(self.__dict__)
+        del state["_backends_lock"], state["_backends"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._backends = {}
+        self._backends_lock = threading.Lock()
 
     @property
     def model_max_length(self) -> int:
         return int(getattr(self.hf, "model_max_length", 512) or 512)
 
+    def _backend(self, max_length: int | None, side: str) -> tokenizers.Tokenizer:
+        """The Rust tokenizer that truncates to `max_length` on `side` (None: never)."""
+        key = (max_length, side if max_length is not None else "right")
+        backend = self._backends.get(key)
+        if backend is not None:
+            return backend
+        with self._backends_lock:
+            backend = self._backends.get(key)
+            if backend is None:
+                backend = tokenizers.Tokenizer.from_str(self._spec)
+                backend.no_padding()
+                if max_length is None:
+                    backend.no_truncation()
+                else:
+                    # What `PreTrainedTokenizerFast.set_truncation_and_padding` sets for
+                    # truncation="longest_first" (stride 0).
+                    backend.enable_truncation(max_length, stride=0, strategy="longest_first",
+                                              direction=side)
+                if len(self._backends) < self.MAX_CACHED_BACKENDS:
+                    self._backends[key] = backend
+        return backend
+
     def encode(self, texts: Sequence[str], max_length: int | None,
                truncation_side: str = "right") -> list[np.ndarray]:
-        """Token ids per text (int32) with [CLS]/[SEP].
+        """Token ids per text (int32) with [CLS]/[SEP]; safe to call from several threads.
 
         Args:
           texts: the texts.
@@ -67,19 +116,11 @@ class Tokenizer:
             texts = [t.lower() for t in texts]
         if not texts:
             return []
-        if max_length is None:
-            enc = self.hf(texts, add_special_tokens=True, truncation=False, padding=False,
-                          return_attention_mask=False, return_token_type_ids=False)
-            return [np.asarray(ids, dtype=np.int32) for ids in enc["input_ids"]]
-        old_side = self.hf.truncation_side
-        self.hf.truncation_side = truncation_side
-        try:
-            enc = self.hf(texts, add_special_tokens=True, truncation="longest_first",
-                          max_length=max_length, padding=False, return_attention_mask=False,
-                          return_token_type_ids=False)
-        finally:
-            self.hf.truncation_side = old_side
-        return [np.asarray(ids, dtype=np.int32) for ids in enc["input_ids"]]
+        # What the HF tokenizer's __call__ runs for a batch of single texts (its Python side only
+        # sets the backend's truncation/padding and converts the result).
+        encodings = self._backend(max_length, truncation_side).encode_batch(
+            texts, add_special_tokens=True)
+        return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
 
     def save(self, directory: str) -> None:
         self.hf.save_pretrained(directory)

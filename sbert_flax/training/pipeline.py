@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -287,9 +286,6 @@ class BatchBuilder:
         self.with_index = with_index
         self.target_key = target_key or {"label": "labels", "score": "scores", None: None}[
             source.schema.target]
-        # The HF fast tokenizer sets its truncation state on every call: not safe to call from
-        # several grain threads at once.
-        self._lock = threading.Lock()
         # Pad rows hold the empty sentence ([CLS] [SEP]) rather than nothing: an all-zero mask
         # pools to a zero vector, and normalising that has a NaN gradient even at weight 0.
         self._empty = tokenizer.encode([""], cfg.seq_length)[0]
@@ -308,8 +304,9 @@ class BatchBuilder:
         # be the same on all of them, and they depend on every text of the batch.
         cols = src.texts(records)
         flat = [t for c in src.columns for t in cols[c]]
-        with self._lock:
-            ids = self.tokenizer.encode(flat, cfg.seq_length) if flat else []
+        # No lock: `Tokenizer.encode` is thread-safe, so grain's threads tokenize in parallel
+        # (the Rust tokenizer releases the GIL).
+        ids = self.tokenizer.encode(flat, cfg.seq_length) if flat else []
         lo = cfg.process_index * rows
         mine = range(lo, min(lo + rows, n))
         out = self._packed(ids, n, lo) if cfg.pack else self._padded(ids, n, lo)

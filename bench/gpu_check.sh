@@ -1,36 +1,74 @@
 #!/usr/bin/env bash
-# One short GPU lease for issues 6 and 8 (see bench/gpu_check.py), run from the repo root on the
-# GPU machine. Needs the shared data files it reads copied under $SBERT_FLAX_DATA (stsb-zh,
-# contrastive/nli-zh-pairs.tsv, vocab) and, where the machine lacks them, grain & co as wheels in
-# .whl/. Every log lands in $OUT (default /tmp/gpu_check).
+# One GPU lease for issue 16, item 4 (see bench/gpu_check.py): bf16 encode at three token budgets
+# and the MNRL train step (batch 256 / 1024, seq 128, attention xla vs cudnn), each profiled,
+# into $OUT/gpu-<date>.json, rewritten after every measurement. Whole run: about 6 minutes.
+#
+#   OUT=/tmp/out bash bench/gpu_check.sh            # on the GPU machine, from the repo root
+#   OUT=/tmp/out bash bench/gpu_check.sh --dry-run  # tiny sizes on a CPU (< 1 minute; CI runs it)
+#
+# Data comes from $SBERT_FLAX_DATA (default ./.devdata: stsb-zh/test.tsv,
+# contrastive/nli-zh-pairs.tsv, vocab/google_zh_vocab.txt). Wheels, when carried in .whl/, are
+# installed by the caller into /tmp/site and put first on PYTHONPATH; if the preflight fails with
+# them, the run falls back to the machine's own packages. Per-part limits: PREFLIGHT_TIMEOUT,
+# ENCODE_TIMEOUT, TRAIN_TIMEOUT, ST_TIMEOUT (seconds); SKIP_ST=1 drops the sentence-transformers
+# part, which also drops itself once the run is ST_LATEST (330) seconds old. GIT_COMMIT names the
+# commit where the copy has no .git.
 set -u
+DRY=""
+[ "${1:-}" = "--dry-run" ] && DRY=--dry-run
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
-export SBERT_FLAX_DATA=${SBERT_FLAX_DATA:-$PWD/.devdata} PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.5
-if [ -z "${NO_WHEELS:-}" ] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
+export SBERT_FLAX_DATA=${SBERT_FLAX_DATA:-$PWD/.devdata} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+case ":${PYTHONPATH:-}:" in *":$PWD:"*) ;; *) export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD ;; esac
+if [ -n "$DRY" ]; then
+  export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
+  MODEL=${MODEL:-/tmp/gpu_check_model_dry}
+  : "${PREFLIGHT_TIMEOUT:=60}" "${ENCODE_TIMEOUT:=60}" "${TRAIN_TIMEOUT:=90}" "${ST_TIMEOUT:=60}"
 else
-  export PYTHONPATH=$PWD
+  MODEL=${MODEL:-/tmp/gpu_check_model}
+  : "${PREFLIGHT_TIMEOUT:=45}" "${ENCODE_TIMEOUT:=125}" "${TRAIN_TIMEOUT:=170}" "${ST_TIMEOUT:=40}"
 fi
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.used --format=csv | tee "$OUT/smi.txt"
-python3 -c 'import jax, flax, torch, sentence_transformers as s; print("jax", jax.__version__, "flax", flax.__version__, "torch", torch.__version__, "st", s.__version__, jax.devices())' | tee -a "$OUT/smi.txt"
-M=${MODEL:-$(python3 -c 'import sys; sys.path.insert(0, "bench"); from common import bert_base_dir; print(bert_base_dir())' 2>>"$OUT/smi.txt")}
-# 8 copies of the 6,719 pairs: one epoch holds every step of the run (no epoch-end checkpoint in the window).
-P=/tmp/pairs-x8.tsv
-head -1 "$SBERT_FLAX_DATA/contrastive/nli-zh-pairs.tsv" > $P
-for _ in 1 2 3 4 5 6 7 8; do tail -n +2 "$SBERT_FLAX_DATA/contrastive/nli-zh-pairs.tsv" >> $P; done
+J="$OUT/gpu-$(date -u +%F).json"
+rm -f "$J"
+PY="python3 bench/gpu_check.py"
 
-if [ -z "${SKIP_ENCODE:-}" ]; then
-  timeout ${ENCODE_TIMEOUT:-200} python3 bench/gpu_check.py encode --model "$M" --repeat 8 --passes 2 ${ENCODE_ARGS:-} > "$OUT/encode.log" 2>&1
-  tail -14 "$OUT/encode.log"
+# part NAME TIMEOUT ARGS...: runs one part under `timeout` (its python gets a budget 10 s shorter,
+# so it skips what no longer fits and exits cleanly), prints and records its wall time.
+part() {
+  local name=$1 limit=$2
+  shift 2
+  local t0 rc wall
+  t0=$(date +%s.%N)
+  echo "=== $name (limit ${limit}s; ${SECONDS}s into the run) ==="
+  timeout -k 5 "$limit" $PY "$name" --json "$J" --model "$MODEL" --budget-s $((limit - 10)) $DRY "$@"
+  rc=$?
+  wall=$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$t0" "$(date +%s.%N)")
+  echo "=== $name: ${wall}s, rc $rc ==="
+  $PY record-step --json "$J" --part "$name" --wall-s "$wall" --rc "$rc"
+  return $rc
+}
+
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv
+if ! part preflight "$PREFLIGHT_TIMEOUT"; then
+  case ":${PYTHONPATH}:" in
+    *":/tmp/site:"*)
+      echo "preflight failed with the carried wheels (/tmp/site); again with the machine's own packages"
+      export PYTHONPATH=$PWD
+      part preflight "$PREFLIGHT_TIMEOUT" || exit 1 ;;
+    *) exit 1 ;;
+  esac
 fi
-for B in ${TRAIN_BATCHES:-64 512}; do
-  timeout ${TRAIN_TIMEOUT:-110} python3 -m sbert_flax.cli train --loss mnrl --pretrained_model_path "$M" --train_path $P \
-    --batch_size $B --learning_rate 2e-5 --epochs_num 1 --seq_length 64 --warmup 0.1 --seed 7 --bf16 \
-    --max_steps 50 --log_every_steps 10 --no_export --no_progress_bar --output_dir /tmp/run$B > "$OUT/flax-train-$B.log" 2>&1
-  cp /tmp/run$B/metrics.jsonl "$OUT/metrics-$B.jsonl" 2>/dev/null
-  echo "sbert-flax mnrl bf16 batch $B:"; grep '"train"' /tmp/run$B/metrics.jsonl 2>/dev/null | cut -c1-400 || tail -5 "$OUT/flax-train-$B.log"
-  timeout ${ST_TIMEOUT:-60} python3 bench/gpu_check.py train-st --model "$M" --batch-size $B --steps 50 --autocast bfloat16 ${ST_ARGS:-} > "$OUT/st-train-$B.log" 2>&1
-  tail -1 "$OUT/st-train-$B.log"
-done
+part encode "$ENCODE_TIMEOUT"
+part train "$TRAIN_TIMEOUT"
+# The sentence-transformers side is optional: only while the run is still under ST_LATEST seconds.
+if [ -n "${SKIP_ST:-}" ]; then
+  echo "=== st-encode: skipped (SKIP_ST) ==="
+elif [ "$SECONDS" -gt "${ST_LATEST:-330}" ]; then
+  echo "=== st-encode: skipped, ${SECONDS}s gone (ST_LATEST=${ST_LATEST:-330}) ==="
+else
+  part st-encode "$ST_TIMEOUT"
+fi
+echo "=== summary ($SECONDS s in all) ==="
+$PY summary --json "$J"
+echo "results: $J"

@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 from sbert_flax.config import BertConfig, ConfigError, PoolingConfig
-from sbert_flax.files import read_json, write_json
+from sbert_flax.files import atomic_path, read_json, write_json
 
 _TRANSFORMER = "sentence_transformers.models.Transformer"
 _POOLING = "sentence_transformers.models.Pooling"
@@ -88,7 +88,10 @@ def write_st_folder(dest: str, cfg: BertConfig, hf_state: dict[str, np.ndarray],
     """Writes a sentence-transformers folder into the (already created, empty) `dest`."""
     from safetensors.numpy import save_file
 
-    save_file(hf_state, os.path.join(dest, "model.safetensors"), metadata={"format": "pt"})
+    # safetensors writes through a temp file of its own and keeps that file's 0600 mode;
+    # atomic_path gives the result the umask's mode like every other file of the folder.
+    with atomic_path(os.path.join(dest, "model.safetensors")) as tmp:
+        save_file(hf_state, tmp, metadata={"format": "pt"})
     write_json(os.path.join(dest, "config.json"), cfg.to_hf_dict())
     tokenizer.save(dest)
     modules = [

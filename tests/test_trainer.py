@@ -131,12 +131,69 @@ def test_cosent_headerless_scores_and_learning(tmp_path, model):
 
 
 def test_cached_mnrl_triplets_no_duplicates_matryoshka(tmp_path, model):
-    train = write_contrastive(tmp_path / "trip.tsv", 96, seed=6, negatives=True)
-    cfg = TrainConfig(pretrained_model_path=model, train_path=train, loss="cached-mnrl",
+    """Each option does what it says, checked on the trainer's own pipeline and loss: no text
+    twice in a batch; the loss of a batch is the sum over the Matryoshka dims of MNRL with the
+    hard negatives among the candidates; and the run trains."""
+    import dataclasses
+
+    from sbert_flax.encoder import SentenceEncoder
+    from sbert_flax.training.pipeline import BatchPlan
+    from sbert_flax.training.trainer import Trainer
+
+    path = write_contrastive(tmp_path / "trip.tsv", 96, seed=6, negatives=True)
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    with open(path, "a", encoding="utf-8") as f:  # 32 rows twice: random batches repeat texts
+        f.writelines(lines[1:33])
+    cfg = TrainConfig(pretrained_model_path=model, train_path=path, loss="cached-mnrl",
                       mini_batch_size=8, matryoshka_dims=(32, 16), no_duplicates=True, batch_size=16,
                       seq_length=32, epochs_num=1, max_steps=3, learning_rate=1e-3, export=False,
                       progress_bar=False, log_every_steps=1, output_dir=str(tmp_path / "run"))
-    summary = train_and_evaluate(cfg)
+    trainer = Trainer(cfg)
+    src, plan = trainer.train_src, trainer.pipeline.plan
+
+    # --no_duplicates: no text (of any column) twice in any batch of the epoch, where the same
+    # shuffle without the option does repeat one.
+    def repeats(batches) -> int:
+        return sum(len(t) - len(set(t)) for t in
+                   ([x for c in src.columns for x in src.texts(b)[c]] for b in batches))
+
+    assert src.columns == ("anchor", "positive", "negative")
+    assert repeats(plan.epoch(0)) == 0
+    assert sum(len(b) for b in plan.epoch(0)) == len(src) == 128  # every row still trains
+    plain = BatchPlan(len(src), dataclasses.replace(trainer.pipeline.cfg, no_duplicates=False))
+    assert repeats(plain.epoch(0)) > 0
+
+    # The loss of step 0's batch (as the trainer feeds it: packed, negatives included, GradCache
+    # in mini-batches of 8) against MNRL written out here on embeddings from the encoder.
+    batch = trainer.pipeline.builder(0)
+    assert "negative_row" in batch and np.all(batch["weights"] == 1)
+    params = trainer.loss.initial_params(trainer.pre.params, trainer.pre.config, cfg.seed)
+    loss, _, _ = jax.jit(lambda p, b: trainer.loss.value_and_grad(trainer.mdef.graphdef, p, b, None))(
+        params, batch)
+    texts = src.texts(plan.records(0))
+    enc = SentenceEncoder.from_pretrained(model, devices=jax.devices()[:1])
+    a, p, n = (enc.encode(texts[c], normalize=False).astype(np.float64) for c in src.columns)
+
+    def mnrl(a, p, n, dim):  # mean over anchors of -log softmax(own positive | positives, negatives)
+        def unit(x):
+            return x[:, :dim] / np.linalg.norm(x[:, :dim], axis=1, keepdims=True)
+
+        docs = unit(p) if n is None else np.concatenate([unit(p), unit(n)])
+        scores = cfg.scale * unit(a) @ docs.T  # [B, B] or [B, 2B]; the own positive on the diagonal
+        top = scores.max(axis=1)
+        log_z = top + np.log(np.exp(scores - top[:, None]).sum(axis=1))
+        return float(np.mean(log_z - np.diag(scores)))
+
+    terms = {d: mnrl(a, p, n, d) for d in cfg.matryoshka_dims}
+    assert float(loss) == pytest.approx(sum(terms.values()), rel=1e-5)
+    # Each part moves the total by far more than that tolerance: both dims' terms are in it ...
+    assert min(terms.values()) > 1e-3 * sum(terms.values())
+    # ... and the negatives are among the candidates (without them every term is smaller).
+    without = sum(mnrl(a, p, None, d) for d in cfg.matryoshka_dims)
+    assert sum(terms.values()) - without > 1e-3 * sum(terms.values())
+
+    summary = trainer.run()
     assert summary["step"] == 3
     assert [r["step"] for r in _records(cfg.output_dir) if r["kind"] == "train"] == [1, 2, 3]
 

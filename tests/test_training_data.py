@@ -540,3 +540,11 @@ def test_schema_is_checked():
         Schema(("a",), target="scores")
     with pytest.raises(ValueError, match="loss 'nope'"):
         schema_for("nope")
+
+
+def test_every_loss_has_a_schema():
+    # The loss names live in train_config.LOSSES alone; the column schemas are keyed by them.
+    from sbert_flax.training.data import SCHEMAS
+    from sbert_flax.training.train_config import LOSSES
+
+    assert set(SCHEMAS) == set(LOSSES)

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 
 from sbert_flax.distributed import add_distributed_flags, init_distributed
-from sbert_flax.training.train_config import TrainConfig
+from sbert_flax.training.train_config import LOSSES, TrainConfig
 
 # UER-py flags that describe its own model plumbing; accepted so UER command lines run unchanged,
 # and ignored with a warning (the architecture comes from the weights and config).
@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     a("--pooling", choices=["first", "cls", "mean", "max"],
       help="default: the UER config's; else cls for softmax, the model folder's for the others")
     g = p.add_argument_group("loss")
-    g.add_argument("--loss", default="softmax", choices=["softmax", "mnrl", "cached-mnrl", "cosent"])
+    g.add_argument("--loss", default="softmax", choices=LOSSES)
     g.add_argument("--scale", type=float, default=20.0, help="cosine multiplier (mnrl, cosent)")
     g.add_argument("--symmetric", action="store_true", help="mnrl: add the positive->anchor term")
     g.add_argument("--mini_batch_size", type=int, help="cached-mnrl: sentences per forward pass")

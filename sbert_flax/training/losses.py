@@ -38,13 +38,13 @@ from sbert_flax.pooling import l2_normalize
 from sbert_flax.training import columns as cols
 from sbert_flax.training import siamese
 from sbert_flax.training.siamese import ModelDef
+from sbert_flax.training.train_config import LOSSES
 
 Array = jax.Array
 Batch = dict[str, Array]
 # (embeddings per text column [B, D], batch) -> (loss, metrics)
 EmbeddingObjective = Callable[[Sequence[Array], Batch], tuple[Array, dict[str, Array]]]
 
-LOSSES = ("softmax", "mnrl", "cached-mnrl", "cosent")
 # A logit that is not there: finite (not -inf) so an all-masked row of a padding anchor gives a
 # finite, zero-weighted loss and zero gradients instead of NaN; exp() of it underflows to 0.
 _EXCLUDED = -1e9

@@ -14,6 +14,8 @@ from typing import Any
 
 from sbert_flax.files import read_json
 
+# The losses by name: the one list the CLI, the config and `losses.make_loss` take (here, not in
+# losses.py, so that parsing a command line imports no JAX).
 LOSSES = ("softmax", "mnrl", "cached-mnrl", "cosent")
 BEST_METRICS = ("accuracy", "macro_f1", "sts_spearman")
 # What `--resume` refuses to change silently: the run would no longer be the one checkpointed.

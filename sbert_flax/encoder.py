@@ -31,9 +31,9 @@ from sbert_flax.flax_format import write_flax_folder
 from sbert_flax.loading import DEFAULT_MODEL, LoadedModel, load_model
 from sbert_flax.packing import ROW_LENGTHS, PackedBatch, Packer
 from sbert_flax.pooling import cosine_similarity
+from sbert_flax.programs import EncodeProgram, encode_program
 from sbert_flax.st_format import write_st_folder
 from sbert_flax.tokenization import Tokenizer
-from sbert_flax.xla import compiler_options
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Token budget of one device batch by default: 64 rows of 64 tokens. On CPU bigger batches gain
@@ -132,10 +132,15 @@ class SentenceEncoder:
         nnx.replace_by_pure_dict(abstract, embedder_params(model.params))
         self._graphdef = graphdef
         self.params = jax.device_put(abstract, NamedSharding(self.mesh, P()))  # replicated
-        self._fns: dict = {}
+        self._fns: dict[tuple[str, str], EncodeProgram] = {}
         self._packers: dict = {}
-        self.num_compiles = 0  # bumped at trace time: one per compiled shape
         self.last_stats = EncodeStats()
+
+    @property
+    def num_compiles(self) -> int:
+        """Shapes compiled for the programs this encoder runs. Programs are shared process-wide
+        (`programs.encode_program`): an encoder of an architecture already compiled adds none."""
+        return sum(p.traces for p in self._fns.values())
 
     @property
     def num_traces(self) -> int:  # the name before the packed encode
@@ -197,20 +202,8 @@ class SentenceEncoder:
             model = nnx.merge(self._graphdef, self.params)
             model.backbone.dtype = jnp.dtype(DTYPES[dtype])
             model.backbone.attention_impl = self.attention_impl
-            graphdef = nnx.graphdef(model)
-
-            def forward(params, ids, segments, positions):
-                self.num_compiles += 1  # runs once per compilation, never per call
-                m = nnx.merge(graphdef, params)
-                if output == "token":
-                    return m.tokens(ids, (segments > 0).astype(jnp.int32), segments=segments,
-                                    positions=positions)
-                return m.embed_packed(ids, segments, positions, Packer.slots(ids.shape[1]))
-
-            data = NamedSharding(self.mesh, P("data"))
-            self._fns[key] = jax.jit(forward, in_shardings=(NamedSharding(self.mesh, P()), data, data, data),
-                                     out_shardings=data, compiler_options=compiler_options(self.devices))
-        return self._fns[key]
+            self._fns[key] = encode_program(nnx.graphdef(model), output, self.devices)
+        return self._fns[key].fn
 
     def _dispatch(self, batch: PackedBatch, dtype: str, output: str) -> jax.Array:
         data = NamedSharding(self.mesh, P("data"))

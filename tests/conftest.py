@@ -1,4 +1,4 @@
-"""Test setup: 8 fake CPU devices, no persistent compilation cache, shared fixtures, strict mode.
+"""Test setup: 8 fake CPU devices, a session-wide compilation cache, shared fixtures, strict mode.
 
 The JAX settings must come before anything touches a device, so they are the first thing here.
 Every test then sees 8 CPU devices and `SentenceEncoder(...)` defaults to data-parallel over all
@@ -9,11 +9,26 @@ Strict mode (`CI=true`, or `SBERT_FLAX_STRICT=1`; `SBERT_FLAX_STRICT=0` turns it
 run with absent data or models cannot pass. Locally tests still skip, with the reason (`-rs`).
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Hermetic: no compiled executables read from / written to ~/.cache between runs.
+# Hermetic: no compiled executables read from / written to ~/.cache between runs (the CLI's
+# `enable_compilation_cache()` is off in tests)...
 os.environ["SBERT_FLAX_COMPILATION_CACHE"] = "0"
+# ...but one persistent compilation cache for the whole session, in a fresh temp dir: the same
+# program compiled by two encoders, two tests or a test's subprocesses (trainer, CLI, server,
+# multi-host drivers) is compiled once. It goes through JAX's own environment variables, so this
+# process, pytest-xdist workers and every subprocess a test starts read it before JAX starts.
+# Tests of the cache itself drop these variables for their children (`helpers.without_test_cache`).
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    _cache = tempfile.mkdtemp(prefix="sbert-flax-test-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    atexit.register(shutil.rmtree, _cache, True)  # only the process that made it removes it
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 # Never reach for the Hugging Face hub from a test; every model is a local folder.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

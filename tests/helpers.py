@@ -13,6 +13,15 @@ import random
 
 import numpy as np
 
+TEST_CACHE_VARS = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+                   "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES")
+
+
+def without_test_cache(env: dict) -> dict:
+    """`env` less the session-wide compilation cache conftest.py sets: for the tests of the cache
+    (and of the library's untouched JAX config), whose children must start as a user's would."""
+    return {k: v for k, v in env.items() if k not in TEST_CACHE_VARS}
+
 
 def zh_vocab_file() -> str | None:
     """The Chinese BERT vocab (shared data), or None if it is absent."""

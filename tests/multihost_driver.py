@@ -1,8 +1,10 @@
 """One process of the multi-host tests, 4 fake CPU devices with gloo collectives, joining a
 2-process JAX cluster on loopback; process 0 writes the final params to OUT_DIR/params.npz.
 
-    python tests/multihost_driver.py PORT PROC_ID OUT_DIR CFG_JSON   # train_and_evaluate(config)
-    python tests/multihost_driver.py PORT PROC_ID OUT_DIR --mnrl     # `mnrl_run`: the mnrl step
+    python tests/multihost_driver.py PORT PROC_ID OUT_DIR [CFG_JSON] [--mnrl]
+
+CFG_JSON runs `train_and_evaluate(config)` (params.npz, history.json); `--mnrl` then runs
+`mnrl_run`, the mnrl step (mnrl_params.npz, losses.json): one cluster start covers both.
 
 `mnrl_run` is also what the test runs in one process on 8 devices (importing this file sets no
 JAX config; running it does).
@@ -75,10 +77,9 @@ def flat(tree) -> dict:
 
 def main() -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    os.environ["SBERT_FLAX_COMPILATION_CACHE"] = "0"
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.config.update("jax_num_cpu_devices", 4)
-    port, pid, out_dir, cfg_json = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    port, pid, out_dir, jobs = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
     from sbert_flax.distributed import init_distributed
 
     init_distributed(f"127.0.0.1:{port}", 2, pid)
@@ -86,27 +87,27 @@ def main() -> None:
 
     import numpy as np
 
-    if cfg_json == "--mnrl":
-        seen, params = mnrl_run()
+    cfg_json = next((j for j in jobs if j != "--mnrl"), None)
+    if cfg_json is not None:
+        from jax.experimental import multihost_utils
+
+        from sbert_flax.training.train_config import TrainConfig
+        from sbert_flax.training.trainer import train_and_evaluate
+
+        with open(cfg_json) as f:
+            cfg = TrainConfig.from_dict(json.load(f))
+        summary = train_and_evaluate(cfg)
+        params = multihost_utils.process_allgather(summary["params"], tiled=True)
         if pid == 0:
             np.savez(os.path.join(out_dir, "params.npz"), **flat(params))
+            with open(os.path.join(out_dir, "history.json"), "w") as f:
+                json.dump(summary["history"], f)
+    if "--mnrl" in jobs:
+        seen, params = mnrl_run()
+        if pid == 0:
+            np.savez(os.path.join(out_dir, "mnrl_params.npz"), **flat(params))
             with open(os.path.join(out_dir, "losses.json"), "w") as f:
                 json.dump(seen, f)
-        jax.distributed.shutdown()
-        return
-    from jax.experimental import multihost_utils
-
-    from sbert_flax.training.train_config import TrainConfig
-    from sbert_flax.training.trainer import train_and_evaluate
-
-    with open(cfg_json) as f:
-        cfg = TrainConfig.from_dict(json.load(f))
-    summary = train_and_evaluate(cfg)
-    params = multihost_utils.process_allgather(summary["params"], tiled=True)
-    if pid == 0:
-        np.savez(os.path.join(out_dir, "params.npz"), **flat(params))
-        with open(os.path.join(out_dir, "history.json"), "w") as f:
-            json.dump(summary["history"], f)
     jax.distributed.shutdown()
 
 

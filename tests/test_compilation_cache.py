@@ -7,8 +7,10 @@ import os
 import subprocess
 import sys
 
+import helpers
+
 # The child counts JAX's own compilation-cache events; the env turns the cache on (conftest turns
-# it off for the rest of the suite) and points it at a fresh directory.
+# it off for the CLI in the rest of the suite, which shares one session cache instead) and points it at a fresh directory.
 CHILD = r"""
 import json, sys
 import jax
@@ -29,8 +31,8 @@ print(json.dumps({**events, "traces": enc.num_compiles}))
 
 
 def _run(model_dir: str, cache_dir: str) -> dict:
-    env = {**os.environ, "SBERT_FLAX_COMPILATION_CACHE": "1", "SBERT_FLAX_CACHE_DIR": cache_dir,
-           "JAX_PLATFORMS": "cpu"}
+    env = {**helpers.without_test_cache(os.environ), "SBERT_FLAX_COMPILATION_CACHE": "1",
+           "SBERT_FLAX_CACHE_DIR": cache_dir, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
     r = subprocess.run([sys.executable, "-c", CHILD, model_dir], env=env, capture_output=True,
                        text=True, timeout=300)

@@ -214,11 +214,11 @@ def test_compilations_bounded_by_packer_shapes(tiny_enc):
     # holds, must equal its trace counter: a counter bumped per call, or a retrace that the
     # counter misses, fails here. `_cache_size` is private but present in the pinned jax; if an
     # upgrade drops it, this fails loudly rather than comparing the counter with itself.
-    fns = list(enc._fns.values())
+    fns = [p.fn for p in enc._fns.values()]
     assert fns and all(hasattr(f, "_cache_size") for f in fns), "jax jit lost _cache_size()"
 
     def cache_size() -> int:
-        return sum(f._cache_size() for f in enc._fns.values())
+        return sum(p.fn._cache_size() for p in enc._fns.values())
 
     assert cache_size() == enc.num_compiles
     # Same lengths again (different order): same shapes, no new compilation, same embeddings.

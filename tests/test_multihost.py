@@ -39,7 +39,7 @@ def _write_pairs(path: str, n: int, seed: int) -> None:
             f.write(f"{s}\t{s if same else sents[(i + 1) % n]}\t{int(same)}\n")
 
 
-def _run_two_processes(out_dir, arg: str, timeout_s: float = TIMEOUT_S) -> None:
+def _run_two_processes(out_dir, *jobs: str, timeout_s: float = TIMEOUT_S) -> None:
     """Runs the driver as processes 0 and 1 of a loopback cluster; kills both on any failure."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
         [os.path.dirname(os.path.dirname(DRIVER)), os.environ.get("PYTHONPATH", "")]))
@@ -49,7 +49,7 @@ def _run_two_processes(out_dir, arg: str, timeout_s: float = TIMEOUT_S) -> None:
     try:
         for pid in range(2):
             procs.append(subprocess.Popen(
-                [sys.executable, DRIVER, str(port), str(pid), str(out_dir), arg],
+                [sys.executable, DRIVER, str(port), str(pid), str(out_dir), *jobs],
                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         deadline = time.monotonic() + timeout_s
         outs = []
@@ -69,7 +69,11 @@ def _flat(tree) -> dict:
     return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def test_two_processes_equal_one_process(tmp_path, tiny_bert):
+@pytest.fixture(scope="module")
+def cluster_run(tmp_path_factory, tiny_bert):
+    """One 2-process cluster start for both tests: the siamese trainer end to end, then the mnrl
+    step. Returns (output folder, the trainer config)."""
+    tmp_path = tmp_path_factory.mktemp("multihost")
     model = tiny_bert(hidden=32, layers=1, heads=4, intermediate=64, max_position=64)
     _write_pairs(str(tmp_path / "train.tsv"), 72, seed=1)  # 5 batches of 16, the last padded
     _write_pairs(str(tmp_path / "dev.tsv"), 24, seed=2)
@@ -79,8 +83,12 @@ def test_two_processes_equal_one_process(tmp_path, tiny_bert):
                       progress_bar=False, output_dir=str(tmp_path / "multi"))
     cfg_json = tmp_path / "cfg.json"
     cfg_json.write_text(json.dumps(cfg.to_dict()))
-    _run_two_processes(tmp_path, str(cfg_json))
+    _run_two_processes(tmp_path, str(cfg_json), "--mnrl")
+    return tmp_path, cfg
 
+
+def test_two_processes_equal_one_process(cluster_run):
+    tmp_path, cfg = cluster_run
     # The same run in this process (8 devices, one process).
     summary = train_and_evaluate(dataclasses.replace(cfg, output_dir=str(tmp_path / "single")))
     assert dict(summary["params"]["classifier"]["kernel"].sharding.mesh.shape) == {"data": 4, "fsdp": 2}
@@ -95,13 +103,13 @@ def test_two_processes_equal_one_process(tmp_path, tiny_bert):
     assert hist[0]["accuracy"] == pytest.approx(summary["history"][0]["accuracy"])
 
 
-def test_mnrl_two_processes_equal_one_process(tmp_path):
+def test_mnrl_two_processes_equal_one_process(cluster_run):
     """Each process holds half the anchors, positives and negatives (and its own padding rows);
     every anchor must still be scored against all of them: 3 mnrl steps equal 1 process x 8."""
-    _run_two_processes(tmp_path, "--mnrl")
+    tmp_path, _ = cluster_run
     seen, params = multihost_driver.mnrl_run()
     np.testing.assert_allclose(json.loads((tmp_path / "losses.json").read_text()), seen, rtol=1e-5)
-    single, multi = _flat(params), dict(np.load(tmp_path / "params.npz"))
+    single, multi = _flat(params), dict(np.load(tmp_path / "mnrl_params.npz"))
     assert sorted(multi) == sorted(single)
     for k, b in single.items():
         err = np.max(np.abs(multi[k] - b)) / np.max(np.abs(b))

@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 
+import helpers
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = r"""
@@ -51,7 +53,7 @@ def _diff(a: dict, b: dict) -> dict:
 
 
 def _run(tmp_path, model: str) -> dict:
-    env = {k: v for k, v in os.environ.items()
+    env = {k: v for k, v in helpers.without_test_cache(os.environ).items()
            if not k.startswith(("SBERT_FLAX_COMPILATION_CACHE", "SBERT_FLAX_CACHE_DIR", "XLA_FLAGS"))}
     # A user's plain environment: no opt-out of the cache (conftest sets one for this process),
     # one CPU device; HOME moved so nothing the library might write lands in the real one.

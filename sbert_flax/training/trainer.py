@@ -17,6 +17,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -96,8 +97,11 @@ class Trainer:
       ResumeMismatch: `resume` with another seed / data / loss / batch / lr (without `force`).
     """
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, devices: Sequence[jax.Device] | None = None):
         self.cfg = cfg
+        # The mesh's devices: default every device of every process. A subset (one device of a
+        # multi-device host, say) trains the same run on fewer chips; the global batch is unchanged.
+        self.devices = list(devices) if devices is not None else jax.devices()
         self.is_main = jax.process_index() == 0
         os.makedirs(cfg.output_dir, exist_ok=True)
         setup_logging(cfg.output_dir, self.is_main)
@@ -149,7 +153,7 @@ class Trainer:
                                         jnp.bfloat16 if cfg.bf16 else jnp.float32)
 
         # ---- mesh, data pipeline, optimizer, state layout ----
-        n_dev = jax.device_count()
+        n_dev = len(self.devices)
         for name in ("batch_size", "eval_batch_size"):
             v = getattr(cfg, name)
             if v is not None and v % n_dev:
@@ -158,7 +162,7 @@ class Trainer:
             raise ValueError(f"mini_batch_size={cfg.mini_batch_size} must divide batch_size="
                              f"{cfg.batch_size}")
         fsdp = cfg.mesh_fsdp or (n_dev if cfg.param_sharding == "fsdp" else 1)
-        self.mesh = sharding.make_mesh(-1, fsdp)
+        self.mesh = sharding.make_mesh(-1, fsdp, self.devices)
         self.pipeline = data.TrainPipeline(self.train_src, self.pre.tokenizer, data.PipelineConfig(
             global_batch=cfg.batch_size, seq_length=cfg.seq_length, seed=cfg.seed,
             epochs=cfg.epochs_num, max_steps=cfg.max_steps, group_by_length=cfg.group_by_length,
@@ -184,7 +188,7 @@ class Trainer:
                                    batch_size=cfg.eval_batch_size or cfg.batch_size,
                                    sts_paths=cfg.sts_dev_paths, classify=cfg.loss == "softmax")
         self.peak_flops = cfg.peak_flops or flops.known_peak_flops(
-            [d.device_kind for d in jax.devices()])
+            [d.device_kind for d in self.devices])
         log.info("train %d examples (%s, columns %s), loss %s, pooling %s, %d steps (%s per epoch)",
                  len(self.train_src), cfg.train_path, ",".join(self.train_src.columns), cfg.loss,
                  pooling.mode, self.total_steps, "/".join(map(str, self.pipeline.steps_per_epoch)))
@@ -314,7 +318,7 @@ class Trainer:
         if seq:
             flops_s = flops.train_flops_per_token(self.pre.config, seq) * rates["tokens"]
             rec["train_tflops_per_s"] = flops_s / 1e12
-            u = flops.mfu(flops_s, self.peak_flops, jax.device_count())
+            u = flops.mfu(flops_s, self.peak_flops, len(self.devices))
             if u is not None:
                 rec["mfu"] = u
         writer.write("train", step, rec)
@@ -413,8 +417,11 @@ class _Window:
         return out
 
 
-def train_and_evaluate(cfg: TrainConfig) -> dict[str, Any]:
-    """Runs (or resumes) a fine-tuning run: `Trainer(cfg).run()`.
+def train_and_evaluate(cfg: TrainConfig, devices: Sequence[jax.Device] | None = None
+                       ) -> dict[str, Any]:
+    """Runs (or resumes) a fine-tuning run: `Trainer(cfg, devices).run()`.
+
+    `devices` (default: all devices of all processes) are the mesh's devices.
 
     Raises:
       data.DataError: malformed data (file:line), before any training.
@@ -422,4 +429,4 @@ def train_and_evaluate(cfg: TrainConfig) -> dict[str, Any]:
       FileExistsError: `output_dir` has checkpoints and `resume` is off.
       ResumeMismatch: `resume` with settings that differ from the checkpoint's (no `force`).
     """
-    return Trainer(cfg).run()
+    return Trainer(cfg, devices).run()

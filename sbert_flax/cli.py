@@ -243,7 +243,8 @@ def add_convert_args(p: argparse.ArgumentParser, to: str | None = None, uer: boo
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Chinese Sentence-BERT in JAX/Flax: convert, encode, evaluate.")
+        prog=PROG, description="Chinese Sentence-BERT in JAX/Flax: convert, encode, search, evaluate, "
+        "serve, and fine-tune (UER siamese softmax or contrastive losses).")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -158,8 +158,8 @@ def put_batch(local: dict[str, np.ndarray], mesh: Mesh, process_count: int | Non
               ) -> dict[str, jax.Array]:
     """Assembles global batch arrays from this process's contiguous slice of rows.
 
-    Each process passes only its rows (`data.epoch_batches(..., process_index=...)`); the global
-    array has `rows * process_count` rows. With one process this is a plain sharded device_put.
+    Each process passes only its rows (what the training pipeline builds for its
+    `PipelineConfig.process_index`); the global array has `rows * process_count` rows. With one process this is a plain sharded device_put.
     """
     sharding = batch_sharding(mesh)
     n = jax.process_count() if process_count is None else process_count

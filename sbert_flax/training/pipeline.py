@@ -2,18 +2,21 @@
 
 The plan is a pure function of (number of records, seed, epoch): the global batches of record
 indices. By default a batch is a random sample of the data (a fresh permutation each epoch, cut
-into `global_batch` rows), as PyTorch's samplers draw it; a batch's length bucket only decides how
-far it is padded. `group_by_length` instead cuts each bucket's examples into batches (less
+into `global_batch` rows), as PyTorch's samplers draw it; its texts' lengths only decide how it
+is packed or padded. `group_by_length` instead cuts each bucket's examples into batches (less
 padding, but batches of similar length). `no_duplicates` is sentence-transformers'
 NoDuplicatesBatchSampler: no text appears twice in a batch (a duplicate anchor or positive would
 be a false in-batch negative).
 
 `grain.MapDataset.range(total_steps).map(BatchBuilder)` turns step k into its batch: read the
-global batch's texts by offset, tokenize them on the host, pad each text column to the smallest
-bucket holding that column's longest text (one bucket for all columns with `joint_length`), keep
-this process's contiguous rows. A thread pool prefetches ahead of the
-device. The iterator state is the next step index, saved in the orbax checkpoint, so a resumed
-run continues from exactly the next batch without replaying any.
+global batch's texts by offset, tokenize them on the host, lay them out, and keep this process's
+contiguous rows. With `pack` (the embedding losses' default) the texts of all columns are packed
+into shared rows (`packing.TrainPacking`: several texts a row, block-diagonal attention).
+Without it (the softmax classifier, or `--no_pack`) each text column is padded to the smallest
+bucket holding that column's longest text (one bucket for all columns with `joint_length`). A
+thread pool prefetches ahead of the device; those threads tokenize in parallel
+(`Tokenizer.encode` is thread-safe). The iterator state is the next step index, saved in the
+orbax checkpoint, so a resumed run continues from exactly the next batch without replaying any.
 
 A partial last batch is padded with weight-0 rows (never dropped, never a new shape): every
 example trains once per epoch, as in sentence-transformers (drop_last=False).
@@ -70,7 +73,7 @@ class PipelineConfig:
         devices the batch is split over).
       process_index, process_count: this process's rows are the process_index-th contiguous slice
         of `global_batch // process_count` rows of every global batch.
-      num_threads: grain read threads (texts are read, tokenized and padded off the main thread).
+      num_threads: grain read threads (texts are read, tokenized and laid out off the main thread).
       prefetch: batches buffered ahead of the trainer.
     """
 
@@ -264,9 +267,9 @@ class BatchPlan:
 
 
 class BatchBuilder:
-    """step -> this process's rows of that step's global batch, tokenized and padded.
+    """step -> this process's rows of that step's global batch, tokenized and packed or padded.
 
-    Keys (COMMON layout): `{c}_ids`, `{c}_mask` int32 [rows, L_c] for each text column c (L_c:
+    Keys (padded layout, `cfg.pack` off): `{c}_ids`, `{c}_mask` int32 [rows, L_c] for each text column c (L_c:
     the smallest bucket holding the column's longest text in the global batch; with
     `joint_length`, one L for all columns), `weights` float32 [rows] (0 on pad
     rows, which hold the empty sentence [CLS] [SEP]), and `labels` int32 [rows] or `scores`

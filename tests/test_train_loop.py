@@ -14,6 +14,7 @@ import helpers
 import jax
 import numpy as np
 import pytest
+import train_hooks
 
 from sbert_flax.devdata import data_path
 from sbert_flax.training import cli
@@ -71,6 +72,11 @@ def _args(cfg: TrainConfig, *extra):
             "--batch_size", str(cfg.batch_size), "--seq_length", str(cfg.seq_length),
             "--learning_rate", str(cfg.learning_rate), "--save_every_steps", str(cfg.save_every_steps),
             "--output_dir", cfg.output_dir, "--no_export", "--no_progress_bar", *extra]
+
+
+def _hooked(args: list[str], *hooks: str) -> list[str]:
+    """`args` (python SCRIPT TRAIN_ARGS...) run through tests/train_hooks.py with `hooks`."""
+    return [args[0], train_hooks.__file__, *hooks, "--", *args[2:]]
 
 
 def _steps(ckpt_dir):
@@ -158,7 +164,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, resume_run):
     base, want, accuracy = resume_run
     cfg = dataclasses.replace(base, output_dir=str(tmp_path / "killed"))
     ckpt_dir = os.path.join(cfg.output_dir, "checkpoints")
-    proc = subprocess.Popen(_args(cfg, "--debug_step_delay", "0.4"), env=_env(),
+    proc = subprocess.Popen(_hooked(_args(cfg), "--step_delay", "0.4"), env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
@@ -191,8 +197,8 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, resume_run):
     cfg = dataclasses.replace(base, output_dir=str(tmp_path / "run"))
     metrics = os.path.join(cfg.output_dir, "metrics.jsonl")
     # No periodic checkpoints: the one SIGTERM saves (or the epoch end's) is what resume finds.
-    proc = subprocess.Popen(_args(cfg, "--save_every_steps", "0", "--debug_step_delay", "0.3",
-                                  "--log_every_steps", "1"),
+    proc = subprocess.Popen(_hooked(_args(cfg, "--save_every_steps", "0", "--log_every_steps", "1"),
+                                    "--step_delay", "0.3"),
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
@@ -230,8 +236,9 @@ def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, model, cap
         "pretrained_model_path": model, "train_path": train, "epochs_num": 1, "batch_size": 16,
         "seq_length": 16, "learning_rate": 1e-3, "save_every_steps": 2, "progress_bar": False,
         "output_dir": str(tmp_path / "run")}))
-    # The config-file entry (`sbert-flax train --config FILE key=value`), with the NaN test hook.
-    rc = cli.main(["--config", str(cfg_file), "debug_nan_at_step=5", "export=false"])
+    # The config-file entry (`sbert-flax train --config FILE key=value`); step 5's loss is NaN.
+    with train_hooks.installed(nan_at_step=5):
+        rc = cli.main(["--config", str(cfg_file), "export=false"])
     err = capsys.readouterr().err
     assert rc == 1, err
     assert "at step 5" in err and "last good checkpoint is step 4" in err
@@ -242,9 +249,17 @@ def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, model, cap
     with ocp.StandardCheckpointer() as ck:
         state = ck.restore(str(ckpt_dir / "4" / "state"))
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state))
-    with pytest.raises(TrainingDiverged, match="step 3"):
+    with pytest.raises(TrainingDiverged, match="step 3"), train_hooks.installed(nan_at_step=3):
         train_and_evaluate(TrainConfig.from_json(str(cfg_file), {
-            "output_dir": str(tmp_path / "run2"), "debug_nan_at_step": "3", "export": "false"}))
+            "output_dir": str(tmp_path / "run2"), "export": "false"}))
+
+
+def test_config_files_of_earlier_runs_still_load():
+    # Their config.json lists the retired test-hook fields, unset; a set one is refused.
+    cfg = TrainConfig.from_dict({"loss": "mnrl", "debug_nan_at_step": None, "debug_step_delay": 0.0})
+    assert cfg.loss == "mnrl" and not hasattr(cfg, "debug_nan_at_step")
+    with pytest.raises(ValueError, match="debug_nan_at_step"):
+        TrainConfig.from_dict({"debug_nan_at_step": 5})
 
 
 CNLI_RAW = data_path("nli-zh", "cnli_dev_raw.txt")

@@ -148,17 +148,20 @@ def test_dropout_only_in_training_and_keyed_by_step():
     assert not np.allclose(t0, eval1) and not np.allclose(t0, t1)
 
 
-def test_nan_hook_and_eval_step():
+def test_finite_flag_and_eval_step():
     mesh = sharding.make_mesh(1, 2, devices=jax.devices()[:2])
     mdef = model_def(CFG, NUM_LABELS, "cls")
     tx = optim.make_optimizer(1e-3, 10, params_for_mask=mdef.abstract_params)
     layout = state_layout(mdef, tx, mesh, sharding.FSDP_RULES)
-    state = create_train_state(_host_params(), tx, layout)
-    step = make_train_step(mdef.graphdef, LOSS, tx, layout, seed=7, debug_nan_at_step=2)
+    step = make_train_step(mdef.graphdef, LOSS, tx, layout, seed=7)
     batch = sharding.put_batch(_batch(), mesh)
-    state, m1 = step(state, batch)
-    assert bool(m1["finite"])
-    state, m2 = step(state, batch)
+    state, m1 = step(create_train_state(_host_params(), tx, layout), batch)
+    assert bool(m1["finite"]) and np.isfinite(float(m1["loss"]))
+    # One NaN weight (what a diverged update leaves) makes the loss NaN: the step says so.
+    host = jax.tree.map(np.array, _host_params())
+    first = jax.tree.leaves(host)[0]
+    first.flat[0] = np.nan
+    _, m2 = step(create_train_state(host, tx, layout), batch)
     assert not bool(m2["finite"]) and np.isnan(float(m2["loss"]))
     ev = make_eval_step(mdef.graphdef, layout)
     eb = dict(_batch(), index=np.arange(ROWS, dtype=np.int32))

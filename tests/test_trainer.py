@@ -14,6 +14,7 @@ import helpers
 import jax
 import numpy as np
 import pytest
+import train_hooks
 
 from sbert_flax import cli as main_cli
 from sbert_flax.evaluation import sts_table
@@ -354,7 +355,10 @@ def test_mnrl_sigkill_and_resume_equals_uninterrupted(tmp_path, model):
             "--learning_rate", "1e-3", "--save_every_steps", "3", "--log_every_steps", "1",
             "--no_export", "--no_progress_bar", "--output_dir", out]
     ckpt_dir = os.path.join(out, "checkpoints")
-    proc = subprocess.Popen([*args, "--debug_step_delay", "0.4"], env=_env(),
+    # Slowed down through tests/train_hooks.py (the same training CLI), so it can be killed
+    # between checkpoints.
+    hooked = [sys.executable, train_hooks.__file__, "--step_delay", "0.4", "--", *args[4:]]
+    proc = subprocess.Popen(hooked, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + TIMEOUT_S

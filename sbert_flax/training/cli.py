@@ -101,8 +101,6 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--log_every_steps", "--report_steps", dest="log_every_steps", type=int, default=10)
     g.add_argument("--nan_check_every", type=int, default=10)
     g.add_argument("--no_progress_bar", action="store_true")
-    g.add_argument("--debug_nan_at_step", type=int, help="TEST HOOK: make this step's loss NaN")
-    g.add_argument("--debug_step_delay", type=float, default=0.0, help="TEST HOOK: sleep after each step")
     add_distributed_flags(p)
     return p
 
@@ -139,7 +137,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         best_metric=args.best_metric, resume=args.resume, force=args.force,
         export=not args.no_export, log_every_steps=args.log_every_steps,
         nan_check_every=args.nan_check_every, progress_bar=not args.no_progress_bar,
-        debug_nan_at_step=args.debug_nan_at_step, debug_step_delay=args.debug_step_delay,
     )
 
 

@@ -34,7 +34,7 @@ class TraceCounter:
 
 
 def make_train_step(graphdef: nnx.GraphDef, loss: Loss, tx: optax.GradientTransformation,
-                    layout: StateLayout, *, seed: int, debug_nan_at_step: int | None = None,
+                    layout: StateLayout, *, seed: int,
                     counter: TraceCounter | None = None) -> Callable[[TrainState, Batch], tuple]:
     """Builds the jitted train step.
 
@@ -44,7 +44,6 @@ def make_train_step(graphdef: nnx.GraphDef, loss: Loss, tx: optax.GradientTransf
       tx: the optimizer.
       layout: state shardings.
       seed: dropout seed; step k uses `fold_in(key(seed), k)`.
-      debug_nan_at_step: TEST HOOK: poison the loss of this (1-based) step with NaN.
       counter: incremented once per trace.
     """
     base_key = jax.random.key(seed)
@@ -54,8 +53,6 @@ def make_train_step(graphdef: nnx.GraphDef, loss: Loss, tx: optax.GradientTransf
             counter.count += 1
         dropout_key = jax.random.fold_in(base_key, state.step)
         value, grads, extra = loss.value_and_grad(graphdef, state.params, batch, dropout_key)
-        if debug_nan_at_step is not None:
-            value = jnp.where(state.step + 1 == debug_nan_at_step, jnp.nan, value)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)

@@ -181,8 +181,7 @@ class Trainer:
                                    sharding.rules_for(cfg.param_sharding))
         self.counter = TraceCounter()
         self.train_step = make_train_step(self.mdef.graphdef, self.loss, self.tx, self.layout,
-                                          seed=cfg.seed, debug_nan_at_step=cfg.debug_nan_at_step,
-                                          counter=self.counter)
+                                          seed=cfg.seed, counter=self.counter)
         self.evaluator = Evaluator(self.mdef.graphdef, self.layout, self.pre.tokenizer,
                                    seq_length=cfg.seq_length,
                                    batch_size=cfg.eval_batch_size or cfg.batch_size,
@@ -295,8 +294,6 @@ class Trainer:
                                     os.path.join(cfg.output_dir, "checkpoints"))
                         summary.update(preempted=True, step=step)
                         return summary
-                    if cfg.debug_step_delay:
-                        time.sleep(cfg.debug_step_delay)
                 bar.close()
                 summary.update(self._finish(state, step))
                 summary["params"] = state.params  # the final global arrays (for callers / tests)

@@ -8,7 +8,8 @@
 #   .ci/plain_install.sh PATH       # another checkout
 #
 # Uses pip's cache and index settings as they are; needs no network when the cache (or a local
-# wheel directory) holds the dependencies. 80-85 s on a busy 2-core machine, 30-35 s of it pip.
+# wheel directory) holds the dependencies. On 2 cores: 45 s idle (about 30 s of it pip), 80-85 s
+# beside a test run.
 set -euo pipefail
 
 repo=$(cd "${1:-$(dirname "$0")/..}" && pwd)

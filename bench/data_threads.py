@@ -16,6 +16,8 @@ Measured (2026-11-30, 2 CPU cores shared with a test run at load ~3; best of 3, 
   with --lock 450.2 vs 455.2 (1.01x). Two cores are busy either way.
   TOKENIZERS_PARALLELISM=false (one core per call): 1 thread 309.7, 2 threads 507.2 (1.64x);
   with --lock 314.1 vs 341.2 (1.09x): the lock kept the second thread waiting.
+  Again at load ~1.4: unset 434.4 vs 436.7 (1.01x), --lock 429.4 vs 449.6 (1.05x);
+  TOKENIZERS_PARALLELISM=false 298.9 vs 479.0 (1.60x), --lock 305.0 vs 334.6 (1.10x).
 """
 
 from __future__ import annotations

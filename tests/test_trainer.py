@@ -149,7 +149,7 @@ def test_cached_mnrl_triplets_no_duplicates_matryoshka(tmp_path, model):
                       mini_batch_size=8, matryoshka_dims=(32, 16), no_duplicates=True, batch_size=16,
                       seq_length=32, epochs_num=1, max_steps=3, learning_rate=1e-3, export=False,
                       progress_bar=False, log_every_steps=1, output_dir=str(tmp_path / "run"))
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, devices=jax.devices()[:1])  # one device: sharding is proven elsewhere
     src, plan = trainer.train_src, trainer.pipeline.plan
 
     # --no_duplicates: no text (of any column) twice in any batch of the epoch, where the same

@@ -345,8 +345,10 @@ def encode(args, sizes: dict) -> None:
                      "distinct": distinct, "max_seq_length": model.max_seq_length,
                      "device": str(jax.devices()[0]), "budgets": {}, "extra": {}, "steps_s": {}}
     update_json(args.json, "encode", section)
-    todo = [("xla", b, "budgets") for b in sizes["budgets"]]
-    todo += [(impl, b, "extra") for impl, b in sizes["extra_encode"]]
+    # GPU_CHECK_BUDGETS="16384,65536" (a rerun in a second lease): only those budgets, no extras.
+    only = [int(x) for x in os.environ.get("GPU_CHECK_BUDGETS", "").split(",") if x]
+    todo = [("xla", b, "budgets") for b in (only or sizes["budgets"])]
+    todo += [] if only else [(impl, b, "extra") for impl, b in sizes["extra_encode"]]
     worst = None  # the longest budget so far (seconds): what the next one may take
     for impl, budget, where in todo:
         key = str(budget) if where == "budgets" else f"{impl}-{budget}"
@@ -496,7 +498,11 @@ def train(args, sizes: dict) -> None:
     update_json(args.json, "train", section)
     data: dict = {}
     worst = None  # the longest config so far (seconds): what the next one may take
+    # GPU_CHECK_TRAIN="xla:1" (a rerun): only the configs named "name:batch index".
+    only_train = {x for x in os.environ.get("GPU_CHECK_TRAIN", "").split(",") if x}
     for name, impl, attn_dropout, bi in TRAIN_CONFIGS:
+        if only_train and f"{name}:{bi}" not in only_train:
+            continue
         batch = sizes["train_batches"][bi]
         rec: dict = {"name": name, "attention_impl": impl or "einsum (dropout path)",
                      "attention_dropout": 0.1 if attn_dropout is None else attn_dropout,

@@ -69,18 +69,21 @@ def probe_dir(tmp_path_factory):
     return d
 
 
-def _pytest(probe_dir, **env) -> tuple[int, str]:
-    full = {k: v for k, v in os.environ.items() if k not in ("CI", "SBERT_FLAX_STRICT")}
+def _pytest(probe_dir, **env) -> tuple[subprocess.CompletedProcess, str]:
+    # A session of its own: nothing of this run's strictness, nor of its pytest-xdist worker
+    # (whose variables tell plugins such as pytest-benchmark that xdist is active).
+    full = {k: v for k, v in os.environ.items()
+            if k not in ("CI", "SBERT_FLAX_STRICT") and not k.startswith("PYTEST_")}
     full.update(env, JAX_PLATFORMS="cpu")
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider",
                         "--continue-on-collection-errors", str(probe_dir)],
                        cwd=probe_dir, env=full, capture_output=True, text=True, timeout=300)
-    return r.returncode, r.stdout + r.stderr
+    return r, r.stdout + r.stderr
 
 
 def test_local_run_skips_with_reasons_but_a_bug_still_fails(probe_dir):
-    rc, out = _pytest(probe_dir)
-    assert rc == 1, out  # only the bug fails
+    r, out = _pytest(probe_dir)
+    assert r.returncode == 1, out  # only the bug fails
     assert "1 failed, 1 passed, 4 skipped" in out, out
     for reason in ("probe: data absent", "probe: marked", "probe: no network",
                    "no_such_module_for_the_probe"):
@@ -91,11 +94,11 @@ def test_local_run_skips_with_reasons_but_a_bug_still_fails(probe_dir):
 
 def test_strict_run_fails_every_skip_with_its_reason(probe_dir):
     # CI's own switch; SBERT_FLAX_STRICT=1 selects the same mode (test_strict_mode_switch).
-    rc, out = _pytest(probe_dir, CI="true")
-    assert rc == 1, out
+    r, out = _pytest(probe_dir, CI="true")
+    assert r.returncode == 1, out
     # The two skips and the offline model fail, the bug too; a skip mark (at setup) and a
     # module-level skip (at collection) become errors. Nothing is reported skipped.
-    assert "3 failed, 1 passed, 2 errors" in out.splitlines()[-1], out
+    assert "3 failed, 1 passed, 2 errors" in r.stdout.splitlines()[-1], out  # pytest's summary line
     for reason in ("probe: data absent", "probe: marked", "probe: no network",
                    "no_such_module_for_the_probe"):
         assert any("skipped in strict mode" in line and reason in line

@@ -192,7 +192,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, resume_run):
     assert [h["accuracy"] for h in res["history"]] == accuracy
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path, resume_run):
+def test_sigterm_saves_and_exits_preempted(tmp_path, resume_run):
     base, want, _ = resume_run
     cfg = dataclasses.replace(base, output_dir=str(tmp_path / "run"))
     metrics = os.path.join(cfg.output_dir, "metrics.jsonl")
@@ -212,8 +212,10 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, resume_run):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 0, out[-3000:]
+    # Not 0 (a scheduler would call the job done) and not 1/2 (failures): the requeue code.
+    assert proc.returncode == 75, out[-3000:]
     assert "SIGTERM: saved checkpoint at step" in out and "--resume" in out
+    assert "exit code 75" in out and cli.EXIT_PREEMPTED == 75
     ckpt_dir = os.path.join(cfg.output_dir, "checkpoints")
     steps = _steps(ckpt_dir)
     assert steps and max(steps) < 20  # 10 steps/epoch x 2

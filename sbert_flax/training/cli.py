@@ -6,8 +6,8 @@ losses' flags), or a config file.
     sbert-flax train --config run.json epochs_num=2 output_dir=/tmp/run
 
 Multi-host: pass `--coordinator_address host:port --num_processes N --process_id I` on every
-host, or nothing on TPU pods / SLURM (auto-detected). Exit codes: 0 done (or preempted and
-checkpointed), 1 diverged (NaN/inf), 2 bad input (data, config, paths).
+host, or nothing on TPU pods / SLURM (auto-detected). Exit codes: 0 done, 1 diverged (NaN/inf),
+2 bad input (data, config, paths), 75 (`EXIT_PREEMPTED`) stopped by SIGTERM with a checkpoint saved.
 """
 
 from __future__ import annotations
@@ -18,6 +18,14 @@ from collections.abc import Sequence
 
 from sbert_flax.distributed import add_distributed_flags, init_distributed
 from sbert_flax.training.train_config import LOSSES, TrainConfig
+
+# A SIGTERM'd run saved its checkpoint and stopped early: not done, not failed. It must not exit 0
+# (a scheduler would mark the job complete and never rerun it) nor 1 (read as a crash, it burns a
+# retry budget or pages someone). 75 is EX_TEMPFAIL from sysexits.h, "temporary failure, retry
+# later": outside the codes a Python crash (1), argparse (2) or a signal death (128+N) produce, so
+# a wrapper (`sbatch --requeue` script, Kubernetes podFailurePolicy onExitCodes) can requeue on it
+# alone and rerun the same command with --resume.
+EXIT_PREEMPTED = 75
 
 # UER-py flags that describe its own model plumbing; accepted so UER command lines run unchanged,
 # and ignored with a warning (the architecture comes from the weights and config).
@@ -191,5 +199,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if summary.get("preempted"):
         print(f"preempted: checkpoint saved at step {summary['step']} in {cfg.output_dir}/checkpoints; "
-              "rerun with --resume to continue", file=sys.stderr)
+              f"rerun with --resume to continue (exit code {EXIT_PREEMPTED}: requeue)", file=sys.stderr)
+        return EXIT_PREEMPTED
     return 0

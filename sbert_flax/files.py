@@ -4,11 +4,18 @@ Everything written atomically (a temp name, then a rename) ends with the modes a
 `os.makedirs` would give under the user's umask (0644 files, 0755 folders under umask 022):
 `mkstemp` / `mkdtemp` create 0600 / 0700, which would leave a model saved on a shared server
 unreadable by a colleague or a serving account.
+
+And everything is durable: the new file (for a folder, each file in it) is fsynced before the
+rename and the parent folder after it. Without that, a power loss can persist the rename but not
+the data, and leave a zero-length "atomic" file where the old one was. A folder that replaces
+another moves the old one aside under a fixed name first (`.NAME.old`); a crash between the two
+renames is undone by `recover_directory`, which the next atomic write to that path runs first.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -50,6 +57,44 @@ def default_dir_mode() -> int:
     return 0o777 & ~current_umask()
 
 
+def fsync_file(path: str) -> None:
+    """Flushes a file's data and size to disk (a close alone leaves them in the page cache)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str) -> None:
+    """Flushes a folder's entries (the renames and creations in it) to disk.
+
+    Best effort where the OS cannot: Windows cannot open a folder, and some filesystems refuse
+    fsync on one (EINVAL); there a rename's durability is the filesystem's own.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except (PermissionError, IsADirectoryError):
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str) -> None:
+    """fsyncs every file under `root`, then every folder bottom-up (so each entry is on disk)."""
+    for folder, _dirs, names in os.walk(root, topdown=False):
+        for n in names:
+            p = os.path.join(folder, n)
+            if os.path.isfile(p) and not os.path.islink(p):
+                fsync_file(p)
+        fsync_dir(folder)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
     """Yields a temp file name next to `path`; renames it to `path` only if the block succeeds.
@@ -67,7 +112,9 @@ def atomic_path(path: str) -> Iterator[str]:
     try:
         yield tmp
         os.chmod(tmp, default_file_mode())
+        fsync_file(tmp)  # data on disk before the name points at it
         os.replace(tmp, path)
+        fsync_dir(parent)  # the rename itself on disk
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
@@ -112,35 +159,90 @@ def write_json(path: str, obj: Any) -> None:
         f.write("\n")
 
 
+def _aside_path(dest: str) -> str:
+    """Where an overwrite keeps the old `dest` during its swap: a fixed, recognisable name."""
+    return os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.old")
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+def _discard_aside(dest: str) -> None:
+    """Deletes the old copy of `dest`: renamed out of the recoverable name first, so a crash
+    during the (non-atomic) delete never leaves a half-deleted folder `recover_directory` would
+    bring back."""
+    aside = _aside_path(dest)
+    trash = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.trash-", dir=os.path.dirname(dest))
+    os.rmdir(trash)
+    try:
+        os.replace(aside, trash)
+    except FileNotFoundError:
+        return
+    _remove(trash)
+
+
+def recover_directory(dest: str) -> bool:
+    """Finishes or undoes an overwrite of `dest` that a crash interrupted.
+
+    An overwrite renames the old `dest` to `.NAME.old`, the new folder to `dest`, then deletes the
+    old one. If `dest` is missing and the old copy exists, the crash came between the renames:
+    the old copy is put back (returns True). If both exist, the swap completed and the old copy
+    is deleted. Run by every `atomic_directory` on its destination before anything else; a
+    loader can run it too.
+    """
+    dest = os.path.abspath(dest)
+    aside = _aside_path(dest)
+    if not os.path.lexists(aside):
+        return False
+    if not os.path.lexists(dest):
+        os.replace(aside, dest)
+        fsync_dir(os.path.dirname(dest))
+        return True
+    _discard_aside(dest)
+    return False
+
+
 @contextlib.contextmanager
 def atomic_directory(dest: str, overwrite: bool = False) -> Iterator[str]:
     """Yields a temp directory next to `dest`; renames it to `dest` only if the block succeeds.
 
     On any error the temp directory is removed and `dest` is untouched. With `overwrite`, an
-    existing `dest` is replaced only after the new content is complete. `dest` ends with the
-    umask's folder mode (what is written inside keeps the modes its writers gave it).
+    existing `dest` is replaced only after the new content is complete and on disk (every file
+    fsynced); a crash at any moment leaves the old or the new folder at `dest`, or the old one
+    aside, restored by `recover_directory` (run here first). `dest` ends with the umask's folder
+    mode (what is written inside keeps the modes its writers gave it).
     """
     dest = os.path.abspath(dest)
+    parent = os.path.dirname(dest)
+    if os.path.isdir(parent):
+        recover_directory(dest)
     if os.path.exists(dest) and not overwrite:
         if not (os.path.isdir(dest) and not os.listdir(dest)):
             raise FileExistsError(f"{dest} already exists; choose another path or pass overwrite=True")
-    parent = os.path.dirname(dest)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.tmp-", dir=parent)
     try:
         os.chmod(tmp, default_dir_mode())  # mkdtemp's 0700 would hide the folder from others
         yield tmp
+        fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if os.path.exists(dest):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.old-", dir=parent)
-        os.rmdir(old)
-        os.replace(dest, old)
+    if os.path.lexists(dest):
+        # Two renames, never one that deletes: from here to the second one `dest` is missing
+        # and the aside copy is what `recover_directory` restores.
+        os.replace(dest, _aside_path(dest))
         os.replace(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
+        fsync_dir(parent)
+        _discard_aside(dest)
     else:
         os.replace(tmp, dest)
+        fsync_dir(parent)
 
 
 def read_text_lines(path: str) -> list[str]:

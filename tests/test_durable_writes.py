@@ -1,0 +1,130 @@
+"""Atomic writes under SIGKILL: a model folder being overwritten, and a JSON file, always load
+afterwards (old or new content), never partial, never missing. The writer is
+tests/crash_writer.py, a separate process killed for real (no `finally` runs)."""
+
+import filecmp
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from sbert_flax import files
+from sbert_flax.encoder import SentenceEncoder
+from sbert_flax.loading import load_model
+
+WRITER = os.path.join(os.path.dirname(__file__), "crash_writer.py")
+KILLS = 20
+BUDGET_S = 40.0
+
+
+def _run_writer(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, WRITER, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _same_tree(a: str, b: str) -> bool:
+    """Same file names at every level and the same bytes in each file."""
+    cmp = filecmp.dircmp(a, b)
+    if cmp.left_only or cmp.right_only or cmp.funny_files:
+        return False
+    _, mismatch, errors = filecmp.cmpfiles(a, b, cmp.common_files, shallow=False)
+    if mismatch or errors:
+        return False
+    return all(_same_tree(os.path.join(a, d), os.path.join(b, d)) for d in cmp.common_dirs)
+
+
+def _tree(path: str, files_: dict[str, bytes]) -> str:
+    for name, data in files_.items():
+        p = os.path.join(path, name)
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        with open(p, "wb") as f:
+            f.write(data)
+    return path
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_overwrite_killed_before_each_rename_keeps_a_destination(tmp_path, k):
+    # An overwrite renames (1) the old folder aside, (2) the new one in, (3) the old one to the
+    # trash. A kill just before rename k, then the next write to the same path (which fails here,
+    # to see only what recovery did): the destination is the old folder or the new one.
+    old = _tree(str(tmp_path / "old"), {"config.json": b'{"v": 1}', "1_Pooling/config.json": b"{}"})
+    new = _tree(str(tmp_path / "new"), {"config.json": b'{"v": 2}', "w.bin": b"\1" * 4096})
+    dest = str(tmp_path / "out" / "model")
+    os.makedirs(os.path.dirname(dest))
+    with files.atomic_directory(dest) as tmp:
+        _tree(tmp, {"config.json": b'{"v": 1}', "1_Pooling/config.json": b"{}"})
+    proc = _run_writer("kill-at", dest, new, str(k))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode in (-signal.SIGKILL, 0), err
+    killed = proc.returncode == -signal.SIGKILL
+    assert killed or k > 3, f"rename {k} was never reached"
+
+    with pytest.raises(RuntimeError), files.atomic_directory(dest, overwrite=True):
+        raise RuntimeError("the next start fails before it writes")
+    assert os.path.isdir(dest), f"killed before rename {k}: no destination left"
+    assert _same_tree(dest, old) or _same_tree(dest, new)
+    # Nothing recoverable is left beside it (only the killed writer's own temp folder).
+    leftovers = [n for n in os.listdir(os.path.dirname(dest)) if n != "model"]
+    assert all(".tmp-" in n for n in leftovers), leftovers
+
+
+def test_recover_directory_restores_the_aside_copy(tmp_path):
+    dest = tmp_path / "model"
+    aside = tmp_path / ".model.old"
+    _tree(str(aside), {"config.json": b"{}"})
+    assert files.recover_directory(str(dest)) is True
+    assert (dest / "config.json").read_bytes() == b"{}" and not aside.exists()
+    # Both present: the swap had finished; the old copy goes.
+    _tree(str(aside), {"config.json": b"[]"})
+    assert files.recover_directory(str(dest)) is False
+    assert (dest / "config.json").read_bytes() == b"{}" and not aside.exists()
+
+
+@pytest.fixture(scope="module")
+def two_models(tiny_bert, tmp_path_factory):
+    """A tiny model saved twice: the sbert-flax folder and the sentence-transformers export."""
+    enc = SentenceEncoder.from_pretrained(tiny_bert(pooling="mean"), buckets=(32,))
+    root = tmp_path_factory.mktemp("two_models")
+    flax_dir, st_dir = str(root / "flax"), str(root / "st")
+    enc.save(flax_dir)
+    enc.export_pytorch(st_dir)
+    return flax_dir, st_dir
+
+
+def test_sigkill_at_random_moments_leaves_a_loadable_model(tmp_path, two_models):
+    flax_dir, st_dir = two_models
+    dest, json_path = str(tmp_path / "model"), str(tmp_path / "run.json")
+    rng = random.Random(15)
+    start = time.monotonic()
+    seen = set()
+    for i in range(KILLS):
+        proc = _run_writer("loop", dest, json_path, flax_dir, st_dir)
+        try:
+            assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+            # Long enough for several complete writes: each kill lands at a random phase of one.
+            time.sleep(rng.uniform(0.02, 0.3))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        files.recover_directory(dest)  # what the next writer (or a loader) runs first
+        if not os.path.exists(dest):
+            assert i == 0, "a destination that existed is gone"  # the first write never finished
+            continue
+        which = "flax" if _same_tree(dest, flax_dir) else "st" if _same_tree(dest, st_dir) else None
+        assert which, f"kill {i}: {dest} is neither complete copy: {sorted(os.listdir(dest))}"
+        seen.add(which)
+        if os.path.exists(json_path):
+            with open(json_path, encoding="utf-8") as f:
+                assert isinstance(json.load(f)["gen"], int)
+        assert time.monotonic() - start < BUDGET_S, f"{i + 1} kills took too long"
+    assert seen, "no write ever completed"
+    loaded = load_model(dest)  # what is there loads with the real loader
+    assert loaded.config.hidden_size > 0

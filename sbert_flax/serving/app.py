@@ -23,7 +23,7 @@ from starlette.requests import ClientDisconnect
 
 from sbert_flax.serving import schemas
 from sbert_flax.serving.backend import EncoderBackend, InputTooLong
-from sbert_flax.serving.batcher import Batcher, Job
+from sbert_flax.serving.batcher import Batcher, Job, Unavailable
 from sbert_flax.serving.metrics import ServeMetrics
 from sbert_flax.serving.schemas import ApiError
 from sbert_flax.serving.settings import ServeSettings
@@ -31,14 +31,25 @@ from sbert_flax.serving.settings import ServeSettings
 log = logging.getLogger(__name__)
 
 OPEN_PATHS = ("/health", "/metrics")
+# Seconds a 503 asks the client to wait (Retry-After). This replica is warming up, broken or going
+# away, so the retry should land on another one behind the balancer; a few seconds lets the
+# balancer's health check take this one out first.
+RETRY_AFTER_S = 5
 
 
 class ClientGone(Exception):
     """The client disconnected before its answer was ready."""
 
 
-def json_response(obj, status: int = 200) -> Response:
-    return Response(schemas.dumps(obj), status_code=status, media_type="application/json")
+def json_response(obj, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(schemas.dumps(obj), status_code=status, media_type="application/json",
+                    headers=headers)
+
+
+def unavailable_response(message: str) -> Response:
+    """503 in TEI's shape (error_type "unhealthy"), with Retry-After."""
+    return json_response({"error": message, "error_type": "unhealthy"}, 503,
+                         {"Retry-After": str(RETRY_AFTER_S)})
 
 
 class Server:
@@ -131,6 +142,9 @@ class Server:
         except ApiError as e:
             self.metrics.request_failure.labels(route, e.error_type).inc()
             return json_response(e.body(), e.status)
+        except Unavailable as e:
+            self.metrics.request_failure.labels(route, "unhealthy").inc()
+            return unavailable_response(str(e))
         except (ClientGone, ClientDisconnect):
             self.metrics.request_failure.labels(route, "client_disconnected").inc()
             return Response(status_code=499)
@@ -215,13 +229,14 @@ class Server:
             "owned_by": "sbert-flax"}]})
 
     async def route_health(self, request: Request) -> Response:
+        # Draining first: a balancer must stop routing here before the process goes away.
+        if self.batcher.draining:
+            return unavailable_response("shutting down (draining)")
         if self.batcher.ready.is_set():
             return json_response({"status": "ok"})
         if self.batcher.error is not None:
-            return json_response({"error": f"the model failed to warm up: {self.batcher.error}",
-                                  "error_type": "unhealthy"}, 503)
-        return json_response({"error": "warming up: compiling the device shapes",
-                              "error_type": "unhealthy"}, 503)
+            return unavailable_response(f"the model failed to warm up: {self.batcher.error}")
+        return unavailable_response("warming up: compiling the device shapes")
 
     async def route_metrics(self, request: Request) -> Response:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -45,6 +45,14 @@ class Job:
         self.t_first: float | None = None
 
 
+class Unavailable(RuntimeError):
+    """The batcher takes no work now: the warm-up failed, or the server is draining for shutdown.
+
+    Not the request's fault and not a bug in serving it: the routes answer 503 with Retry-After,
+    the status README tells clients to retry on another replica.
+    """
+
+
 def _resolve(future: asyncio.Future, result=None, error: BaseException | None = None) -> None:
     if future.done():  # the request was cancelled (client gone, server stopping)
         return
@@ -99,11 +107,20 @@ class Batcher:
             return job
         with self._cond:
             if self._stopping:
-                raise RuntimeError("the batcher is stopped")
+                raise Unavailable("the batcher is stopped: the server is shutting down (draining); "
+                                  "retry on another replica")
+            if self.error is not None:  # fail at once rather than queue behind a dead model
+                job.future.set_exception(Unavailable(f"the model failed to warm up: {self.error}"))
+                return job
             self._queue.append(job)
             self._queued_inputs += job.n
             self._cond.notify()
         return job
+
+    @property
+    def draining(self) -> bool:
+        """`stop` was called: what is queued finishes, nothing new is accepted."""
+        return self._stopping
 
     def cancel(self, job: Job) -> None:
         """Drops the job's inputs that have not reached the device yet."""
@@ -181,8 +198,8 @@ class Batcher:
         self.metrics.batch_size.observe(len(ids))
         self.metrics.batch_tokens.observe(sum(len(x) for x in ids))
         try:
-            if self.error is not None:
-                raise RuntimeError(f"the model failed to warm up: {self.error}")
+            if self.error is not None:  # queued while the warm-up was still running
+                raise Unavailable(f"the model failed to warm up: {self.error}")
             emb = self.backend.embed_ids(ids)
         except Exception as e:  # noqa: BLE001 -- fail these requests, keep serving
             log.exception("device batch failed")

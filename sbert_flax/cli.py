@@ -114,7 +114,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
                       normalize=args.normalize, precision=args.precision,
                       truncate_dim=args.truncate_dim, show_progress_bar=args.progress,
                       process_index=jax.process_index(), process_count=jax.process_count(),
-                      merge=args.merge)
+                      merge=args.merge, prompt=args.prompt, prompt_name=args.prompt_name)
     secs = time.perf_counter() - t0
     where = res.path if res.manifest is None else f"{res.path} (manifest {res.manifest})"
     print(f"wrote {res.rows} x {res.dim} {res.dtype} embeddings (lines {res.total_rows}) to {where} "
@@ -267,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=PRECISIONS, default="float32",
                    help="output type, as sentence-transformers' quantize_embeddings")
     p.add_argument("--truncate-dim", type=int, help="keep the first N dimensions (Matryoshka)")
+    p.add_argument("--prompt", help="text prepended to every line, as sentence-transformers' prompt")
+    p.add_argument("--prompt-name", help="a prompt of the model's config_sentence_transformers.json "
+                   "(default: its default_prompt_name, if any)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="progress bar in sentences/s (default on)")
     p.add_argument("--merge", action="store_true", help="multi-host: merge the shards into "

@@ -110,14 +110,16 @@ def _global_ranges(float_path: str, process_count: int) -> np.ndarray:
 def encode_file(encoder, input_path: str, output_path: str, *, batch_size: int | None = None,
                 normalize: bool = False, precision: str = "float32", truncate_dim: int | None = None,
                 show_progress_bar: bool = False, process_index: int = 0, process_count: int = 1,
-                chunk_size: int = 8192, merge: bool = False) -> EncodeFileResult:
+                chunk_size: int = 8192, merge: bool = False, prompt: str | None = None,
+                prompt_name: str | None = None) -> EncodeFileResult:
     """Encodes every line of `input_path` into `output_path` (`.npy`, row i = line i + 1).
 
     Args:
       encoder: a `SentenceEncoder`.
       input_path: UTF-8 text, one sentence a line (a non-UTF-8 or NUL line names file:line).
       output_path: the `.npy` to write (a multi-process run writes shards + a manifest beside it).
-      batch_size, normalize, truncate_dim, show_progress_bar: as `SentenceEncoder.encode`.
+      batch_size, normalize, truncate_dim, show_progress_bar, prompt, prompt_name: as
+        `SentenceEncoder.encode`.
       precision: "float32", or quantized like sentence-transformers' `quantize_embeddings`
         ("int8"/"uint8" calibrated on the whole corpus, "binary"/"ubinary" bit-packed).
       process_index, process_count: this process's share of a multi-process run.
@@ -131,6 +133,7 @@ def encode_file(encoder, input_path: str, output_path: str, *, batch_size: int |
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}; expected one of {PRECISIONS}")
+    encoder.prompts.resolve(prompt, prompt_name)  # an unknown prompt_name fails before any file work
     out_dir = os.path.dirname(os.path.abspath(output_path))
     if not os.path.isdir(out_dir):  # before the slow part, not after it
         raise FileNotFoundError(f"output directory does not exist: {out_dir}")
@@ -146,7 +149,8 @@ def encode_file(encoder, input_path: str, output_path: str, *, batch_size: int |
         try:
             for _, chunk in encoder.encode_chunks(lines, chunk_size, batch_size=batch_size,
                                                   normalize=normalize, truncate_dim=truncate_dim,
-                                                  show_progress_bar=show_progress_bar):
+                                                  show_progress_bar=show_progress_bar,
+                                                  prompt=prompt, prompt_name=prompt_name):
                 writer.write(chunk)
         finally:
             writer.f.close()

@@ -32,6 +32,7 @@ from sbert_flax.loading import DEFAULT_MODEL, LoadedModel, load_model
 from sbert_flax.packing import ROW_LENGTHS, PackedBatch, Packer
 from sbert_flax.pooling import cosine_similarity
 from sbert_flax.programs import EncodeProgram, encode_program
+from sbert_flax.prompts import Prompts
 from sbert_flax.st_format import write_st_folder
 from sbert_flax.tokenization import Tokenizer
 
@@ -122,6 +123,7 @@ class SentenceEncoder:
         self.tokenizer: Tokenizer = model.tokenizer
         self.pooling: PoolingConfig = model.pooling
         self.max_seq_length = int(model.max_seq_length)
+        self.prompts: Prompts = model.prompts
         self.dtype = dtype
         self.max_batch_tokens = int(max_batch_tokens)
         self.row_lengths = tuple(row_lengths or buckets or ROW_LENGTHS)
@@ -180,9 +182,11 @@ class SentenceEncoder:
 
     @classmethod
     def from_parts(cls, config: BertConfig, params: dict, tokenizer: Tokenizer,
-                   pooling: PoolingConfig, max_seq_length: int, **kwargs) -> SentenceEncoder:
+                   pooling: PoolingConfig, max_seq_length: int, prompts: Prompts | None = None,
+                   **kwargs) -> SentenceEncoder:
         """An encoder over host params already in memory (e.g. a trainer's best params)."""
-        return cls(LoadedModel(config, params, tokenizer, pooling, int(max_seq_length)), **kwargs)
+        return cls(LoadedModel(config, params, tokenizer, pooling, int(max_seq_length),
+                               prompts=prompts or Prompts()), **kwargs)
 
     @property
     def dim(self) -> int:
@@ -289,6 +293,7 @@ class SentenceEncoder:
                       truncate_dim: int | None = None, show_progress_bar: bool = False,
                       max_seq_length: int | None = None, dtype: str | None = None,
                       output: Literal["sentence", "token"] = "sentence",
+                      prompt: str | None = None, prompt_name: str | None = None,
                       ) -> Iterator[tuple[np.ndarray, np.ndarray | list[np.ndarray]]]:
         """Streams embeddings: yields (row indices, float32 [k, dim]) chunks in input order.
 
@@ -310,6 +315,8 @@ class SentenceEncoder:
             raise ValueError(f"dtype={dtype!r}; expected one of {tuple(DTYPES)}")
         if truncate_dim is not None and not 1 <= truncate_dim <= self.dim:
             raise ValueError(f"truncate_dim={truncate_dim} must be in [1, {self.dim}]")
+        # Resolved before the first sentence is read: a bad prompt_name fails before any work.
+        prefix = self.prompts.resolve(prompt, prompt_name)
         budget = batch_size * ROW_UNIT if batch_size else self.max_batch_tokens
         packer = self.packer(budget, msl)
         window = max(1024, WINDOW_BATCHES * budget // 32)  # ~32 tokens a sentence, generously
@@ -330,6 +337,10 @@ class SentenceEncoder:
 
         def batches() -> Iterator[PackedBatch]:
             for start, texts in self._windows(sentences, window):
+                if prefix:
+                    # As sentence-transformers: the prompt is text, tokenized with the sentence
+                    # (its tokens count against max_seq_length and are pooled).
+                    texts = [prefix + t for t in texts]
                 ids = self.tokenizer.encode(texts, msl)
                 packed = packer.pack(ids, pad_id=self.tokenizer.pad_id)
                 res: np.ndarray | list = (np.zeros((len(texts), self.dim), np.float32)
@@ -389,7 +400,8 @@ class SentenceEncoder:
     def encode(self, sentences: str | Iterable[str], batch_size: int | None = None,
                normalize: bool = False, show_progress_bar: bool = False,
                max_seq_length: int | None = None, dtype: str | None = None,
-               output: Literal["sentence", "token"] = "sentence", truncate_dim: int | None = None):
+               output: Literal["sentence", "token"] = "sentence", truncate_dim: int | None = None,
+               prompt: str | None = None, prompt_name: str | None = None):
         """Embeds sentences.
 
         Args:
@@ -404,14 +416,20 @@ class SentenceEncoder:
           output: "sentence" -> float32 array [n, dim] in input order; "token" -> list of float32
             arrays [tokens_i, dim] (the real tokens of each sentence).
           truncate_dim: keep the first `truncate_dim` dimensions (Matryoshka models).
+          prompt: text prepended to every sentence (e.g. "查询：").
+          prompt_name: a key of `self.prompts.prompts` (the model's
+            `config_sentence_transformers.json`); `prompt` wins if both are given. With neither,
+            the model's `default_prompt_name` applies, as in sentence-transformers.
 
         Raises:
           TypeError: an item is not a string (names its index).
+          ValueError: an unknown `prompt_name` (lists the model's prompt names).
         """
         chunks = self.encode_chunks(sentences, chunk_size=1 << 62, batch_size=batch_size,
                                     normalize=normalize, truncate_dim=truncate_dim,
                                     show_progress_bar=show_progress_bar,
-                                    max_seq_length=max_seq_length, dtype=dtype, output=output)
+                                    max_seq_length=max_seq_length, dtype=dtype, output=output,
+                                    prompt=prompt, prompt_name=prompt_name)
         parts = [c for _, c in chunks]
         if output == "token":
             return [t for part in parts for t in part]
@@ -436,14 +454,14 @@ class SentenceEncoder:
         """Writes the sbert-flax format (see `flax_format`)."""
         with atomic_directory(path, overwrite) as tmp:
             write_flax_folder(tmp, self.config, self.param_dict(), self.pooling, self.max_seq_length,
-                              self.tokenizer)
+                              self.tokenizer, self.prompts)
 
     def export_pytorch(self, path: str, overwrite: bool = False) -> None:
         """Writes a sentence-transformers folder (safetensors) with the same embeddings."""
         state = weights.flax_to_hf(self.param_dict(), self.config)
         with atomic_directory(path, overwrite) as tmp:
             write_st_folder(tmp, self.config, state, self.pooling, self.max_seq_length,
-                            self.tokenizer.lowercase_text, self.tokenizer)
+                            self.tokenizer.lowercase_text, self.tokenizer, self.prompts)
 
 
 def _l2(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:

@@ -3,7 +3,8 @@
 ```
 model/
   sbert_flax.json   {"format": "sbert-flax", "version": 1, "pooling", "normalize",
-                     "max_seq_length", "lowercase_text"}
+                     "max_seq_length", "lowercase_text", "prompts", "default_prompt_name",
+                     "include_prompt"}
   config.json       HF BertConfig
   params/           orbax checkpoint of the backbone params (see checkpoint.py)
   tokenizer files   (tokenizer.json, vocab.txt, ...)
@@ -18,6 +19,7 @@ import os
 from sbert_flax import checkpoint
 from sbert_flax.config import BertConfig, PoolingConfig
 from sbert_flax.files import read_json, write_json
+from sbert_flax.prompts import Prompts
 from sbert_flax.tokenization import Tokenizer
 
 FORMAT_FILE = "sbert_flax.json"
@@ -34,6 +36,7 @@ class FlaxFolder:
     max_seq_length: int
     lowercase_text: bool
     tokenizer_dir: str
+    prompts: Prompts = dataclasses.field(default_factory=Prompts)
 
 
 def is_flax_folder(path: str) -> bool:
@@ -58,11 +61,13 @@ def read_flax_folder(path: str) -> FlaxFolder:
         config=cfg, params=checkpoint.load_params(path),
         pooling=PoolingConfig(meta["pooling"], bool(meta.get("normalize", False))),
         max_seq_length=int(meta["max_seq_length"]),
-        lowercase_text=bool(meta.get("lowercase_text", False)), tokenizer_dir=path)
+        lowercase_text=bool(meta.get("lowercase_text", False)), tokenizer_dir=path,
+        # Optional keys: folders written before prompts existed have none.
+        prompts=Prompts.from_dict(meta, meta_path, bool(meta.get("include_prompt", True))))
 
 
 def write_flax_folder(dest: str, cfg: BertConfig, params: dict, pooling: PoolingConfig,
-                      max_seq_length: int, tokenizer: Tokenizer) -> None:
+                      max_seq_length: int, tokenizer: Tokenizer, prompts: Prompts | None = None) -> None:
     """Writes the folder's files into `dest` (an existing, empty temp dir: callers rename it)."""
     checkpoint.save_params(dest, params)
     write_json(os.path.join(dest, "config.json"), cfg.to_hf_dict())
@@ -71,4 +76,5 @@ def write_flax_folder(dest: str, cfg: BertConfig, params: dict, pooling: Pooling
         "format": "sbert-flax", "version": FORMAT_VERSION, "pooling": pooling.mode,
         "normalize": pooling.normalize, "max_seq_length": int(max_seq_length),
         "lowercase_text": tokenizer.lowercase_text,
+        **(prompts or Prompts()).to_dict(), "include_prompt": (prompts or Prompts()).include_prompt,
     })

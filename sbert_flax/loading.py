@@ -15,6 +15,7 @@ from sbert_flax.config import BertConfig, PoolingConfig
 from sbert_flax.embedder import check_backbone_params
 from sbert_flax.files import read_json
 from sbert_flax.flax_format import is_flax_folder, read_flax_folder
+from sbert_flax.prompts import Prompts
 from sbert_flax.st_format import read_st_folder
 from sbert_flax.tokenization import Tokenizer, load_tokenizer
 
@@ -33,6 +34,7 @@ class LoadedModel:
       pooling: pooling mode and whether the model normalises.
       max_seq_length: tokens per sentence incl. [CLS]/[SEP].
       source: where it came from (for messages and /info).
+      prompts: named prompts and the default one (sentence-transformers' prompts).
     """
 
     config: BertConfig
@@ -41,6 +43,7 @@ class LoadedModel:
     pooling: PoolingConfig
     max_seq_length: int
     source: str = ""
+    prompts: Prompts = dataclasses.field(default_factory=Prompts)
 
 
 class ModelNotFoundError(OSError):
@@ -106,14 +109,14 @@ def load_model(source: str = DEFAULT_MODEL, *, pooling: str | None = None,
         else:
             cfg = weights.config_from_uer_hf(cfg_dict, hf, source=source)
         params = weights.hf_to_flax(hf, cfg, source=source)
-        pool_cfg, msl = PoolingConfig("cls"), uer_max_seq_length
+        pool_cfg, msl, prompts = PoolingConfig("cls"), uer_max_seq_length, Prompts()
     else:
         local = resolve_model_path(source)
         if is_flax_folder(local):
             folder = read_flax_folder(local)
             check_backbone_params(folder.params, folder.config, local)
             cfg, params, pool_cfg, msl = folder.config, folder.params, folder.pooling, folder.max_seq_length
-            lower, tok_dir = folder.lowercase_text, local
+            lower, tok_dir, prompts = folder.lowercase_text, local, folder.prompts
         else:
             st = read_st_folder(local)
             cfg = st.config
@@ -121,6 +124,7 @@ def load_model(source: str = DEFAULT_MODEL, *, pooling: str | None = None,
             # Errors name the weights file; the config they were checked against is beside it.
             params = weights.hf_to_flax(weights.read_weights(wfile), cfg, source=wfile)
             pool_cfg, msl, lower, tok_dir = st.pooling, st.max_seq_length, st.lowercase_text, st.model_dir
+            prompts = st.prompts
         tokenizer = load_tokenizer(vocab_path or tok_dir, lowercase_text=lower)
         if msl is None:
             # sentence-transformers' rule for folders without sentence_bert_config.json.
@@ -131,4 +135,4 @@ def load_model(source: str = DEFAULT_MODEL, *, pooling: str | None = None,
     if not 2 <= msl <= cfg.max_position_embeddings:
         raise ValueError(f"max_seq_length={msl} must be in [2, max_position_embeddings="
                          f"{cfg.max_position_embeddings}]")
-    return LoadedModel(cfg, params, tokenizer, pool_cfg, msl, source)
+    return LoadedModel(cfg, params, tokenizer, pool_cfg, msl, source, prompts)

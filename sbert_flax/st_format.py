@@ -15,6 +15,7 @@ import numpy as np
 
 from sbert_flax.config import BertConfig, ConfigError, PoolingConfig
 from sbert_flax.files import atomic_path, read_json, write_json
+from sbert_flax.prompts import ST_CONFIG_FILE, Prompts, read_st_prompts, st_config
 
 _TRANSFORMER = "sentence_transformers.models.Transformer"
 _POOLING = "sentence_transformers.models.Pooling"
@@ -30,6 +31,7 @@ class STFolder:
     pooling: PoolingConfig
     max_seq_length: int | None  # None: decide from tokenizer and config, as sentence-transformers does
     lowercase_text: bool
+    prompts: Prompts = dataclasses.field(default_factory=Prompts)
 
 
 def _module_type(entry: dict) -> str:
@@ -46,6 +48,7 @@ def read_st_folder(path: str) -> STFolder:
     """
     modules_path = os.path.join(path, "modules.json")
     model_dir, pooling, normalize = path, PoolingConfig("mean"), False
+    pooling_dict: dict | None = None  # its include_prompt decides how prompts pool
     if os.path.isfile(modules_path):
         try:
             with open(modules_path, encoding="utf-8") as f:
@@ -68,7 +71,8 @@ def read_st_folder(path: str) -> STFolder:
                 )
         if pooling_dir is not None:
             pc = os.path.join(pooling_dir, "config.json")
-            pooling = PoolingConfig.from_st_dict(read_json(pc), normalize=normalize, source=pc)
+            pooling_dict = read_json(pc)
+            pooling = PoolingConfig.from_st_dict(pooling_dict, normalize=normalize, source=pc)
         else:
             pooling = PoolingConfig("mean", normalize=normalize)
     cfg = BertConfig.from_json_file(os.path.join(model_dir, "config.json"))
@@ -80,12 +84,14 @@ def read_st_folder(path: str) -> STFolder:
             max_len = sb.get("max_seq_length")
             lower = bool(sb.get("do_lower_case", False))
             break
-    return STFolder(model_dir, cfg, pooling, max_len, lower)
+    return STFolder(model_dir, cfg, pooling, max_len, lower, read_st_prompts(path, pooling_dict))
 
 
 def write_st_folder(dest: str, cfg: BertConfig, hf_state: dict[str, np.ndarray], pooling: PoolingConfig,
-                    max_seq_length: int, lowercase_text: bool, tokenizer) -> None:
+                    max_seq_length: int, lowercase_text: bool, tokenizer,
+                    prompts: Prompts | None = None) -> None:
     """Writes a sentence-transformers folder into the (already created, empty) `dest`."""
+    prompts = prompts or Prompts()
     from safetensors.numpy import save_file
 
     # safetensors writes through a temp file of its own and keeps that file's 0600 mode;
@@ -103,6 +109,8 @@ def write_st_folder(dest: str, cfg: BertConfig, hf_state: dict[str, np.ndarray],
         os.makedirs(os.path.join(dest, "2_Normalize"))
     write_json(os.path.join(dest, "modules.json"), modules)
     os.makedirs(os.path.join(dest, "1_Pooling"))
-    write_json(os.path.join(dest, "1_Pooling", "config.json"), pooling.to_st_dict(cfg.hidden_size))
+    write_json(os.path.join(dest, "1_Pooling", "config.json"),
+               {**pooling.to_st_dict(cfg.hidden_size), "include_prompt": prompts.include_prompt})
+    write_json(os.path.join(dest, ST_CONFIG_FILE), st_config(prompts))
     write_json(os.path.join(dest, "sentence_bert_config.json"),
                {"max_seq_length": max_seq_length, "do_lower_case": lowercase_text})

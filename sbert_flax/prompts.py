@@ -1,0 +1,114 @@
+"""Prompts as sentence-transformers has them: named prefixes prepended to each input text.
+
+A sentence-transformers folder keeps them in `config_sentence_transformers.json`
+(`{"prompts": {"query": "查询：", ...}, "default_prompt_name": "query"}`); an sbert-flax folder
+keeps the same two keys in `sbert_flax.json`. The prompt is prepended to the text before
+tokenizing, so its tokens count against `max_seq_length` and are pooled like any other token,
+which is what sentence-transformers does with `include_prompt=True` (its default) in the Pooling
+config. `include_prompt=False` (prompt tokens attend but are not pooled) is not implemented by the
+packed pooling; it is kept on save, and encoding with a prompt under it is refused rather than
+giving different embeddings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+from sbert_flax.files import read_json
+
+ST_CONFIG_FILE = "config_sentence_transformers.json"
+# sentence-transformers >= 6 knows these names on every model (empty unless configured), so
+# `prompt_name="document"` works on a model without prompts; they resolve the same here.
+BUILTIN_PROMPT_NAMES = ("query", "document")
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompts:
+    """A model's named prompts.
+
+    Attributes:
+      prompts: name -> text prepended to each input.
+      default_prompt_name: the prompt used when a call names none (None: no prompt).
+      include_prompt: sentence-transformers' Pooling flag; False means prompt tokens are not pooled.
+    """
+
+    prompts: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    default_prompt_name: str | None = None
+    include_prompt: bool = True
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str, include_prompt: bool = True) -> Prompts:
+        """Reads `prompts` / `default_prompt_name` from a config dict, checked as
+        sentence-transformers checks them (a null prompt means "", the default must be a name)."""
+        raw = d.get("prompts") or {}
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"{source}: 'prompts' must be an object of name -> text, "
+                             f"got {type(raw).__name__}")
+        prompts: dict[str, str] = {}
+        for name, text in raw.items():
+            if text is not None and not isinstance(text, str):
+                raise ValueError(f"{source}: prompt {name!r} must be a string, got {type(text).__name__}")
+            prompts[str(name)] = text or ""
+        default = d.get("default_prompt_name")
+        known = [*BUILTIN_PROMPT_NAMES, *(n for n in prompts if n not in BUILTIN_PROMPT_NAMES)]
+        if default is not None and default not in known:
+            raise ValueError(f"{source}: default_prompt_name {default!r} is not one of the prompts "
+                             f"{known!r}")
+        return cls(prompts, default, include_prompt)
+
+    @property
+    def known(self) -> dict[str, str]:
+        """Every name `prompt_name` accepts: the built-in ones, then the model's own."""
+        return {**dict.fromkeys(BUILTIN_PROMPT_NAMES, ""), **self.prompts}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"prompts": dict(self.prompts), "default_prompt_name": self.default_prompt_name}
+
+    def resolve(self, prompt: str | None = None, prompt_name: str | None = None) -> str:
+        """The text to prepend for one call, by sentence-transformers' rules.
+
+        An explicit `prompt` wins (with a warning if `prompt_name` is given too); else
+        `prompt_name` is looked up; else the default prompt applies; else none ("").
+
+        Raises:
+          ValueError: `prompt_name` is unknown (the message lists the known names), or a prompt is
+            used on a model whose pooling excludes prompt tokens (`include_prompt=False`).
+        """
+        if prompt is None:
+            if prompt_name is not None:
+                known = self.known
+                if prompt_name not in known:
+                    raise ValueError(f"prompt_name {prompt_name!r} is not one of this model's prompts "
+                                     f"{list(known)!r}")
+                prompt = known[prompt_name]
+            elif self.default_prompt_name is not None:
+                prompt = self.known.get(self.default_prompt_name, "")
+        elif prompt_name is not None:
+            warnings.warn("both prompt and prompt_name were given; using prompt and ignoring "
+                          f"prompt_name={prompt_name!r} (as sentence-transformers does)", stacklevel=3)
+        if not isinstance(prompt, str | None):
+            raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+        prompt = prompt or ""
+        if prompt and not self.include_prompt:
+            raise ValueError("this model's pooling excludes prompt tokens (include_prompt=false in "
+                             "1_Pooling/config.json), which sbert-flax does not implement; encode "
+                             "without a prompt or use sentence-transformers for this model")
+        return prompt
+
+
+def read_st_prompts(folder: str, pooling_config: Mapping[str, Any] | None = None) -> Prompts:
+    """The prompts of a sentence-transformers folder (none if it has no config file)."""
+    include = bool((pooling_config or {}).get("include_prompt", True))
+    path = os.path.join(folder, ST_CONFIG_FILE)
+    if not os.path.isfile(path):
+        return Prompts(include_prompt=include)
+    return Prompts.from_dict(read_json(path), source=path, include_prompt=include)
+
+
+def st_config(prompts: Prompts) -> dict[str, Any]:
+    """`config_sentence_transformers.json` as sentence-transformers reads it back."""
+    return {"prompts": dict(prompts.prompts), "default_prompt_name": prompts.default_prompt_name}

@@ -1,7 +1,9 @@
 """The `sbert-flax` console script: convert, encode, search, similarity, eval, eval-sts, serve, train.
 
 Only this module parses argv. Errors a user can fix (missing files, corrupt weights, bad config,
-malformed input) become one line on stderr and exit code 2; `--debug` shows the traceback.
+malformed input) become one line on stderr and exit code 2; anything else is a bug and prints its
+traceback (exit 1). `--debug` shows the traceback of user errors too. `sbert_flax.errors` says
+which is which.
 """
 
 from __future__ import annotations
@@ -14,17 +16,14 @@ import sys
 import time
 from collections.abc import Sequence
 
-from sbert_flax.config import POOLING_MODES, ConfigError
+from sbert_flax.config import POOLING_MODES
 from sbert_flax.corpus import PRECISIONS
 from sbert_flax.distributed import add_distributed_flags
+from sbert_flax.errors import EXIT_USER_ERROR, is_user_error, report_bug
 from sbert_flax.files import read_text_lines
 from sbert_flax.loading import DEFAULT_MODEL
-from sbert_flax.weights import WeightsError
 
 PROG = "sbert-flax"
-# Exceptions that mean "the input is wrong", shown without a traceback.
-USER_ERRORS = (FileNotFoundError, FileExistsError, WeightsError, ConfigError, ValueError, TypeError,
-               ImportError, OSError)
 
 
 class UsageError(ValueError):
@@ -329,14 +328,16 @@ def _one_line(e: BaseException) -> str:
 def _run(func, args, debug: bool) -> int:
     try:
         return func(args)
-    except USER_ERRORS as e:
-        if debug:
-            raise
-        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 -- every error ends as a message and an exit code
+        if debug:
+            raise
+        if not is_user_error(e):
+            return report_bug(PROG, e)
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,6 +8,7 @@ losses' flags), or a config file.
 Multi-host: pass `--coordinator_address host:port --num_processes N --process_id I` on every
 host, or nothing on TPU pods / SLURM (auto-detected). Exit codes: 0 done, 1 diverged (NaN/inf),
 2 bad input (data, config, paths), 75 (`EXIT_PREEMPTED`) stopped by SIGTERM with a checkpoint saved.
+A bug (an error that is not bad input, see `sbert_flax.errors`) prints its traceback and exits 1.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from sbert_flax.distributed import add_distributed_flags, init_distributed
+from sbert_flax.errors import EXIT_USER_ERROR, is_user_error, report_bug
 from sbert_flax.training.train_config import LOSSES, TrainConfig
 
 # A SIGTERM'd run saved its checkpoint and stopped early: not done, not failed. It must not exit 0
@@ -172,31 +174,32 @@ def _parse(argv: Sequence[str]) -> tuple[TrainConfig, argparse.Namespace]:
     return config_from_args(args), args
 
 
+def _report(e: Exception) -> int:
+    """Bad input: one line, exit 2. Anything else: a bug, with its traceback, exit 1."""
+    if not is_user_error(e):
+        return report_bug("sbert-flax train", e)
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_USER_ERROR
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `sbert-flax train ...` and train/run_classifier_siamese.py; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         cfg, args = _parse(argv)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # noqa: BLE001 -- a message and an exit code, never a bare crash
+        return _report(e)
     init_distributed(args.coordinator_address, args.num_processes, args.process_id)
 
-    from sbert_flax.config import ConfigError
-    from sbert_flax.loading import ModelNotFoundError
-    from sbert_flax.training.data import DataError
     from sbert_flax.training.trainer import TrainingDiverged, train_and_evaluate
-    from sbert_flax.weights import WeightsError
 
     try:
         summary = train_and_evaluate(cfg)
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (DataError, WeightsError, ConfigError, ModelNotFoundError, FileNotFoundError,
-            FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # noqa: BLE001 -- a message and an exit code, never a bare crash
+        return _report(e)
     if summary.get("preempted"):
         print(f"preempted: checkpoint saved at step {summary['step']} in {cfg.output_dir}/checkpoints; "
               f"rerun with --resume to continue (exit code {EXIT_PREEMPTED}: requeue)", file=sys.stderr)

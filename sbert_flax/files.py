@@ -237,7 +237,12 @@ def atomic_directory(dest: str, overwrite: bool = False) -> Iterator[str]:
         # Two renames, never one that deletes: from here to the second one `dest` is missing
         # and the aside copy is what `recover_directory` restores.
         os.replace(dest, _aside_path(dest))
-        os.replace(tmp, dest)
+        try:
+            os.replace(tmp, dest)
+        except BaseException:  # e.g. another writer put a folder there: keep the old one
+            recover_directory(dest)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         fsync_dir(parent)
         _discard_aside(dest)
     else:

@@ -141,3 +141,23 @@ def test_sigkill_at_random_moments_leaves_a_loadable_model(tmp_path, two_models)
     print(f"{mid_write} of {KILLS} kills landed inside a write")
     loaded = load_model(dest)  # what is there loads with the real loader
     assert loaded.config.hidden_size > 0
+
+
+def test_a_failed_swap_keeps_the_old_folder(tmp_path, monkeypatch):
+    dest = str(tmp_path / "model")
+    with files.atomic_directory(dest) as tmp:
+        _tree(tmp, {"config.json": b'{"v": 1}'})
+    real, calls = os.replace, []
+
+    def replace(a, b):
+        calls.append((a, b))
+        if len(calls) == 2:  # the new folder into place
+            raise OSError(39, "Directory not empty")
+        return real(a, b)
+
+    monkeypatch.setattr(files.os, "replace", replace)
+    with pytest.raises(OSError, match="not empty"), files.atomic_directory(dest, overwrite=True) as tmp:
+        _tree(tmp, {"config.json": b'{"v": 2}'})
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["model"]
+    assert (tmp_path / "model" / "config.json").read_bytes() == b'{"v": 1}'

@@ -16,6 +16,7 @@ from typing import Any
 from sbert_flax.config import BertConfig, PoolingConfig, pooling_from_uer
 from sbert_flax.files import read_json
 from sbert_flax.loading import load_model
+from sbert_flax.prompts import Prompts
 from sbert_flax.tokenization import Tokenizer
 from sbert_flax.weights import WeightsError
 
@@ -48,6 +49,8 @@ class Pretrained:
     params: dict
     tokenizer: Tokenizer
     pooling_config: PoolingConfig
+    # The base model's sentence-transformers prompts: the exported fine-tuned model keeps them.
+    prompts: Prompts = dataclasses.field(default_factory=Prompts)
 
     @property
     def pooling(self) -> str:
@@ -127,4 +130,4 @@ def load_pretrained(path: str, *, vocab_path: str | None = None, config_path: st
                         config_path=config_path if os.path.isfile(path) else None)
     if uer_cfg is not None:
         check_uer_architecture(uer_cfg, loaded.config, config_path)
-    return Pretrained(loaded.config, loaded.params, loaded.tokenizer, loaded.pooling)
+    return Pretrained(loaded.config, loaded.params, loaded.tokenizer, loaded.pooling, loaded.prompts)

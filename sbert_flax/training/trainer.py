@@ -372,7 +372,8 @@ class Trainer:
             if self.is_main:
                 enc = SentenceEncoder.from_parts(self.pre.config, host["embedder"]["backbone"],
                                                  self.pre.tokenizer, self.pooling, cfg.seq_length,
-                                                 devices=jax.local_devices()[:1])
+                                                 devices=jax.local_devices()[:1],
+                                                 prompts=self.pre.prompts)
                 enc.save(os.path.join(cfg.output_dir, "best_model"), overwrite=True)
                 enc.export_pytorch(os.path.join(cfg.output_dir, "best_model_pytorch"), overwrite=True)
                 log.info("exported the best model to %s/best_model and best_model_pytorch",

@@ -1,9 +1,11 @@
 """Two processes x 4 CPU devices (gloo, loopback) train to the same params as 1 process x 8:
 the siamese trainer end to end, and the mnrl step (in-batch negatives across the two hosts)."""
 
+import contextlib
 import dataclasses
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -40,24 +42,41 @@ def _write_pairs(path: str, n: int, seed: int) -> None:
 
 
 def _run_two_processes(out_dir, *jobs: str, timeout_s: float = TIMEOUT_S) -> None:
-    """Runs the driver as processes 0 and 1 of a loopback cluster; kills both on any failure."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
+    """Runs the driver as processes 0 and 1 of a loopback cluster; kills both on any failure.
+
+    Each process logs to OUT_DIR/proc{i}.log. A run past the timeout is aborted with SIGABRT, so
+    that faulthandler prints every thread's Python stack, and the failure shows both logs: a hang
+    says where it hangs."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONFAULTHANDLER="1", PYTHONPATH=os.pathsep.join(
         [os.path.dirname(os.path.dirname(DRIVER)), os.environ.get("PYTHONPATH", "")]))
     env.pop("XLA_FLAGS", None)
     port = _free_port()
-    procs = []
+    procs, logs = [], [os.path.join(str(out_dir), f"proc{pid}.log") for pid in range(2)]
+
+    def tails() -> str:
+        return "\n".join(f"--- process {pid} ---\n{open(path, errors='replace').read()[-4000:]}"
+                         for pid, path in enumerate(logs))
+
     try:
         for pid in range(2):
-            procs.append(subprocess.Popen(
-                [sys.executable, DRIVER, str(port), str(pid), str(out_dir), *jobs],
-                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+            with open(logs[pid], "w") as log:
+                procs.append(subprocess.Popen(
+                    [sys.executable, DRIVER, str(port), str(pid), str(out_dir), *jobs],
+                    env=env, stdout=log, stderr=subprocess.STDOUT))
         deadline = time.monotonic() + timeout_s
-        outs = []
-        for p in procs:
-            out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            outs.append(out)
-        for pid, (p, out) in enumerate(zip(procs, outs, strict=True)):
-            assert p.returncode == 0, f"process {pid} failed:\n{out[-3000:]}"
+        try:
+            for p in procs:
+                p.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGABRT)
+            for p in procs:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(timeout=10)
+            pytest.fail(f"the 2-process run did not finish in {timeout_s} s:\n{tails()}")
+        for pid, p in enumerate(procs):
+            assert p.returncode == 0, f"process {pid} failed:\n{tails()}"
     finally:
         for p in procs:
             if p.poll() is None:

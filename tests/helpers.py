@@ -172,3 +172,26 @@ ZH_SENTENCES = [
     "Hello 世界",
     "请问去火车站怎么走？",
 ]
+
+
+# UER-py's TransformerLayer names -> HF names, written out by hand from UER-py's
+# scripts/convert_sbert_from_uer_to_huggingface.py (independent of
+# weights._UER_LAYER): the tests of the weight maps and of the conversion command check against it.
+UER_LAYER_BY_HAND = [
+    ("self_attn.linear_layers.0.weight", "attention.self.query.weight"),
+    ("self_attn.linear_layers.0.bias", "attention.self.query.bias"),
+    ("self_attn.linear_layers.1.weight", "attention.self.key.weight"),
+    ("self_attn.linear_layers.1.bias", "attention.self.key.bias"),
+    ("self_attn.linear_layers.2.weight", "attention.self.value.weight"),
+    ("self_attn.linear_layers.2.bias", "attention.self.value.bias"),
+    ("self_attn.final_linear.weight", "attention.output.dense.weight"),
+    ("self_attn.final_linear.bias", "attention.output.dense.bias"),
+    ("layer_norm_1.gamma", "attention.output.LayerNorm.weight"),
+    ("layer_norm_1.beta", "attention.output.LayerNorm.bias"),
+    ("feed_forward.linear_1.weight", "intermediate.dense.weight"),
+    ("feed_forward.linear_1.bias", "intermediate.dense.bias"),
+    ("feed_forward.linear_2.weight", "output.dense.weight"),
+    ("feed_forward.linear_2.bias", "output.dense.bias"),
+    ("layer_norm_2.gamma", "output.LayerNorm.weight"),
+    ("layer_norm_2.beta", "output.LayerNorm.bias"),
+]

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import helpers
 import numpy as np
 import pytest
 
@@ -31,24 +32,6 @@ UER_EMB = [
     ("layer_norm.gamma", "embeddings.LayerNorm.weight"),
     ("layer_norm.beta", "embeddings.LayerNorm.bias"),
 ]
-UER_LAYER = [
-    ("self_attn.linear_layers.0.weight", "attention.self.query.weight"),
-    ("self_attn.linear_layers.0.bias", "attention.self.query.bias"),
-    ("self_attn.linear_layers.1.weight", "attention.self.key.weight"),
-    ("self_attn.linear_layers.1.bias", "attention.self.key.bias"),
-    ("self_attn.linear_layers.2.weight", "attention.self.value.weight"),
-    ("self_attn.linear_layers.2.bias", "attention.self.value.bias"),
-    ("self_attn.final_linear.weight", "attention.output.dense.weight"),
-    ("self_attn.final_linear.bias", "attention.output.dense.bias"),
-    ("layer_norm_1.gamma", "attention.output.LayerNorm.weight"),
-    ("layer_norm_1.beta", "attention.output.LayerNorm.bias"),
-    ("feed_forward.linear_1.weight", "intermediate.dense.weight"),
-    ("feed_forward.linear_1.bias", "intermediate.dense.bias"),
-    ("feed_forward.linear_2.weight", "output.dense.weight"),
-    ("feed_forward.linear_2.bias", "output.dense.bias"),
-    ("layer_norm_2.gamma", "output.LayerNorm.weight"),
-    ("layer_norm_2.beta", "output.LayerNorm.bias"),
-]
 
 
 def expected_pairs(layers: int, tower: int = 0) -> list[tuple[str, str]]:
@@ -56,7 +39,7 @@ def expected_pairs(layers: int, tower: int = 0) -> list[tuple[str, str]]:
     pairs = [(f"embedding.embedding_{tower}.{u}", h) for u, h in UER_EMB]
     for i in range(layers):
         pairs += [(f"encoder.encoder_{tower}.transformer.{i}.{u}", f"encoder.layer.{i}.{h}")
-                  for u, h in UER_LAYER]
+                  for u, h in helpers.UER_LAYER_BY_HAND]
     return pairs
 
 

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 
+import helpers
 import numpy as np
 import pytest
 
@@ -191,26 +192,6 @@ def test_hf_config_round_trip():
 
 # ---- UER-py layouts ------------------------------------------------------------------------------
 
-# UER-py's TransformerLayer names -> HF names, written out here from UER-py's
-# scripts/convert_sbert_from_uer_to_huggingface.py (independent of weights._UER_LAYER).
-UER_LAYER_BY_HAND = [
-    ("self_attn.linear_layers.0.weight", "attention.self.query.weight"),
-    ("self_attn.linear_layers.0.bias", "attention.self.query.bias"),
-    ("self_attn.linear_layers.1.weight", "attention.self.key.weight"),
-    ("self_attn.linear_layers.1.bias", "attention.self.key.bias"),
-    ("self_attn.linear_layers.2.weight", "attention.self.value.weight"),
-    ("self_attn.linear_layers.2.bias", "attention.self.value.bias"),
-    ("self_attn.final_linear.weight", "attention.output.dense.weight"),
-    ("self_attn.final_linear.bias", "attention.output.dense.bias"),
-    ("layer_norm_1.gamma", "attention.output.LayerNorm.weight"),
-    ("layer_norm_1.beta", "attention.output.LayerNorm.bias"),
-    ("feed_forward.linear_1.weight", "intermediate.dense.weight"),
-    ("feed_forward.linear_1.bias", "intermediate.dense.bias"),
-    ("feed_forward.linear_2.weight", "output.dense.weight"),
-    ("feed_forward.linear_2.bias", "output.dense.bias"),
-    ("layer_norm_2.gamma", "output.LayerNorm.weight"),
-    ("layer_norm_2.beta", "output.LayerNorm.bias"),
-]
 
 
 def uer_sbert_by_hand(hf: dict, layers: int, towers=(0, 1)) -> dict:
@@ -226,7 +207,7 @@ def uer_sbert_by_hand(hf: dict, layers: int, towers=(0, 1)) -> dict:
         out[e + "layer_norm.gamma"] = hf["embeddings.LayerNorm.weight"]
         out[e + "layer_norm.beta"] = hf["embeddings.LayerNorm.bias"]
         for i in range(layers):
-            for uk, hk in UER_LAYER_BY_HAND:
+            for uk, hk in helpers.UER_LAYER_BY_HAND:
                 out[f"{enc}{i}.{uk}"] = hf[f"encoder.layer.{i}.{hk}"]
     return out
 

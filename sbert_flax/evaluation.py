@@ -1,5 +1,7 @@
 """STS evaluation: rank / linear correlation of embedding cosines against gold scores.
 
+Retrieval evaluation on BEIR folders lives in `sbert_flax.retrieval` and is re-exported here.
+
 Pure numpy (plus the encoder's own `encode`), so the CLI and the training loop share one
 implementation. Correlations are returned as plain coefficients in [-1, 1]; multiplying by 100
 (the way STS results are usually quoted) is left to whoever prints them.
@@ -15,6 +17,12 @@ from typing import Any
 import numpy as np
 
 from sbert_flax.files import read_text_lines
+from sbert_flax.retrieval import (  # noqa: F401  (re-exported: every evaluator in one namespace)
+    BeirFolder,
+    evaluate_retrieval,
+    load_beir,
+    retrieval_metrics,
+)
 
 # Third-field names that mark a header line rather than a score (UER-py TSVs have a header).
 _HEADER_SCORE_NAMES = ("score", "label", "similarity", "gold")

@@ -259,8 +259,8 @@ def evaluate_retrieval(encoder: Any, folder: str | BeirFolder, split: str = "tes
       The metrics of `retrieval_metrics`, plus "queries" and "corpus" (counts).
 
     Note:
-      Ranking is by score, equal scores by ascending document id (as sentence-transformers).
-      Equal scores that straddle a corpus chunk's top-k cut are cut in file order.
+      Ranking is by score, equal scores by ascending document id (as sentence-transformers),
+      also where they straddle the top-k cut.
     """
     from sbert_flax.util import semantic_search
 
@@ -286,8 +286,17 @@ def evaluate_retrieval(encoder: Any, folder: str | BeirFolder, split: str = "tes
     for rows, chunk in encoder.encode_chunks(f.corpus_texts(), chunk_size=corpus_chunk_size,
                                              batch_size=batch_size,
                                              **prompts(corpus_prompt, corpus_prompt_name)):
-        hits = semantic_search(q_emb, chunk, top_k=min(max_k, len(rows)),
+        # One more than needed, to see whether equal scores straddle the cut: semantic_search
+        # cuts them in row order, sentence-transformers by id. Those (rare) queries are ranked
+        # against the whole chunk so that the merge below makes the cut by id.
+        hits = semantic_search(q_emb, chunk, top_k=min(max_k + 1, len(rows)),
                                corpus_chunk_size=len(rows))
+        tied = [i for i, h in enumerate(hits)
+                if len(h) > max_k and h[max_k]["score"] == h[max_k - 1]["score"]]
+        if tied:
+            full = semantic_search(q_emb[tied], chunk, top_k=len(rows), corpus_chunk_size=len(rows))
+            for i, h in zip(tied, full, strict=True):
+                hits[i] = h
         width = max(len(h) for h in hits)
         s = np.full((nq, width), -np.inf, np.float32)
         r = np.full((nq, width), -1, np.int64)

@@ -238,3 +238,45 @@ def test_eval_needs_sts_or_retrieval(capsys):
     rc = cli.main(["eval", "--model", "unused"])
     _, err = capsys.readouterr()
     assert rc == 2 and "--retrieval" in err
+
+
+@pytest.mark.parametrize("chunk", [15, 7])  # the corpus in one chunk, and in two
+def test_equal_scores_across_the_cut_rank_by_id(tmp_path, chunk):
+    """Duplicates straddling the top-k cut are cut by document id, as sentence-transformers."""
+    torch = pytest.importorskip("torch")
+    from sentence_transformers.sentence_transformer.evaluation import (
+        InformationRetrievalEvaluator,
+    )
+    from sentence_transformers.util import cos_sim
+
+    # File order d9, d8, ..., d0 (all one vector), then other documents; ids sort the other way,
+    # so a cut in file order and a cut by id keep different duplicates.
+    dup = [(f"d{i}", "", "重复") for i in range(9, -1, -1)]
+    other = [(f"e{i}", "", f"其他{i}") for i in range(5)]
+    queries = [("q1", "查询一"), ("q2", "查询二")]
+    qrels = [("q1", "d0", 1), ("q2", "d9", 1), ("q2", "e3", 1)]
+    folder = write_beir(tmp_path / "ties", dup + other, queries, qrels)
+    rng = np.random.default_rng(0)
+    table = {t: rng.standard_normal(8).astype(np.float32) for _, _, t in other}
+    table["重复"] = np.ones(8, np.float32)
+    table["查询一"] = np.ones(8, np.float32)
+    table["查询二"] = np.ones(8, np.float32) + 0.1 * table["其他3"]
+    enc = TableEncoder(table)
+    ks = {"accuracy_at_k": [1, 3], "precision_recall_at_k": [1, 3, 5], "mrr_at_k": [3],
+          "ndcg_at_k": [3], "map_at_k": [5]}
+    ours = evaluate_retrieval(enc, folder, corpus_chunk_size=chunk, **ks)
+
+    corpus = {c: t for c, _, t in dup + other}
+    relevant = {"q1": {"d0"}, "q2": {"d9", "e3"}}
+
+    class Model:
+        def encode_query(self, texts, **kw):
+            return torch.from_numpy(enc.encode(texts))
+
+    ev = InformationRetrievalEvaluator(dict(queries), corpus, relevant,
+                                       score_functions={"cosine": cos_sim}, **ks)
+    ref = ev.compute_all_metrics(Model(), corpus_embeddings=torch.from_numpy(
+        enc.encode(list(corpus.values()))))["cosine"]
+    flat = {f"{name[:-2]}@{k}": float(v) for name, d in ref.items() for k, v in d.items()}
+    assert flat["accuracy@1"] == 0.5  # q1 finds d0 first: the cut was made by id
+    assert {m: ours[m] for m in flat} == pytest.approx(flat, abs=1e-12)

@@ -5,6 +5,8 @@
 - `quantize_embeddings` (`quantization.py`): sentence-transformers' precisions, bit for bit.
 - `load_embeddings`, `save_embeddings`, `write_manifest`, `merge_shards` (`embeddings_file.py`):
   one `.npy`, or the shards + manifest of a multi-process `sbert-flax encode`.
+- `mine_hard_negatives` (`mining.py`): sentence-transformers' hard-negative mining, ranked by
+  `semantic_search`.
 - `search_corpus`: encode (or load cached) corpus embeddings and search them, for the CLI.
 """
 
@@ -25,6 +27,7 @@ from sbert_flax.embeddings_file import (  # noqa: F401  (re-exported)
     shard_path,
     write_manifest,
 )
+from sbert_flax.mining import mine_hard_negatives  # noqa: F401  (re-exported)
 from sbert_flax.quantization import PRECISIONS, Precision, quantize_embeddings  # noqa: F401
 from sbert_flax.search import (  # noqa: F401  (re-exported)
     TRACE_COUNTS,
@@ -37,8 +40,8 @@ from sbert_flax.search import (  # noqa: F401  (re-exported)
 logger = logging.getLogger(__name__)
 
 __all__ = ["MANIFEST_FORMAT", "MANIFEST_VERSION", "PRECISIONS", "TRACE_COUNTS", "load_embeddings",
-           "manifest_path", "merge_shards", "paraphrase_mining", "paraphrase_mining_embeddings",
-           "quantize_embeddings", "save_embeddings", "search_corpus", "semantic_search",
+           "manifest_path", "merge_shards", "mine_hard_negatives", "paraphrase_mining",
+           "paraphrase_mining_embeddings", "quantize_embeddings", "save_embeddings", "search_corpus", "semantic_search",
            "shard_path", "write_manifest"]
 
 

@@ -45,8 +45,9 @@ NLI_LABELS: Mapping[str, int] = {"entailment": 0, "neutral": 1, "contradiction":
 # columns, and the target column ("labels" in a batch for "label", "scores" for "score").
 SCHEMAS: Mapping[str, Schema] = {
     "softmax": Schema(("text_a", "text_b"), target="label"),
-    "mnrl": Schema(("anchor", "positive"), optional=("negative",)),
-    "cached-mnrl": Schema(("anchor", "positive"), optional=("negative",)),
+    # A hard negative as `negative`, or several as `negative_1 .. negative_n` (mined n-tuples).
+    "mnrl": Schema(("anchor", "positive"), optional=("negative",), numbered=("negative",)),
+    "cached-mnrl": Schema(("anchor", "positive"), optional=("negative",), numbered=("negative",)),
     "cosent": Schema(("sentence1", "sentence2"), target="score"),
 }
 

@@ -66,10 +66,10 @@ def mnrl(anchors: Array, positives: Array, weights: Array, negatives: Array | No
     real = weights > 0
     a, p = l2_normalize(anchors), l2_normalize(positives)
     docs, doc_real = p, real
-    if negatives is not None:
+    if negatives is not None:  # [k * B, D]: k hard negatives per anchor, column after column
         docs = jnp.concatenate([p, l2_normalize(negatives)])
-        doc_real = jnp.concatenate([real, real])
-    scores = jnp.where(doc_real[None, :], scale * (a @ docs.T), _EXCLUDED)  # [B, B or 2B]
+        doc_real = jnp.tile(real, docs.shape[0] // real.shape[0])
+    scores = jnp.where(doc_real[None, :], scale * (a @ docs.T), _EXCLUDED)  # [B, (1 + k) B]
     rows = jnp.arange(a.shape[0])
     positive = scores[rows, rows]
     log_z = jax.nn.logsumexp(scores, axis=1)
@@ -204,11 +204,15 @@ class EmbeddingLoss:
     def target(self) -> str | None:
         return "scores" if self.name == "cosent" else None
 
-    def text_columns(self, has_negative: bool = False) -> tuple[str, ...]:
+    def text_columns(self, has_negative: bool | tuple[str, ...] = False) -> tuple[str, ...]:
+        """The batch's text columns; `has_negative`: a `negative` column, or the names of the
+        negative columns (`negative_1 .. negative_n` of a mined n-tuple file)."""
         if self.name == "cosent":
             if has_negative:
                 raise ValueError("the cosent loss takes (sentence1, sentence2, score) rows; no negative column")
             return ("sentence1", "sentence2")
+        if isinstance(has_negative, tuple):
+            return ("anchor", "positive", *has_negative)
         return ("anchor", "positive", "negative") if has_negative else ("anchor", "positive")
 
     def model_def(self, cfg: BertConfig, pooling: str | PoolingConfig | None = None,
@@ -230,7 +234,7 @@ class EmbeddingLoss:
                 return cosent(embs[0], embs[1], batch["scores"], batch["weights"], scale=self.scale)
         else:
             def fn(embs, batch):
-                neg = embs[2] if len(embs) > 2 else None
+                neg = jnp.concatenate(list(embs[2:])) if len(embs) > 2 else None
                 return mnrl(embs[0], embs[1], batch["weights"], neg, scale=self.scale,
                             symmetric=self.symmetric)
         return matryoshka(fn, self.matryoshka_dims) if self.matryoshka_dims else fn
@@ -238,8 +242,11 @@ class EmbeddingLoss:
     def value_and_grad(self, graphdef: nnx.GraphDef, params: Any, batch: Batch,
                        dropout_key: Array | None) -> tuple[Array, Any, dict[str, Array]]:
         packed = "packed_ids" in batch
-        has_negative = ("negative_row" if packed else "negative_ids") in batch
-        names = self.text_columns(has_negative=has_negative and self.name != "cosent")
+        suffix = "_row" if packed else "_ids"
+        negatives = tuple(sorted((k[:-len(suffix)] for k in batch
+                                  if k.startswith("negative") and k.endswith(suffix)),
+                                 key=lambda c: (len(c), c)))  # negative_2 before negative_10
+        names = self.text_columns(has_negative=negatives if self.name != "cosent" else False)
         fn = self.objective()
 
         def objective(embs: Array) -> tuple[Array, dict[str, Array]]:  # [C, B, D]

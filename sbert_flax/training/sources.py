@@ -61,12 +61,15 @@ class Schema:
     Attributes:
       texts: required text columns, in batch order.
       optional: text columns used when the file has them (mnrl's hard "negative").
+      numbered: optional columns that may instead come numbered, `name_1 .. name_n` (the n-tuples
+        `sbert-flax mine-negatives` writes, sentence-transformers' n-tuple columns).
       target: "label" (integer class id), "score" (float) or None.
     """
 
     texts: tuple[str, ...]
     optional: tuple[str, ...] = ()
     target: str | None = None
+    numbered: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.target not in (None, "label", "score"):
@@ -113,6 +116,16 @@ def stable_hash(text: str) -> int:
                           signed=True)
 
 
+def _numbered(base: str, names: Sequence[str], have: Sequence[str]) -> list[str]:
+    """`base_1, base_2, ...` as far as `names` has them, unless `base` itself is there."""
+    if base in have:
+        return []
+    found: list[str] = []
+    while f"{base}_{len(found) + 1}" in names:
+        found.append(f"{base}_{len(found) + 1}")
+    return found
+
+
 class _Parser:
     """Splits one decoded line into {column: raw value} for the columns of a schema."""
 
@@ -155,6 +168,8 @@ class _Parser:
                 if names.count(n) > 1 and n in wanted:
                     raise DataError(f"{path}:1: column {n!r} named twice ({names})")
             self.index = {w: names.index(w) for w in wanted if w in names}
+            for base in schema.numbered:
+                self.index.update((c, names.index(c)) for c in _numbered(base, names, self.index))
             self.num_fields = len(names)
             missing = [w for w in (*schema.texts, *((schema.target,) if schema.target else ()))
                        if w not in self.index]
@@ -164,11 +179,14 @@ class _Parser:
                     f"{path}:1: {where} has no {', '.join(repr(m) for m in missing)} column (found "
                     f"{names}); this loss reads {', '.join(wanted)}. Rename the header, or for a "
                     "file without one pass has_header=False and columns= (--no_header --columns)")
-        self.present = [c for c in (*schema.texts, *schema.optional) if c in self.index]
+        self.present = [*(c for c in (*schema.texts, *schema.optional) if c in self.index),
+                        *(c for c in self.index if c not in wanted)]  # numbered, in order
 
     def _present_jsonl(self, first: list[str] | None) -> list[str]:
         # Optional JSONL text columns are used iff the first record has them.
         opt = [c for c in self.schema.optional if first is not None and c in first]
+        for base in self.schema.numbered:
+            opt += _numbered(base, first or [], opt)
         return [*self.schema.texts, *opt]
 
     def fields(self, line: str) -> dict[str, Any] | str:

@@ -144,7 +144,8 @@ class Trainer:
                               mini_batch_size=cfg.mini_batch_size,
                               matryoshka_dims=cfg.matryoshka_dims, num_labels=self.num_labels,
                               pooling=pooling)
-        want = self.loss.text_columns("negative" in self.train_src.columns)
+        want = self.loss.text_columns(tuple(c for c in self.train_src.columns
+                                            if c.startswith("negative")))
         if tuple(self.train_src.columns) != tuple(want):
             raise data.DataError(f"{cfg.train_path}: has columns {self.train_src.columns}, the "
                                  f"{cfg.loss} loss reads {want}")

@@ -23,16 +23,16 @@ from sbert_flax.util import mine_hard_negatives
 
 
 class _CachedEncoder:
-    """Encodes each distinct list of texts once: several mining options share the embeddings."""
+    """Encodes each text once: the mining options (and both libraries) share the embeddings."""
 
     def __init__(self, encode):
         self._encode, self._cache = encode, {}
 
     def encode(self, texts, **kwargs):
-        key = tuple(texts)
-        if key not in self._cache:
-            self._cache[key] = np.asarray(self._encode(list(texts), **kwargs))
-        return self._cache[key]
+        new = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        if new:
+            self._cache.update(zip(new, np.asarray(self._encode(new, **kwargs)), strict=True))
+        return np.stack([self._cache[t] for t in texts])
 
 
 # ---- sentence-transformers' own function, without `datasets` ------------------------------------

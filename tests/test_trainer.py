@@ -219,25 +219,63 @@ def test_scan_layers_and_remat_train_the_same(tmp_path, tiny_bert):
         assert np.max(np.abs(a - b)) <= 1e-5 * np.max(np.abs(b))
 
 
-def test_resume_refusals_keep_config_json(tmp_path, model, capsys):
+def _checkpoint_files(out):
+    root = os.path.join(out, "checkpoints")
+    return {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
+            for d, _, files in os.walk(root) for f in files}
+
+
+def test_resume_refusals_keep_config_json(tmp_path, model, tiny_bert, zh_vocab, capsys):
+    """Every refusal names the field and leaves config.json and the checkpoints as they were; the
+    model and vocab are compared by content (a moved model resumes, other weights at its path do
+    not)."""
+    import shutil
+
     train = write_contrastive(tmp_path / "pairs.tsv", 64, seed=7)
     out = str(tmp_path / "run")
-    base = ["--loss", "mnrl", "--pretrained_model_path", model, "--train_path", train, "--batch_size", "16",
+    here = shutil.copytree(model, tmp_path / "model")  # this test replaces its weights below
+    base = ["--loss", "cached-mnrl", "--mini_batch_size", "8", "--pretrained_model_path", str(here),
+            "--train_path", train, "--batch_size", "16",
             "--seq_length", "32", "--epochs_num", "1", "--max_steps", "2", "--save_every_steps", "1",
             "--no_export", "--no_progress_bar", "--output_dir", out]
     assert cli.main(base) == 0
     config_json = open(os.path.join(out, "config.json")).read()
+    ckpt_files = _checkpoint_files(out)
     capsys.readouterr()
     assert cli.main(base) == 2  # checkpoints there, no --resume
     assert "--resume" in capsys.readouterr().err
+    vocab = open(zh_vocab, encoding="utf-8").read().split("\n")  # the model's vocab
+    vocab[200], vocab[201] = vocab[201], vocab[200]  # same size, two ids swapped
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab), encoding="utf-8")
     for flag, value, field in (("--seed", "8", "seed: 7 -> 8"), ("--learning_rate", "1e-3", "learning_rate"),
                                ("--batch_size", "8", "batch_size: 16 -> 8"),
                                ("--train_path", write_contrastive(tmp_path / "other.tsv", 64, seed=8),
-                                "train_path")):
+                                "train_path"),
+                               ("--seq_length", "16", "seq_length: 32 -> 16"),
+                               ("--mini_batch_size", "4", "mini_batch_size: 8 -> 4"),
+                               ("--pooling", "cls", "pooling: 'mean' -> 'cls'"),
+                               ("--vocab_path", str(tmp_path / "vocab.txt"), "vocab_sha256"),
+                               # refused before config.json is written, with the step count
+                               ("--max_steps", "3", "max_steps: 2 -> 3; total_steps: 2 -> 3")):
         assert cli.main([*base, "--resume", flag, value]) == 2
         err = capsys.readouterr().err
         assert "cannot resume" in err and field in err and "--force" in err, err[-2000:]
         assert open(os.path.join(out, "config.json")).read() == config_json
+        assert _checkpoint_files(out) == ckpt_files
+    # The model moved (same weights, another folder): it is the same model, the run resumes.
+    moved = shutil.move(str(here), tmp_path / "moved")
+    assert cli.main([*base[:4], "--pretrained_model_path", str(moved), *base[6:], "--resume"]) == 0
+    assert "resumed from step 2" in capsys.readouterr().err
+    config_json = open(os.path.join(out, "config.json")).read()
+    ckpt_files = _checkpoint_files(out)
+    # Other weights at the original path: refused by content.
+    other = tiny_bert(hidden=32, layers=1, heads=4, intermediate=64, max_position=64, pooling="mean", seed=1)
+    shutil.copytree(other, here)
+    assert cli.main([*base, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "pretrained model content (model_sha256" in err and "--force" in err, err[-2000:]
+    assert open(os.path.join(out, "config.json")).read() == config_json
+    assert _checkpoint_files(out) == ckpt_files
     assert cli.main([*base, "--resume", "--loss", "cosent"]) == 2  # wrong columns for cosent
     assert cli.main([*base, "--resume", "--no_pack"]) == 2  # other batches than checkpointed
     assert "pack: True -> False" in capsys.readouterr().err
@@ -247,11 +285,15 @@ def test_resume_refusals_keep_config_json(tmp_path, model, capsys):
     assert TrainConfig(loss="mnrl").resume_mismatches({"seed": 7}) == ["pack: False -> True"]
     assert TrainConfig(loss="softmax").resume_mismatches({"seed": 7}) == []  # softmax never packs
     with pytest.raises(ResumeMismatch, match="seed"):
-        train_and_evaluate(TrainConfig(pretrained_model_path=model, train_path=train, loss="mnrl",
-                                       batch_size=16, seq_length=32, epochs_num=1, max_steps=2,
-                                       seed=9, resume=True, export=False, output_dir=out))
+        train_and_evaluate(TrainConfig(pretrained_model_path=str(here), train_path=train,
+                                       loss="cached-mnrl", mini_batch_size=8, batch_size=16,
+                                       seq_length=32, epochs_num=1, max_steps=2, seed=9,
+                                       resume=True, export=False, output_dir=out))
     # --force continues (the run is already at its last step: nothing left to train).
+    capsys.readouterr()
     assert cli.main([*base, "--resume", "--seed", "8", "--force"]) == 0
+    err = capsys.readouterr().err  # --force names what it overrides
+    assert re.search(r"--force: resuming although .*seed: 7 -> 8.*model_sha256", err), err[-2000:]
     assert json.load(open(os.path.join(out, "config.json")))["seed"] == 8
 
 

@@ -104,6 +104,23 @@ class RunCheckpoints:
         self.best.close()
 
 
+def read_meta(output_dir: str, step: int | None = None) -> dict:
+    """The meta of `step` (default the latest) in `output_dir/checkpoints`, through a read-only
+    manager: the resume plan reads it before deciding anything, so a refused resume leaves the
+    run directory as it was."""
+    manager = ocp.CheckpointManager(
+        os.path.join(os.path.abspath(output_dir), CHECKPOINTS_DIR),
+        options=ocp.CheckpointManagerOptions(create=False, read_only=True), item_names=("meta",))
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+        out = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(out["meta"])
+    finally:
+        manager.close()
+
+
 def checkpoint_steps(output_dir: str) -> list[int]:
     """Steps saved in `output_dir/checkpoints`, read from the folder names (no manager created,
     so nothing is written to a run directory that is about to be refused)."""

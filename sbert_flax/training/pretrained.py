@@ -9,9 +9,13 @@ the weights' shapes.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 from typing import Any
+
+import numpy as np
 
 from sbert_flax.config import BertConfig, PoolingConfig, pooling_from_uer
 from sbert_flax.files import read_json
@@ -55,6 +59,43 @@ class Pretrained:
     @property
     def pooling(self) -> str:
         return self.pooling_config.mode
+
+
+# How the backbone is computed, not what it is: the same model with or without them.
+_COMPUTE_ONLY_FIELDS = ("remat", "scan_layers")
+
+
+def model_sha256(config: BertConfig, params: dict) -> str:
+    """The pretrained model by content: sha256 over its architecture and every weight.
+
+    Independent of where the model lies or which format it was read from (HF, sbert-flax, UER
+    `.bin` give the same host params), so a moved model folder resumes and other weights at the
+    same path do not. Each leaf contributes its key path, dtype, shape and bytes, in sorted key
+    order, so the digest is fixed for given weights.
+    """
+    h = hashlib.sha256()
+    arch = {k: v for k, v in dataclasses.asdict(config).items() if k not in _COMPUTE_ONLY_FIELDS}
+    h.update(json.dumps(arch, sort_keys=True).encode())
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k in sorted(node, key=str):
+                walk(f"{prefix}/{k}", node[k])
+            return
+        a = np.ascontiguousarray(np.asarray(node))
+        h.update(f"{prefix}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+
+    walk("", params)
+    return h.hexdigest()
+
+
+def vocab_sha256(tokenizer: Tokenizer) -> str:
+    """The tokenizer by content: sha256 over its vocab (token -> id) and the text lowercasing,
+    the two things that decide which ids a sentence becomes (not the file it came from)."""
+    vocab = sorted(tokenizer.hf.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
+    payload = {"vocab": vocab, "lowercase_text": bool(tokenizer.lowercase_text)}
+    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
 
 
 def _flat_uer(d: dict[str, Any]) -> dict[str, Any]:

@@ -18,12 +18,88 @@ from sbert_flax.files import read_json
 # losses.py, so that parsing a command line imports no JAX).
 LOSSES = ("softmax", "mnrl", "cached-mnrl", "cosent")
 BEST_METRICS = ("accuracy", "macro_f1", "sts_spearman")
-# What `--resume` refuses to change silently: the run would no longer be the one checkpointed.
-RESUME_FIELDS = ("seed", "train_path", "loss", "batch_size", "learning_rate", "pack",
-                 "group_by_length", "no_duplicates")
+# The resume plan's data: every TrainConfig field is in exactly one of these two tables, with why
+# (tests/test_resume_plan.py fails on a field in neither, so a new field cannot be forgotten).
+#
+# What `--resume` refuses to change (without --force): the run would no longer be the one
+# checkpointed. Each is recorded in the checkpoint's meta and compared before anything is written.
+RESUME_REFUSED: dict[str, str] = {
+    "pooling": "how token states become the embedding; compared as the resolved mode (the "
+               "flag, else the UER config's, else the model folder's)",
+    "loss": "the objective, and the columns and batches it reads",
+    "scale": "the cosine multiplier: the loss and its gradients",
+    "symmetric": "adds a loss term",
+    "mini_batch_size": "cached-mnrl: the packing groups and dropout keys of each forward pass",
+    "matryoshka_dims": "adds loss terms on truncated embeddings",
+    "train_path": "the training examples (by path; their count is checked through total_steps)",
+    "data_format": "how the training file is parsed",
+    "labels_num": "the softmax head's shape",
+    "label_names": "which label id each raw label becomes",
+    "columns": "which fields are anchor / positive / label",
+    "has_header": "whether the first line trains",
+    "score_scale": "cosent's targets",
+    "group_by_length": "which examples share a batch",
+    "no_duplicates": "which examples share a batch",
+    "pack": "the batches' shapes and attention (packed rows vs padded)",
+    "learning_rate": "the update size",
+    "epochs_num": "the schedule's length (total_steps is checked too)",
+    "max_steps": "the schedule's length (total_steps is checked too)",
+    "batch_size": "the batches, the schedule's length",
+    "seq_length": "truncation: the tokens each sentence trains on",
+    "warmup": "the learning-rate schedule",
+    "weight_decay": "the update rule",
+    "uer_adamw": "the update rule",
+    "max_grad_norm": "the update rule (clipping)",
+    "seed": "head init, data order and dropout keys",
+    "bf16": "the precision of every forward and backward pass",
+}
+# What `--resume` may change: the trajectory (params after each step) stays the checkpointed one.
+RESUME_NEUTRAL: dict[str, str] = {
+    "pretrained_model_path": "a location: the model is compared by content (model_sha256)",
+    "vocab_path": "a location: the vocab is compared by content (vocab_sha256)",
+    "config_path": "a location: its pooling is compared resolved, its architecture is part of "
+                   "model_sha256",
+    "dev_path": "evaluated only (a softmax head size it implies is compared as num_labels)",
+    "test_path": "evaluated once at the end",
+    "sts_dev_paths": "evaluated only",
+    "sts_dev_path": "evaluated only (folded into sts_dev_paths)",
+    "skip_bad_lines": "the run that saved the checkpoint had no bad lines or skipped them; "
+                      "without it a bad line stops the run, it never trains on other records",
+    "data_threads": "prefetch threads; the order and the saved iterator state do not depend on it",
+    "eval_batch_size": "evaluation only: padded batches, the same results per example",
+    "param_sharding": "the layout of the same params; the restore reshards them",
+    "mesh_fsdp": "the layout of the same params; the restore reshards them",
+    "remat": "recomputes the same activations in the backward pass",
+    "scan_layers": "the same layers as one lax.scan; the params are stored the same way",
+    "peak_flops": "the MFU figure in the logs",
+    "output_dir": "where the run is: the checkpoint is read from it",
+    "save_every_steps": "how often the state is saved, not what it is",
+    "max_to_keep": "how many checkpoints stay on disk",
+    "best_metric": "which evaluation picks the exported model, not the params (a changed "
+                   "metric starts the best over)",
+    "resume": "how this invocation starts",
+    "force": "how this invocation starts",
+    "export": "what is written at the end",
+    "log_every_steps": "logging cadence",
+    "nan_check_every": "how often the host reads the finite flag; a NaN stops the run either way",
+    "progress_bar": "display",
+}
+# The refused fields' names (what a checkpoint's meta records).
+RESUME_FIELDS = tuple(RESUME_REFUSED)
 # The value a checkpoint's saved config implies for a field it predates (it trained that way;
 # group_by_length / no_duplicates were not recorded: their default is the likely value).
 RESUME_DEFAULTS = {"pack": False, "group_by_length": False, "no_duplicates": False}
+# What the plan compares besides the fields: facts of the run derived from the files, recorded
+# in the checkpoint's meta; each with how a refusal names it and what a change means.
+RESUME_FACTS: dict[str, tuple[str, str]] = {
+    "model_sha256": ("pretrained model content (model_sha256)",
+                     "other weights or architecture, wherever the model lies"),
+    "vocab_sha256": ("vocab content (vocab_sha256)", "sentences become other token ids"),
+    "num_labels": ("softmax classes (num_labels)", "another head"),
+    "total_steps": ("total_steps", "epochs_num, max_steps, batch_size or the training data changed"),
+    "length_buckets": ("length buckets of --group_by_length",
+                       "this version groups other records into a batch"),
+}
 # Fields older config.json files carry with these (inert) values; read and ignored. Other values
 # are refused as unknown fields: they were test hooks, now injected by the tests themselves.
 RETIRED_FIELDS: dict[str, Any] = {"debug_nan_at_step": None, "debug_step_delay": 0.0}
@@ -145,14 +221,27 @@ class TrainConfig:
             return "accuracy"
         return "sts_spearman" if self.sts_dev_paths else None
 
-    def resume_mismatches(self, saved: dict[str, Any]) -> list[str]:
-        """`field: checkpoint value -> this value` for each RESUME_FIELDS field that differs."""
+    def resume_mismatches(self, saved: dict[str, Any], resolved: dict[str, Any] | None = None
+                          ) -> list[str]:
+        """`field: checkpoint value -> this value` for each refused field that differs.
+
+        `resolved` overrides a field's value by what the run resolved it to (`pooling`: None ->
+        the model folder's mode). A field the checkpoint did not record is taken as unchanged
+        (RESUME_DEFAULTS aside); `resume_plan` lists those.
+        """
         out = []
         for f in RESUME_FIELDS:
-            was = saved.get(f, RESUME_DEFAULTS.get(f, getattr(self, f)))
-            if was != getattr(self, f):
-                out.append(f"{f}: {was!r} -> {getattr(self, f)!r}")
+            now = (resolved or {}).get(f, getattr(self, f))
+            was = _json_like(saved.get(f, RESUME_DEFAULTS.get(f, now)))
+            if was != _json_like(now):
+                out.append(f"{f}: {was!r} -> {now!r}")
         return out
+
+    def resume_record(self, facts: dict[str, Any]) -> dict[str, Any]:
+        """What a checkpoint records for a later resume: the refused fields (resolved by `facts`
+        where it names them) and the facts."""
+        return {**{f: _json_like(getattr(self, f)) for f in RESUME_FIELDS},
+                **{k: _json_like(v) for k, v in facts.items()}}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -179,6 +268,60 @@ class TrainConfig:
             except json.JSONDecodeError:
                 d[k] = v
         return cls.from_dict(d, source=path)
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumePlan:
+    """What resuming a checkpoint with this config would change, decided before anything is
+    written: `refused` (the run would not be the one checkpointed) and `unrecorded` (what an
+    older checkpoint did not record, so could not be checked)."""
+
+    refused: tuple[str, ...]
+    unrecorded: tuple[str, ...]
+
+
+def resume_plan(cfg: TrainConfig, meta: dict[str, Any], facts: dict[str, Any],
+                legacy: dict[str, Any] | None = None) -> ResumePlan:
+    """Compares a checkpoint's meta with this run: every RESUME_REFUSED field and every fact.
+
+    Args:
+      cfg: this run's config.
+      meta: the checkpoint's meta (`config`: what `resume_record` wrote; `total_steps`).
+      facts: this run's derived values, keyed like RESUME_FACTS (`total_steps`, `model_sha256`,
+        ...), plus resolved field values (`pooling`). A fact left out is not compared.
+      legacy: the value a checkpoint that predates a fact implies for it (`length_buckets`: the
+        first grid); a fact without one is reported unrecorded instead.
+    """
+    saved = {**meta.get("config", {}), "total_steps": meta.get("total_steps")}
+    if saved["total_steps"] is None:
+        del saved["total_steps"]
+    refused = cfg.resume_mismatches(saved, resolved=facts)
+    unrecorded = [f for f in RESUME_FIELDS if f not in saved and f not in RESUME_DEFAULTS]
+    for k, now in facts.items():
+        if k not in RESUME_FACTS:
+            continue
+        if k in saved or k in (legacy or {}):
+            was = _json_like(saved.get(k, (legacy or {}).get(k)))
+            if was != _json_like(now):
+                label, why = RESUME_FACTS[k]
+                refused.append(f"{label}: {_short(was)} -> {_short(now)} ({why})")
+        else:
+            unrecorded.append(k)
+    return ResumePlan(tuple(refused), tuple(unrecorded))
+
+
+def _json_like(v: Any) -> Any:
+    """Tuples as lists: a checkpoint's JSON meta gives back lists."""
+    if isinstance(v, tuple | list):
+        return [_json_like(x) for x in v]
+    return v
+
+
+def _short(v: Any) -> str:
+    # A sha256 in full buries the message; 12 hex digits still tell two models apart.
+    if isinstance(v, str) and len(v) == 64:
+        return f"{v[:12]}..."
+    return repr(tuple(v) if isinstance(v, list) else v)
 
 
 def _coerce(value: Any, hint: Any) -> Any:

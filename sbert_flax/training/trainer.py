@@ -1,6 +1,7 @@
 """`Trainer`: one fine-tuning run (softmax siamese, mnrl, cached-mnrl or cosent), top to bottom.
 
-    Trainer(cfg) -> data (validated first) -> resume checks -> model + loss -> mesh + state
+    Trainer(cfg) -> data (validated first) -> model + loss -> mesh + data pipeline
+                 -> resume plan (before config.json or a checkpoint is written) -> state layout
                  -> run(): step, log, check, evaluate at epoch ends, checkpoint -> best + export
 
 The host never waits on the device inside a step: metrics stay on the device until they are
@@ -28,14 +29,14 @@ from sbert_flax import sharding
 from sbert_flax.encoder import SentenceEncoder
 from sbert_flax.files import write_json
 from sbert_flax.training import data, flops, optim
-from sbert_flax.training.checkpointing import RunCheckpoints, checkpoint_steps
+from sbert_flax.training.checkpointing import RunCheckpoints, checkpoint_steps, read_meta
 from sbert_flax.training.evaluator import Evaluator
 from sbert_flax.training.losses import make_loss
-from sbert_flax.training.pretrained import load_pretrained
+from sbert_flax.training.pretrained import load_pretrained, model_sha256, vocab_sha256
 from sbert_flax.training.reporting import MetricsWriter, log, progress, setup_logging
 from sbert_flax.training.state import create_train_state, state_layout
 from sbert_flax.training.step import TraceCounter, make_train_step
-from sbert_flax.training.train_config import RESUME_FIELDS, TrainConfig
+from sbert_flax.training.train_config import TrainConfig, resume_plan
 
 
 class TrainingDiverged(RuntimeError):
@@ -89,12 +90,14 @@ class Trainer:
     """Everything a run holds: config, data, model, loss, mesh, state, evaluator, checkpoints.
 
     Construction validates and loads (data first, so malformed lines stop the run before anything
-    heavy; then the resume checks, before `config.json` is written); `run()` trains.
+    heavy; then the model and the data pipeline; then the resume plan, before `config.json` or a
+    checkpoint is written); `run()` trains.
 
     Raises (from the constructor):
       data.DataError: malformed data (file:line).
       FileExistsError: `output_dir` has checkpoints and `resume` is off.
-      ResumeMismatch: `resume` with another seed / data / loss / batch / lr (without `force`).
+      ResumeMismatch: `resume` with a RESUME_REFUSED field, the model, the vocab or the step
+        count changed (without `force`).
     """
 
     def __init__(self, cfg: TrainConfig, devices: Sequence[jax.Device] | None = None):
@@ -119,17 +122,12 @@ class Trainer:
             if not os.path.isfile(p):
                 raise data.DataError(f"{p}: STS dev file not found")
 
-        # ---- resume checks, before config.json is (over)written ----
+        # ---- is there a run to continue? (read only) ----
         steps = checkpoint_steps(cfg.output_dir)
         if steps and not cfg.resume:
             raise FileExistsError(f"{cfg.output_dir} already has checkpoints; pass --resume to "
                                   "continue that run or choose another --output_dir")
-        self.ckpts = RunCheckpoints(cfg.output_dir, cfg.max_to_keep)
-        self.resume_meta = self.ckpts.restore_meta() if (cfg.resume and steps) else None
-        if self.resume_meta is not None:
-            self._check_resume(self.resume_meta)
-        if self.is_main:
-            write_json(os.path.join(cfg.output_dir, "config.json"), cfg.to_dict())
+        self.resume_meta = read_meta(cfg.output_dir) if (cfg.resume and steps) else None
 
         # ---- model and loss ----
         self.pre = load_pretrained(cfg.pretrained_model_path, vocab_path=cfg.vocab_path,
@@ -173,6 +171,15 @@ class Trainer:
             process_index=jax.process_index(),
             process_count=jax.process_count(), num_threads=cfg.data_threads))
         self.total_steps = self.pipeline.total_steps
+
+        # ---- the resume plan: every check before config.json or a checkpoint is written ----
+        self.facts = self._resume_facts()
+        if self.resume_meta is not None:
+            self._check_resume(self.resume_meta, self.facts)
+        if self.is_main:
+            write_json(os.path.join(cfg.output_dir, "config.json"), cfg.to_dict())
+        self.ckpts = RunCheckpoints(cfg.output_dir, cfg.max_to_keep)
+
         self.tx = optim.make_optimizer(cfg.learning_rate, self.total_steps, warmup_ratio=cfg.warmup,
                                        weight_decay=cfg.weight_decay, uer_adamw=cfg.uer_adamw,
                                        params_for_mask=self.mdef.abstract_params,
@@ -195,21 +202,41 @@ class Trainer:
 
     # ---- setup helpers ----------------------------------------------------------------------
 
-    def _check_resume(self, meta: dict[str, Any]) -> None:
-        saved = meta.get("config", {})
-        problems = self.cfg.resume_mismatches(saved)
+    def _resume_facts(self) -> dict[str, Any]:
+        """This run's derived values the resume plan compares (and each checkpoint records): the
+        resolved pooling, the model and vocab by content, the step count, the head's classes and,
+        for length-grouped batches, the bucket grid."""
+        facts: dict[str, Any] = {"pooling": self.pooling.mode,
+                                 "model_sha256": model_sha256(self.pre.config, self.pre.params),
+                                 "vocab_sha256": vocab_sha256(self.pre.tokenizer),
+                                 "total_steps": self.total_steps}
+        if self.num_labels is not None:
+            facts["num_labels"] = self.num_labels
         if self.cfg.group_by_length:  # which records share a batch depends on the length buckets
-            was = tuple(saved.get("length_buckets", data.FIRST_TRAIN_BUCKETS))
-            if was != data.TRAIN_BUCKETS:
-                problems.append(f"length buckets of --group_by_length: {was} -> {data.TRAIN_BUCKETS} "
-                                "(this version groups other records into a batch)")
-        if problems and not self.cfg.force:
+            facts["length_buckets"] = list(data.TRAIN_BUCKETS)
+        return facts
+
+    def _check_resume(self, meta: dict[str, Any], facts: dict[str, Any] | None = None) -> None:
+        """Refuses (ResumeMismatch) or, with --force, warns about what the resume would change.
+
+        `facts`: `_resume_facts()`; None compares the config fields (and the bucket grid) alone.
+        """
+        facts = dict(facts or {})
+        if self.cfg.group_by_length:
+            facts.setdefault("length_buckets", list(data.TRAIN_BUCKETS))
+        # A checkpoint that does not record its grid was trained on the first one.
+        plan = resume_plan(self.cfg, meta, facts,
+                           legacy={"length_buckets": list(data.FIRST_TRAIN_BUCKETS)})
+        if plan.refused and not self.cfg.force:
             raise ResumeMismatch(
                 f"cannot resume {self.cfg.output_dir}: the checkpoint was trained with other "
-                f"settings ({'; '.join(problems)}). Use the checkpoint's values, another "
+                f"settings ({'; '.join(plan.refused)}). Use the checkpoint's values, another "
                 "--output_dir, or --force to continue anyway")
-        if problems:
-            log.warning("--force: resuming although %s", "; ".join(problems))
+        if plan.refused:
+            log.warning("--force: resuming although %s", "; ".join(plan.refused))
+        if plan.unrecorded:
+            log.warning("resuming a checkpoint from an older sbert-flax that did not record %s: "
+                        "those are not checked; make sure they are the run's", ", ".join(plan.unrecorded))
 
     def _model_config_flags(self) -> None:
         # How the backbone computes (remat, scan over layers) lives on its config.
@@ -221,7 +248,7 @@ class Trainer:
         return {"step": step, "epoch": epochs_done, "best": self.best, "history": self.history,
                 "total_steps": self.total_steps,
                 "steps_per_epoch": list(self.pipeline.steps_per_epoch),
-                "config": {**{f: getattr(self.cfg, f) for f in RESUME_FIELDS},
+                "config": {**self.cfg.resume_record(self.facts),
                            "length_buckets": list(data.TRAIN_BUCKETS)}}
 
     def _initial_state(self):
@@ -231,11 +258,6 @@ class Trainer:
                 log.warning("--resume: no checkpoint in %s; starting from scratch", self.cfg.output_dir)
             host = self.loss.initial_params(self.pre.params, self.pre.config, self.cfg.seed)
             return create_train_state(host, self.tx, self.layout), None, 0
-        if meta.get("total_steps") != self.total_steps and not self.cfg.force:
-            raise ResumeMismatch(
-                f"cannot resume {self.cfg.output_dir}: total_steps: the checkpoint's run has "
-                f"{meta.get('total_steps')} steps, this config {self.total_steps} (epochs_num, "
-                "max_steps or the data changed); --force to continue anyway")
         args, holder = self.pipeline.restore_item()
         state, meta = self.ckpts.restore(self.layout, args)
         self.best, self.history = meta.get("best"), list(meta.get("history", []))
@@ -353,7 +375,10 @@ class Trainer:
         metric = self.cfg.resolved_best_metric
         value = res.get(metric) if metric else None
         # Without dev data the latest evaluation counts as the best.
-        if value is None or self.best is None or value > self.best["value"]:
+        # A metric other than the best's (best_metric changed on resume) starts the best over:
+        # two metrics' values do not compare.
+        if (value is None or self.best is None or self.best.get("metric") != metric
+                or value > self.best["value"]):
             self.best = {"metric": metric, "value": value, "epoch": epoch, "step": step}
             self.ckpts.save_best(state.params, {"step": step, "best": self.best})
             if value is not None:

@@ -75,16 +75,36 @@ def _flat(tree):
             for p, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+def write_ir_dev(root, seed: int) -> str:
+    """A tiny BEIR folder: each query's relevant document is drawn from its character set."""
+    from test_retrieval import write_beir
+
+    sets = _sets()
+    rng = np.random.default_rng(seed)
+
+    def sent(k):
+        return "".join(rng.choice(sets[k], rng.integers(2, 12)))
+
+    kinds = [int(rng.integers(2)) for _ in range(12)]
+    corpus = [(f"d{i}", "", sent(k)) for i, k in enumerate(kinds)]
+    queries = [(f"q{i}", sent(k)) for i, k in enumerate(kinds[:6])]
+    qrels = [(f"q{i}", f"d{i}", 1) for i in range(6)]
+    return write_beir(root, corpus, queries, qrels)
+
+
 def test_mnrl_command_line_logs_every_step_and_exports(tmp_path, model, capsys):
     train = write_contrastive(tmp_path / "pairs.tsv", 400, seed=1)
     sts1, sts2 = write_sts(tmp_path / "dev.tsv", 48, seed=2), write_sts(tmp_path / "dev2.tsv", 40, seed=3)
+    ir = write_ir_dev(tmp_path / "ir-dev", seed=4)
     out = str(tmp_path / "run")
-    # The issue's command line (sizes shrunk), with two STS dev files and a peak for MFU.
-    rc = cli.main(["--loss", "mnrl", "--pretrained_model_path", model, "--train_path", train,
-                   "--batch_size", "16", "--learning_rate", "1e-3", "--epochs_num", "1",
-                   "--seq_length", "32", "--warmup", "0.1", "--seed", "7", "--sts-dev", sts1,
-                   "--sts-dev", sts2, "--max_steps", "20", "--log_every_steps", "1",
-                   "--peak_flops", "1e12", "--output_dir", out, "--no_progress_bar"])
+    # The issue's command line (sizes shrunk), with two STS dev files, a BEIR folder, an
+    # evaluation every 5 steps and a peak for MFU.
+    base = ["--loss", "mnrl", "--pretrained_model_path", model, "--train_path", train,
+            "--batch_size", "16", "--learning_rate", "1e-3", "--epochs_num", "1",
+            "--seq_length", "32", "--warmup", "0.1", "--seed", "7", "--sts-dev", sts1,
+            "--sts-dev", sts2, "--max_steps", "20", "--no_progress_bar"]
+    rc = cli.main([*base, "--log_every_steps", "1", "--peak_flops", "1e12", "--eval_steps", "5",
+                   "--ir-dev", ir, "--output_dir", out])
     assert rc == 0, capsys.readouterr().err[-3000:]
     recs = _records(out)
     train_recs = [r for r in recs if r["kind"] == "train"]
@@ -93,10 +113,15 @@ def test_mnrl_command_line_logs_every_step_and_exports(tmp_path, model, capsys):
         assert np.isfinite(r["loss"]) and r["lr"] >= 0 and r["sentences_per_s"] > 0
         assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and "grad_norm" in r
     dev = [r for r in recs if r["kind"] == "dev"]
-    assert len(dev) == 1 and dev[0]["step"] == 20 and set(dev[0]["sts"]) == {sts1, sts2}
-    assert dev[0]["sts_spearman"] == dev[0]["sts"][sts1]
+    # Every 5 steps; step 20 is also the epoch's and the run's end, evaluated once.
+    assert [r["step"] for r in dev] == [5, 10, 15, 20]
+    for r in dev:
+        assert set(r["sts"]) == {sts1, sts2} and r["sts_spearman"] == r["sts"][sts1]
+        assert set(r["retrieval"]) == {"ir-dev"} and 0 <= r["retrieval"]["ir-dev"]["ndcg@10"] <= 1
     res = json.load(open(os.path.join(out, "results.json")))
     assert res["best"]["metric"] == "sts_spearman" and res["step"] == 20
+    best = max(dev, key=lambda r: r["sts_spearman"])
+    assert (res["best"]["step"], res["best"]["value"]) == (best["step"], best["sts_spearman"])
     for d in ("best_model", "best_model_pytorch"):
         assert os.path.isdir(os.path.join(out, d)), d
     # The exported model reproduces the STS number the trainer measured on the mesh.
@@ -104,14 +129,36 @@ def test_mnrl_command_line_logs_every_step_and_exports(tmp_path, model, capsys):
 
     enc = SentenceEncoder.from_pretrained(os.path.join(out, "best_model"), devices=jax.devices()[:1])
     rows = sts_table(enc, [sts1, sts2])
-    assert abs(rows[0]["spearman"] - dev[0]["sts"][sts1]) < 1e-4
-    assert abs(rows[1]["spearman"] - dev[0]["sts"][sts2]) < 1e-4
+    assert abs(rows[0]["spearman"] - best["sts"][sts1]) < 1e-4
+    assert abs(rows[1]["spearman"] - best["sts"][sts2]) < 1e-4
     # Standalone eval: a table of Spearman x100 per file and the mean.
     assert main_cli.main(["eval", "--model", os.path.join(out, "best_model"), "--sts", sts1, "--sts", sts2]) == 0
     table = capsys.readouterr().out.strip().splitlines()
     assert len(table) == 5 and table[-1].startswith("mean")
     vals = [float(line.split()[-1]) for line in table[2:]]
     assert vals[2] == pytest.approx((vals[0] + vals[1]) / 2, abs=0.011)
+
+    # --best_metric ndcg@10 picks by the first --ir-dev folder (no export: the choice is the test).
+    out2 = str(tmp_path / "run-ndcg")
+    assert cli.main([*base, "--eval_steps", "5", "--ir-dev", ir, "--best_metric", "ndcg@10",
+                     "--no_export", "--output_dir", out2]) == 0
+    dev2 = [r for r in _records(out2) if r["kind"] == "dev"]
+    res2 = json.load(open(os.path.join(out2, "results.json")))
+    ndcg = [r["retrieval"]["ir-dev"]["ndcg@10"] for r in dev2]
+    first_best = dev2[ndcg.index(max(ndcg))]  # a later tie does not replace the best
+    assert res2["best"] == {"metric": "ndcg@10", "value": max(ndcg), "epoch": 1,
+                            "step": first_best["step"]}
+    capsys.readouterr()
+    # User errors (exit 2): a retrieval metric without --ir-dev names the flag; a bad BEIR folder
+    # stops before training, naming file:line.
+    assert cli.main([*base, "--best_metric", "ndcg@10", "--output_dir", str(tmp_path / "e1")]) == 2
+    assert "--ir-dev" in capsys.readouterr().err
+    with open(os.path.join(ir, "queries.jsonl"), "a", encoding="utf-8") as f:
+        f.write("{not json\n")
+    bad_out = tmp_path / "e2"
+    assert cli.main([*base, "--ir-dev", ir, "--output_dir", str(bad_out)]) == 2
+    assert "queries.jsonl:7" in capsys.readouterr().err
+    assert not (bad_out / "checkpoints").exists()
 
 
 def test_cosent_headerless_scores_and_learning(tmp_path, model):

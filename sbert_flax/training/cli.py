@@ -19,7 +19,12 @@ from collections.abc import Sequence
 
 from sbert_flax.distributed import add_distributed_flags, init_distributed
 from sbert_flax.errors import EXIT_USER_ERROR, is_user_error, report_bug
-from sbert_flax.training.train_config import LOSSES, TrainConfig
+from sbert_flax.training.train_config import (
+    BEST_METRICS,
+    LOSSES,
+    RETRIEVAL_BEST_METRICS,
+    TrainConfig,
+)
 
 # A SIGTERM'd run saved its checkpoint and stopped early: not done, not failed. It must not exit 0
 # (a scheduler would mark the job complete and never rerun it) nor 1 (read as a crash, it burns a
@@ -63,6 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--test_path", help="softmax: labelled test set, evaluated with the best model")
     g.add_argument("--sts-dev", "--sts_dev", "--sts_dev_path", dest="sts_dev_paths", action="append",
                    default=[], help="s1\\ts2\\tscore file; repeat for several (the first picks the best model)")
+    g.add_argument("--ir-dev", "--ir_dev", dest="ir_dev_paths", action="append", default=[],
+                   help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv): retrieval "
+                        "metrics at each evaluation; repeat for several (--best_metric ndcg@10 "
+                        "reads the first)")
     g.add_argument("--data_format", default="auto", choices=["auto", "tsv", "csv", "jsonl"])
     g.add_argument("--labels_num", type=int)
     g.add_argument("--label_names", help="comma-separated label strings in id order, e.g. "
@@ -91,6 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--max_grad_norm", type=float)
     g.add_argument("--seed", type=int, default=7)
     g.add_argument("--eval_batch_size", type=int)
+    g.add_argument("--eval_steps", type=int,
+                   help="also evaluate every N steps (default: at each epoch end and the end)")
     g = p.add_argument_group("scale")
     g.add_argument("--param-sharding", "--param_sharding", dest="param_sharding", default="replicated",
                    choices=["replicated", "fsdp"])
@@ -104,7 +115,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--output_model_path", help="UER's flag: a .bin path becomes the run directory without .bin")
     g.add_argument("--save_every_steps", type=int, default=0)
     g.add_argument("--max_to_keep", type=int, default=3)
-    g.add_argument("--best_metric", choices=["accuracy", "macro_f1", "sts_spearman"])
+    # No argparse choices: TrainConfig checks the name (and that a retrieval metric has an
+    # --ir-dev folder), so a config file and a command line fail with the same message.
+    g.add_argument("--best_metric", metavar="METRIC",
+                   help=f"{' | '.join(BEST_METRICS)} | a retrieval metric of the first --ir-dev "
+                        f"({', '.join(RETRIEVAL_BEST_METRICS)})")
     g.add_argument("--resume", action="store_true")
     g.add_argument("--force", action="store_true", help="--resume even if seed/data/loss/batch/lr changed")
     g.add_argument("--no_export", action="store_true")
@@ -131,7 +146,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         symmetric=args.symmetric, mini_batch_size=args.mini_batch_size,
         matryoshka_dims=_ints(args.matryoshka_dims), train_path=args.train_path,
         dev_path=args.dev_path, test_path=args.test_path, sts_dev_paths=tuple(args.sts_dev_paths),
-        data_format=args.data_format, labels_num=args.labels_num,
+        ir_dev_paths=tuple(args.ir_dev_paths), data_format=args.data_format,
+        labels_num=args.labels_num,
         label_names=tuple(args.label_names.split(",")) if args.label_names else None,
         columns=parse_columns(args.columns), has_header=not args.no_header,
         skip_bad_lines=args.skip_bad_lines, score_scale=args.score_scale,
@@ -140,7 +156,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         epochs_num=args.epochs_num, max_steps=args.max_steps, batch_size=args.batch_size,
         seq_length=args.seq_length, warmup=args.warmup, weight_decay=args.weight_decay,
         uer_adamw=args.uer_adamw, max_grad_norm=args.max_grad_norm, seed=args.seed,
-        eval_batch_size=args.eval_batch_size, param_sharding=args.param_sharding,
+        eval_batch_size=args.eval_batch_size, eval_steps=args.eval_steps,
+        param_sharding=args.param_sharding,
         mesh_fsdp=args.mesh_fsdp, bf16=args.bf16, remat=args.remat, scan_layers=args.scan_layers,
         peak_flops=args.peak_flops, output_dir=out or TrainConfig.output_dir,
         save_every_steps=args.save_every_steps, max_to_keep=args.max_to_keep,

@@ -18,6 +18,12 @@ from sbert_flax.files import read_json
 # losses.py, so that parsing a command line imports no JAX).
 LOSSES = ("softmax", "mnrl", "cached-mnrl", "cosent")
 BEST_METRICS = ("accuracy", "macro_f1", "sts_spearman")
+# Retrieval metrics --best_metric also takes (of the first --ir-dev folder): every name
+# `retrieval.evaluate_retrieval` reports with its default cut-offs, spelled out here so that
+# parsing a command line imports nothing heavy.
+RETRIEVAL_BEST_METRICS = (*(f"accuracy@{k}" for k in (1, 3, 5, 10)),
+                          *(f"{m}@{k}" for m in ("precision", "recall") for k in (1, 3, 5, 10, 100)),
+                          "mrr@10", "ndcg@10", "map@100")
 # The resume plan's data: every TrainConfig field is in exactly one of these two tables, with why
 # (tests/test_resume_plan.py fails on a field in neither, so a new field cannot be forgotten).
 #
@@ -63,6 +69,8 @@ RESUME_NEUTRAL: dict[str, str] = {
     "test_path": "evaluated once at the end",
     "sts_dev_paths": "evaluated only",
     "sts_dev_path": "evaluated only (folded into sts_dev_paths)",
+    "ir_dev_paths": "BEIR folders, evaluated only",
+    "eval_steps": "evaluation cadence: when dev sets are scored, not what trains",
     "skip_bad_lines": "the run that saved the checkpoint had no bad lines or skipped them; "
                       "without it a bad line stops the run, it never trains on other records",
     "data_threads": "prefetch threads; the order and the saved iterator state do not depend on it",
@@ -125,6 +133,8 @@ class TrainConfig:
     test_path: str | None = None  # softmax: evaluated once at the end with the best model
     sts_dev_paths: tuple[str, ...] = ()  # s1 \t s2 \t score files: Spearman of cosine, each epoch
     sts_dev_path: str | None = None  # one more STS file (the old single-file field; merged above)
+    ir_dev_paths: tuple[str, ...] = ()  # BEIR folders (qrels/test.tsv): retrieval metrics at each
+    #   evaluation (`retrieval.evaluate_retrieval`); --best_metric ndcg@10 etc. reads the first
     data_format: str = "auto"  # "auto" (by extension) | "tsv" | "csv" | "jsonl"
     labels_num: int | None = None  # classes; None: max label in train/dev + 1
     label_names: tuple[str, ...] | None = None  # label strings in id order (raw files), e.g. NLI names
@@ -150,6 +160,7 @@ class TrainConfig:
     max_grad_norm: float | None = None  # global-norm clipping; None = off (UER: off)
     seed: int = 7  # head init, data order and dropout
     eval_batch_size: int | None = None  # None: batch_size
+    eval_steps: int | None = None  # evaluate every N steps too (and at each epoch end and the end)
     # ---- scale ----
     param_sharding: str = "replicated"  # "replicated" (data parallel) | "fsdp"
     mesh_fsdp: int | None = None  # fsdp axis size; None: 1 (replicated) or all devices (fsdp)
@@ -161,8 +172,9 @@ class TrainConfig:
     output_dir: str = "./runs/siamese"
     save_every_steps: int = 0  # periodic checkpoint every N steps (0: end of epoch only)
     max_to_keep: int = 3  # periodic / epoch checkpoints kept in output_dir/checkpoints
-    best_metric: str | None = None  # "accuracy" | "macro_f1" | "sts_spearman" (first STS file);
-    #   None: accuracy with dev_path (softmax), else sts_spearman with an STS file, else the last
+    best_metric: str | None = None  # "accuracy" | "macro_f1" | "sts_spearman" (first STS file) |
+    #   a retrieval metric, "ndcg@10" etc. (first --ir-dev folder); None: accuracy with dev_path
+    #   (softmax), else sts_spearman with an STS file, else ndcg@10 with an --ir-dev, else the last
     resume: bool = False  # continue from the latest checkpoint in output_dir/checkpoints
     force: bool = False  # resume even if seed / data / loss / batch / lr differ from the checkpoint
     export: bool = True  # write best_model (sbert-flax) and best_model_pytorch at the end
@@ -175,17 +187,22 @@ class TrainConfig:
             paths = (*self.sts_dev_paths, self.sts_dev_path)
             object.__setattr__(self, "sts_dev_paths", tuple(dict.fromkeys(paths)))
             object.__setattr__(self, "sts_dev_path", None)
-        if isinstance(self.sts_dev_paths, str):
-            object.__setattr__(self, "sts_dev_paths", (self.sts_dev_paths,))
+        for name in ("sts_dev_paths", "ir_dev_paths"):  # a lone path from a config file
+            if isinstance(getattr(self, name), str):
+                object.__setattr__(self, name, (getattr(self, name),))
         if self.loss == "softmax":  # its classifier embeds [a; b] in one padded call
             object.__setattr__(self, "pack", False)
         if self.loss not in LOSSES:
             raise ValueError(f"loss={self.loss!r}; expected one of {' | '.join(LOSSES)}")
         if self.param_sharding not in ("replicated", "fsdp"):
             raise ValueError(f"param_sharding={self.param_sharding!r}; expected replicated | fsdp")
-        if self.best_metric is not None and self.best_metric not in BEST_METRICS:
+        if self.best_metric is not None and self.best_metric not in (*BEST_METRICS,
+                                                                     *RETRIEVAL_BEST_METRICS):
             raise ValueError(f"best_metric={self.best_metric!r}; expected accuracy | macro_f1 | "
-                             "sts_spearman")
+                             f"sts_spearman | a retrieval metric ({', '.join(RETRIEVAL_BEST_METRICS)})")
+        if self.best_metric in RETRIEVAL_BEST_METRICS and not self.ir_dev_paths:
+            raise ValueError(f"best_metric={self.best_metric} is a retrieval metric: it needs a "
+                             "BEIR dev folder (--ir-dev DIR)")
         if self.best_metric == "sts_spearman" and not self.sts_dev_paths:
             raise ValueError("best_metric=sts_spearman needs an STS dev file (--sts-dev)")
         if self.best_metric in ("accuracy", "macro_f1") and not (self.loss == "softmax" and self.dev_path):
@@ -197,7 +214,7 @@ class TrainConfig:
                      "data_threads"):
             if getattr(self, name) < (0 if name == "data_threads" else 1):
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        for name in ("eval_batch_size", "max_steps", "mini_batch_size"):
+        for name in ("eval_batch_size", "max_steps", "mini_batch_size", "eval_steps"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"{name}={v} must be >= 1")
@@ -219,7 +236,9 @@ class TrainConfig:
             return self.best_metric
         if self.loss == "softmax" and self.dev_path:
             return "accuracy"
-        return "sts_spearman" if self.sts_dev_paths else None
+        if self.sts_dev_paths:
+            return "sts_spearman"
+        return "ndcg@10" if self.ir_dev_paths else None
 
     def resume_mismatches(self, saved: dict[str, Any], resolved: dict[str, Any] | None = None
                           ) -> list[str]:

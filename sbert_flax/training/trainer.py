@@ -2,7 +2,8 @@
 
     Trainer(cfg) -> data (validated first) -> model + loss -> mesh + data pipeline
                  -> resume plan (before config.json or a checkpoint is written) -> state layout
-                 -> run(): step, log, check, evaluate at epoch ends, checkpoint -> best + export
+                 -> run(): step, log, check, evaluate (epoch ends, every --eval_steps, the end),
+                    checkpoint -> best (across every evaluation) + export
 
 The host never waits on the device inside a step: metrics stay on the device until they are
 logged; NaN/inf and preemption are checked every `nan_check_every` steps (and before any save),
@@ -25,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sbert_flax import sharding
+from sbert_flax import retrieval, sharding
 from sbert_flax.encoder import SentenceEncoder
 from sbert_flax.files import write_json
 from sbert_flax.training import data, flops, optim
@@ -121,6 +122,12 @@ class Trainer:
         for p in cfg.sts_dev_paths:
             if not os.path.isfile(p):
                 raise data.DataError(f"{p}: STS dev file not found")
+        # Read and validated now (file:line errors), so a bad folder stops before any training.
+        self.ir_folders = [retrieval.load_beir(p) for p in cfg.ir_dev_paths]
+        names = [f.name for f in self.ir_folders]  # the keys of the dev records' "retrieval"
+        if len(set(names)) < len(names):
+            raise data.DataError(f"--ir-dev folders {list(cfg.ir_dev_paths)} share a folder name; "
+                                 "their metrics are recorded by name: rename one")
 
         # ---- is there a run to continue? (read only) ----
         steps = checkpoint_steps(cfg.output_dir)
@@ -304,12 +311,18 @@ class Trainer:
                         self._check_finite(pending)
                         pending.clear()
                         stop = preempt.requested()
+                    # One evaluation per step, whichever reasons coincide (an epoch end that is
+                    # also a multiple of eval_steps).
+                    eval_due = bool(cfg.eval_steps) and step % cfg.eval_steps == 0
                     if epoch_end or run_end:  # evaluated before any stop: a resume skips it
                         epochs_done = epoch + 1 if epoch_end else epochs_done
                         self._evaluate(state, step, epoch + 1, writer)
                         self._save(state, step, epochs_done, it)
-                    elif save_due or stop:
-                        self._save(state, step, epochs_done, it)
+                    else:
+                        if eval_due:
+                            self._evaluate(state, step, epoch + 1, writer)
+                        if save_due or stop:
+                            self._save(state, step, epochs_done, it)
                     if stop and not run_end:
                         self.ckpts.wait()
                         log.warning("SIGTERM: saved checkpoint at step %d in %s; exiting. "
@@ -369,11 +382,15 @@ class Trainer:
     def _evaluate(self, state, step: int, epoch: int, writer: MetricsWriter) -> None:
         res: dict[str, Any] = {"epoch": epoch, "step": step,
                                **self.evaluator.evaluate(state.params, self.dev_src, self.num_labels,
-                                                         f"after epoch {epoch} (step {step})")}
+                                                         f"epoch {epoch}, step {step}")}
+        if self.ir_folders:
+            res["retrieval"] = self._retrieval(state.params)
         writer.write("dev", step, res)
         self.history.append(res)
         metric = self.cfg.resolved_best_metric
         value = res.get(metric) if metric else None
+        if value is None and metric and self.ir_folders:  # a retrieval metric: the first folder's
+            value = res["retrieval"][self.ir_folders[0].name].get(metric)
         # Without dev data the latest evaluation counts as the best.
         # A metric other than the best's (best_metric changed on resume) starts the best over:
         # two metrics' values do not compare.
@@ -383,6 +400,30 @@ class Trainer:
             self.ckpts.save_best(state.params, {"step": step, "best": self.best})
             if value is not None:
                 log.info("new best %s %.4f at step %d", metric, value, step)
+
+    def _encoder(self, params) -> SentenceEncoder:
+        """A one-device encoder over the host copy of `params` (what export and retrieval read)."""
+        host = sharding.host_tree(params, self.mesh)  # collective: every process takes part
+        return SentenceEncoder.from_parts(self.pre.config, host["embedder"]["backbone"],
+                                          self.pre.tokenizer, self.pooling, self.cfg.seq_length,
+                                          devices=jax.local_devices()[:1],
+                                          prompts=self.pre.prompts)
+
+    def _retrieval(self, params) -> dict[str, dict[str, float]]:
+        """{folder name: metrics} of the --ir-dev folders on `params`.
+
+        Every process computes them (on its first local device): the best-model choice they feed
+        must be the same everywhere, since saving the best checkpoint is collective.
+        """
+        enc = self._encoder(params)
+        bs = self.cfg.eval_batch_size or self.cfg.batch_size
+        out: dict[str, dict[str, float]] = {}
+        for f in self.ir_folders:
+            m = retrieval.evaluate_retrieval(enc, f, batch_size=bs)
+            out[f.name] = m
+            log.info("retrieval %s: ndcg@10 %.4f, mrr@10 %.4f, recall@10 %.4f", f.name,
+                     m["ndcg@10"], m["mrr@10"], m["recall@10"])
+        return out
 
     def _finish(self, state, step: int) -> dict[str, Any]:
         cfg = self.cfg
@@ -394,12 +435,8 @@ class Trainer:
             test = _open(cfg.test_path, cfg, data.schema_for(cfg.loss), self.num_labels)
             out["test"] = self.evaluator.report(params, test, self.num_labels, "test (best model)")
         if cfg.export:
-            host = sharding.host_tree(params, self.mesh)  # collective: every process takes part
+            enc = self._encoder(params)
             if self.is_main:
-                enc = SentenceEncoder.from_parts(self.pre.config, host["embedder"]["backbone"],
-                                                 self.pre.tokenizer, self.pooling, cfg.seq_length,
-                                                 devices=jax.local_devices()[:1],
-                                                 prompts=self.pre.prompts)
                 enc.save(os.path.join(cfg.output_dir, "best_model"), overwrite=True)
                 enc.export_pytorch(os.path.join(cfg.output_dir, "best_model_pytorch"), overwrite=True)
                 log.info("exported the best model to %s/best_model and best_model_pytorch",

@@ -40,7 +40,8 @@ def _load_encoder(args: argparse.Namespace, **kwargs):
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     return SentenceEncoder.from_pretrained(
         args.model, pooling=args.pooling, max_seq_length=args.max_seq_length,
-        dtype=getattr(args, "dtype", "float32"), **kwargs)
+        dtype=getattr(args, "dtype", "float32"), revision=getattr(args, "revision", None),
+        token=getattr(args, "token", None), cache_dir=getattr(args, "cache_dir", None), **kwargs)
 
 
 def read_lines(path: str) -> list[str]:
@@ -257,10 +258,20 @@ def cmd_train(argv: Sequence[str]) -> int:
 # Parsers
 # --------------------------------------------------------------------------------------------
 
+def add_hub_args(p: argparse.ArgumentParser) -> None:
+    """--revision / --token / --cache-dir: how a hub id given as --model is fetched."""
+    p.add_argument("--revision", help="hub ids: branch, tag or commit (default: the default branch)")
+    p.add_argument("--token", help="hub ids: access token for a gated or private model "
+                   "(default: HF_TOKEN or the saved `hf auth login`)")
+    p.add_argument("--cache-dir", help="hub ids: where downloads are cached (default: "
+                   "huggingface_hub's, HF_HUB_CACHE)")
+
+
 def _model_args(p: argparse.ArgumentParser, dtype: bool = False) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="sbert-flax dir, HF / sentence-transformers dir, or hub id "
                    f"(default: {DEFAULT_MODEL}, downloaded from the hub)")
+    add_hub_args(p)
     p.add_argument("--pooling", choices=POOLING_MODES, help="override the model's pooling")
     p.add_argument("--max-seq-length", type=int, help="tokens per sentence incl. [CLS]/[SEP]; "
                    "longer input is truncated (default: the model's)")

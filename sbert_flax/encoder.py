@@ -153,7 +153,9 @@ class SentenceEncoder:
     @classmethod
     def from_pretrained(cls, path: str = DEFAULT_MODEL, pooling: str | None = None,
                         max_seq_length: int | None = None, dtype: str = "float32",
-                        normalize: bool | None = None, **kwargs) -> SentenceEncoder:
+                        normalize: bool | None = None, revision: str | None = None,
+                        token: str | bool | None = None, cache_dir: str | None = None,
+                        **kwargs) -> SentenceEncoder:
         """Loads an sbert-flax dir, a HF / sentence-transformers dir, or a hub id.
 
         Args:
@@ -163,9 +165,13 @@ class SentenceEncoder:
           max_seq_length: override the folder's sequence length.
           dtype: compute dtype.
           normalize: override whether embeddings are L2-normalised by the model.
+          revision: hub ids: branch, tag or commit (default: the default branch).
+          token: hub ids: access token for gated / private models (None: HF_TOKEN or the login).
+          cache_dir: hub ids: the download cache (default: huggingface_hub's).
           **kwargs: passed to the constructor (devices, max_batch_tokens, row_lengths, ...).
         """
-        model = load_model(path, pooling=pooling, max_seq_length=max_seq_length, normalize=normalize)
+        model = load_model(path, pooling=pooling, max_seq_length=max_seq_length, normalize=normalize,
+                           revision=revision, token=token, cache_dir=cache_dir)
         return cls(model, dtype=dtype, **kwargs)
 
     @classmethod

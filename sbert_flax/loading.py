@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from sbert_flax import weights
+from sbert_flax import hub, weights
 from sbert_flax.config import BertConfig, PoolingConfig
 from sbert_flax.embedder import check_backbone_params
 from sbert_flax.files import read_json
 from sbert_flax.flax_format import is_flax_folder, read_flax_folder
+from sbert_flax.hub import ModelNotFoundError  # noqa: F401 -- its home for callers and errors.py
 from sbert_flax.prompts import Prompts
 from sbert_flax.st_format import read_st_folder
 from sbert_flax.tokenization import Tokenizer, load_tokenizer
@@ -46,26 +47,14 @@ class LoadedModel:
     prompts: Prompts = dataclasses.field(default_factory=Prompts)
 
 
-class ModelNotFoundError(OSError):
-    """Neither a local folder nor downloadable; the message says what to do."""
-
-
-def resolve_model_path(path: str) -> str:
-    """A local directory as is; otherwise a hub id fetched with huggingface_hub."""
+def resolve_model_path(path: str, *, revision: str | None = None, token: str | bool | None = None,
+                       cache_dir: str | None = None) -> str:
+    """A local directory as is; otherwise a hub id, of which only what is read is fetched."""
     if os.path.isdir(path):
         return path
     if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1:
         raise ModelNotFoundError(f"model directory not found: {path}")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(path)
-    except Exception as e:
-        raise ModelNotFoundError(
-            f"model {path!r} is not a local directory and could not be downloaded from the "
-            f"Hugging Face hub ({type(e).__name__}). If you are offline, download it elsewhere "
-            "and pass its local directory (e.g. --model path/to/sbert-base-chinese-nli)."
-        ) from None
+    return hub.download(path, revision=revision, token=token, cache_dir=cache_dir)
 
 
 def _is_hf_config(d: dict) -> bool:
@@ -75,7 +64,9 @@ def _is_hf_config(d: dict) -> bool:
 def load_model(source: str = DEFAULT_MODEL, *, pooling: str | None = None,
                max_seq_length: int | None = None, normalize: bool | None = None,
                vocab_path: str | None = None, config_path: str | None = None,
-               tower: int | None = None, uer_max_seq_length: int = 128) -> LoadedModel:
+               tower: int | None = None, uer_max_seq_length: int = 128,
+               revision: str | None = None, token: str | bool | None = None,
+               cache_dir: str | None = None) -> LoadedModel:
     """Loads a model onto the host from any supported source.
 
     Args:
@@ -89,9 +80,12 @@ def load_model(source: str = DEFAULT_MODEL, *, pooling: str | None = None,
       tower: UER sbert checkpoints: None requires tied towers and takes tower 0; 0 or 1 takes that
         tower (see `weights.uer_to_hf`).
       uer_max_seq_length: a UER checkpoint's sequence length when `max_seq_length` is None.
+      revision: hub ids: branch, tag or commit to fetch (default: the default branch).
+      token: hub ids: access token for gated / private models (None: HF_TOKEN or the saved login).
+      cache_dir: hub ids: the download cache (default: huggingface_hub's).
 
     Raises:
-      ModelNotFoundError: not local and not downloadable.
+      ModelNotFoundError: not local and not downloadable (offline, auth, not found, disk full).
       weights.WeightsError, ConfigError, ValueError: the files do not fit together (names which).
     """
     # A UER checkpoint is a file; with its vocab and config given, a missing one is reported by
@@ -111,7 +105,7 @@ def load_model(source: str = DEFAULT_MODEL, *, pooling: str | None = None,
         params = weights.hf_to_flax(hf, cfg, source=source)
         pool_cfg, msl, prompts = PoolingConfig("cls"), uer_max_seq_length, Prompts()
     else:
-        local = resolve_model_path(source)
+        local = resolve_model_path(source, revision=revision, token=token, cache_dir=cache_dir)
         if is_flax_folder(local):
             folder = read_flax_folder(local)
             check_backbone_params(folder.params, folder.config, local)

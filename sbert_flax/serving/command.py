@@ -34,6 +34,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The serve options, on any parser."""
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"sbert-flax dir, HF / sentence-transformers dir, or hub id (default: {DEFAULT_MODEL})")
+    p.add_argument("--revision", help="hub ids: branch, tag or commit (default: the default branch)")
+    p.add_argument("--token", help="hub ids: access token for a gated or private model "
+                   "(default: HF_TOKEN or the saved `hf auth login`)")
+    p.add_argument("--cache-dir", help="hub ids: where downloads are cached (default: "
+                   "huggingface_hub's, HF_HUB_CACHE)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
@@ -92,7 +97,8 @@ def load_encoder(args: argparse.Namespace):
         kwargs["max_batch_tokens"] = args.max_batch_tokens
     return SentenceEncoder.from_pretrained(args.model, pooling=args.pooling,
                                            max_seq_length=args.max_input_length,
-                                           dtype=args.dtype, **kwargs)
+                                           dtype=args.dtype, revision=args.revision,
+                                           token=args.token, cache_dir=args.cache_dir, **kwargs)
 
 
 def settings_from_args(args: argparse.Namespace):

@@ -135,6 +135,17 @@ def _error(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e)[:800]}"
 
 
+def _close_item(rec: dict, t_item: float, worst: float | None, path: str, part: str,
+                section: dict) -> float | None:
+    """Stamps an item's wall time, rewrites the part's JSON; returns the longest successful item
+    so far (what the next one may take, for the part's time budget)."""
+    rec["wall_s"] = round(time.perf_counter() - t_item, 3)
+    if "error" not in rec:
+        worst = max(worst or 0.0, rec["wall_s"])
+    update_json(path, part, section)
+    return worst
+
+
 # ---- the random model -----------------------------------------------------------------------------
 
 def make_model_dir(path: str, sizes: dict, vocab: str) -> str:
@@ -404,10 +415,7 @@ def encode(args, sizes: dict) -> None:
         except Exception as e:  # one failed budget must not cost the others
             traceback.print_exc()
             rec["error"] = _error(e)
-        rec["wall_s"] = round(time.perf_counter() - t_item, 3)
-        if "error" not in rec:
-            worst = max(worst or 0.0, rec["wall_s"])
-        update_json(args.json, "encode", section)
+        worst = _close_item(rec, t_item, worst, args.json, "encode", section)
 
 
 # ---- train -------------------------------------------------------------------------------------------
@@ -587,10 +595,7 @@ def train(args, sizes: dict) -> None:
         except Exception as e:  # e.g. cuDNN attention refusing a shape: record it, go on
             traceback.print_exc()
             rec["error"] = _error(e)
-        rec["wall_s"] = round(time.perf_counter() - t_item, 3)
-        if "error" not in rec:
-            worst = max(worst or 0.0, rec["wall_s"])
-        update_json(args.json, "train", section)
+        worst = _close_item(rec, t_item, worst, args.json, "train", section)
 
 
 # ---- sentence-transformers ---------------------------------------------------------------------------

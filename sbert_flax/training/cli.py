@@ -14,16 +14,22 @@ A bug (an error that is not bad input, see `sbert_flax.errors`) prints its trace
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
+import re
 import sys
-from collections.abc import Sequence
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from sbert_flax.distributed import add_distributed_flags, init_distributed
 from sbert_flax.errors import EXIT_USER_ERROR, is_user_error, report_bug
 from sbert_flax.training.train_config import (
     BEST_METRICS,
-    LOSSES,
+    CHOICES,
     RETRIEVAL_BEST_METRICS,
     TrainConfig,
+    _coerce,
 )
 
 # A SIGTERM'd run saved its checkpoint and stopped early: not done, not failed. It must not exit 0
@@ -46,125 +52,170 @@ UER_IGNORED_FLAGS = frozenset({
 })
 
 
-def _parser() -> argparse.ArgumentParser:
+# ---- the command line, generated from TrainConfig ------------------------------------------------
+#
+# Every TrainConfig field is a flag `--<field>`: its type from the annotation, its default from the
+# dataclass, its help from the field's comment in train_config.py, its group from the banner
+# comment above it, its choices from `CHOICES`. A field added to TrainConfig is a flag with no edit
+# here (tests/test_train_cli.py checks that every field has one). The tables below hold only what
+# the rule cannot know: the spellings people already type, and the fields with no flag of their own.
+
+# Option strings of a field other than `--<field>`: UER-py's spellings first, then the kebab-case
+# aliases earlier versions accepted (a command line that ran before must run unchanged).
+SPELLINGS: dict[str, tuple[str, ...]] = {
+    "sts_dev_paths": ("--sts-dev", "--sts_dev", "--sts_dev_path"),
+    "ir_dev_paths": ("--ir-dev", "--ir_dev"),
+    "skip_bad_lines": ("--skip_bad_lines", "--skip-bad-lines"),
+    "uer_adamw": ("--uer-adamw", "--uer_adamw"),
+    "param_sharding": ("--param-sharding", "--param_sharding"),
+    "log_every_steps": ("--log_every_steps", "--report_steps"),
+    "has_header": ("--no_header",),  # a True-default bool is turned off by --no_<field> otherwise
+}
+# Fields without a flag of their own, with why.
+NO_FLAG: dict[str, str] = {
+    "sts_dev_path": "the old single-file field, folded into sts_dev_paths; --sts_dev_path is an "
+                    "alias of --sts-dev",
+}
+# A tuple field whose items may contain commas (paths) is a repeated flag; other tuple fields are
+# one comma-separated value.
+REPEATED_SUFFIX = "_paths"
+# Metavars where the type name says too little.
+METAVARS = {"best_metric": "METRIC", "columns": "COLS", "matryoshka_dims": "DIMS",
+            "label_names": "NAMES"}
+# Help that adds to a field's comment (what the CLI alone can say).
+EXTRA_HELP = {
+    "best_metric": f"{' | '.join(BEST_METRICS)} | a retrieval metric of the first --ir-dev "
+                   f"({', '.join(RETRIEVAL_BEST_METRICS)})",
+    "output_dir": "default ./runs/siamese, or --output_model_path without .bin",
+}
+
+
+def field_comments(cls: type) -> dict[str, tuple[str, str]]:
+    """{field: (group, help)} from `cls`'s source: a field's trailing comment plus the `#   `
+    continuation lines under it; the group is the last `# ---- name ----` banner above it.
+
+    Empty when the source cannot be read (a frozen app): the flags then just have no help.
+    """
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return {}
+    out: dict[str, tuple[str, str]] = {}
+    group, last = "", None
+    for line in lines:
+        stripped = line.strip()
+        if stripped.startswith("def ") or stripped.startswith("@"):
+            last = None
+            if stripped.startswith("def "):
+                break
+            continue
+        banner = re.fullmatch(r"# -+ (.+?) -+", stripped)
+        if banner:
+            group, last = banner.group(1), None
+            continue
+        if last and stripped.startswith("#   "):
+            g, text = out[last]
+            out[last] = (g, f"{text} {stripped[1:].strip()}".strip())
+            continue
+        m = re.match(r"(\w+): [^#]+?(?:#(.*))?$", stripped)
+        if m:
+            last = m.group(1)
+            out[last] = (group, (m.group(2) or "").strip())
+        else:
+            last = None
+    return out
+
+
+def _base(hint: Any) -> tuple[Any, bool]:
+    """(the type inside `X | None`, whether None is allowed)."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return (rest[0] if len(rest) == 1 else hint), True
+    return hint, False
+
+
+def _comma_list(hint: Any, name: str) -> Callable[[str], Any]:
+    """A comma-separated value of a tuple field, parsed as a config file's `key=a,b` is."""
+    if name == "columns":  # names or field indices, never both: parse_columns says so
+        def columns(s: str) -> Any:
+            from sbert_flax.training.sources import parse_columns
+            return parse_columns(s)
+        return columns
+    return lambda s: _coerce(s, hint) or None
+
+
+def _add_field(group: argparse._ArgumentGroup, f: dataclasses.Field, hint: Any, help_: str) -> None:
+    base, _ = _base(hint)
+    names = list(SPELLINGS.get(f.name, ()))
+    # Unset flags stay out of the namespace: TrainConfig's own defaults apply, never a copy here.
+    kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
+    if base is bool:
+        names = names or [f"--no_{f.name}" if f.default else f"--{f.name}"]
+        kw["action"] = "store_false" if f.default else "store_true"
+        if f.default:  # the comment says what the field does on; the flag turns it off
+            help_ = f"sets {f.name} off ({help_})" if help_ else f"sets {f.name} off"
+    elif typing.get_origin(base) is tuple:
+        if f.name.endswith(REPEATED_SUFFIX):
+            kw.update(action="append", metavar="PATH")
+            help_ = f"{help_} (repeatable)"
+        else:
+            kw["type"] = _comma_list(hint, f.name)
+    elif base in (str, int, float):
+        kw["type"] = base
+        if f.name in CHOICES:
+            kw["choices"] = CHOICES[f.name]
+        if base is str and f.default == "":  # no usable default: the run cannot start without it
+            kw["required"] = True
+    else:
+        raise TypeError(f"TrainConfig.{f.name}: no command-line rule for type {hint}; add one "
+                        "to sbert_flax/training/cli.py or list the field in NO_FLAG")
+    if f.name in METAVARS:
+        kw["metavar"] = METAVARS[f.name]
+    if f.name in EXTRA_HELP:
+        help_ = f"{help_} -- {EXTRA_HELP[f.name]}" if help_ else EXTRA_HELP[f.name]
+    if base is not bool and f.default not in (None, "", ()):
+        help_ = f"{help_} (default: {f.default})".lstrip()
+    kw["help"] = help_.replace("%", "%%") or None
+    group.add_argument(*(names or [f"--{f.name}"]), **kw)
+
+
+def _parser(cls: type = TrainConfig) -> argparse.ArgumentParser:
+    """The training parser for `cls` (TrainConfig, or a dataclass extending it)."""
     p = argparse.ArgumentParser(prog="sbert-flax train",
                                 description="Sentence-BERT fine-tuning: UER-py's siamese softmax recipe "
                                             "or contrastive losses (mnrl, cached-mnrl, cosent).")
-    a = p.add_argument
-    a("--pretrained_model_path", required=True, help="HF/sentence-transformers/sbert-flax dir or UER .bin")
-    a("--vocab_path", help="vocab file (required for a UER .bin)")
-    a("--config_path", help="UER config json (heads_num, pooling ...) or HF config.json")
-    a("--pooling", choices=["first", "cls", "mean", "max"],
-      help="default: the UER config's; else cls for softmax, the model folder's for the others")
-    g = p.add_argument_group("loss")
-    g.add_argument("--loss", default="softmax", choices=LOSSES)
-    g.add_argument("--scale", type=float, default=20.0, help="cosine multiplier (mnrl, cosent)")
-    g.add_argument("--symmetric", action="store_true", help="mnrl: add the positive->anchor term")
-    g.add_argument("--mini_batch_size", type=int, help="cached-mnrl: sentences per forward pass")
-    g.add_argument("--matryoshka_dims", help="comma-separated dims, e.g. 768,512,256,128,64")
-    g = p.add_argument_group("data")
-    g.add_argument("--train_path", required=True, help="TSV/CSV with a header, or JSONL")
-    g.add_argument("--dev_path", help="softmax: labelled dev set (accuracy, per-label P/R/F1)")
-    g.add_argument("--test_path", help="softmax: labelled test set, evaluated with the best model")
-    g.add_argument("--sts-dev", "--sts_dev", "--sts_dev_path", dest="sts_dev_paths", action="append",
-                   default=[], help="s1\\ts2\\tscore file; repeat for several (the first picks the best model)")
-    g.add_argument("--ir-dev", "--ir_dev", dest="ir_dev_paths", action="append", default=[],
-                   help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv): retrieval "
-                        "metrics at each evaluation; repeat for several (--best_metric ndcg@10 "
-                        "reads the first)")
-    g.add_argument("--data_format", default="auto", choices=["auto", "tsv", "csv", "jsonl"])
-    g.add_argument("--labels_num", type=int)
-    g.add_argument("--label_names", help="comma-separated label strings in id order, e.g. "
-                                         "entailment,neutral,contradiction")
-    g.add_argument("--columns", help="names of the fields in order (sentence1,sentence2,score), or "
-                                     "field indices of the loss's columns (1,2,3 for the raw CNLI file)")
-    g.add_argument("--no_header", action="store_true", help="the files have no header line (needs --columns)")
-    g.add_argument("--skip_bad_lines", "--skip-bad-lines", action="store_true")
-    g.add_argument("--score_scale", type=float, default=1.0, help="cosent: divide gold scores by this")
-    g.add_argument("--group_by_length", action="store_true",
-                   help="batches of similar length (default: random batches)")
-    g.add_argument("--no_duplicates", action="store_true", help="no text twice in a batch")
-    g.add_argument("--no_pack", action="store_true",
-                   help="embedding losses: pad each text to its column's length bucket instead of "
-                        "packing the batch's texts into shared rows (the default)")
-    g.add_argument("--data_threads", type=int, default=2, help="input pipeline threads")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--learning_rate", type=float, default=2e-5)
-    g.add_argument("--epochs_num", type=int, default=3)
-    g.add_argument("--max_steps", type=int, help="stop after this many steps")
-    g.add_argument("--batch_size", type=int, default=64, help="global batch")
-    g.add_argument("--seq_length", type=int, default=128)
-    g.add_argument("--warmup", type=float, default=0.1)
-    g.add_argument("--weight_decay", type=float, default=0.01)
-    g.add_argument("--uer-adamw", "--uer_adamw", dest="uer_adamw", action="store_true")
-    g.add_argument("--max_grad_norm", type=float)
-    g.add_argument("--seed", type=int, default=7)
-    g.add_argument("--eval_batch_size", type=int)
-    g.add_argument("--eval_steps", type=int,
-                   help="also evaluate every N steps (default: at each epoch end and the end)")
-    g = p.add_argument_group("scale")
-    g.add_argument("--param-sharding", "--param_sharding", dest="param_sharding", default="replicated",
-                   choices=["replicated", "fsdp"])
-    g.add_argument("--mesh_fsdp", type=int, help="fsdp axis size (default: all devices with fsdp, else 1)")
-    g.add_argument("--bf16", action="store_true", help="bfloat16 compute, float32 master params")
-    g.add_argument("--remat", action="store_true", help="rematerialise each layer in the backward pass (less activation memory)")
-    g.add_argument("--scan_layers", action="store_true", help="run the layers as one lax.scan: compile time independent of depth")
-    g.add_argument("--peak_flops", type=float, help="per-device peak FLOP/s for MFU (known TPU/GPU peaks otherwise)")
-    g = p.add_argument_group("output")
-    g.add_argument("--output_dir", help="run directory (default ./runs/siamese)")
-    g.add_argument("--output_model_path", help="UER's flag: a .bin path becomes the run directory without .bin")
-    g.add_argument("--save_every_steps", type=int, default=0)
-    g.add_argument("--max_to_keep", type=int, default=3)
-    # No argparse choices: TrainConfig checks the name (and that a retrieval metric has an
-    # --ir-dev folder), so a config file and a command line fail with the same message.
-    g.add_argument("--best_metric", metavar="METRIC",
-                   help=f"{' | '.join(BEST_METRICS)} | a retrieval metric of the first --ir-dev "
-                        f"({', '.join(RETRIEVAL_BEST_METRICS)})")
-    g.add_argument("--resume", action="store_true")
-    g.add_argument("--force", action="store_true", help="--resume even if seed/data/loss/batch/lr changed")
-    g.add_argument("--no_export", action="store_true")
-    g.add_argument("--log_every_steps", "--report_steps", dest="log_every_steps", type=int, default=10)
-    g.add_argument("--nan_check_every", type=int, default=10)
-    g.add_argument("--no_progress_bar", action="store_true")
+    comments: dict[str, tuple[str, str]] = {}
+    for c in reversed(cls.__mro__):  # a subclass's comments over its bases'
+        if dataclasses.is_dataclass(c):
+            comments.update(field_comments(c))
+    hints = typing.get_type_hints(cls)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in NO_FLAG:
+            continue
+        group, help_ = comments.get(f.name, ("", ""))
+        if group not in groups:
+            groups[group] = p.add_argument_group(group) if group else p
+        _add_field(groups[group], f, hints[f.name], help_)
+    out = groups.get("output, checkpoints", p)
+    out.add_argument("--output_model_path",
+                     help="UER's flag: a .bin path becomes the run directory without .bin")
     add_distributed_flags(p)
     return p
 
 
-def _ints(s: str | None) -> tuple[int, ...] | None:
-    return tuple(int(x) for x in s.split(",")) if s else None
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    from sbert_flax.training.sources import parse_columns
-
-    out = args.output_dir
-    if out is None and args.output_model_path:
-        out = args.output_model_path[:-4] if args.output_model_path.endswith(".bin") else args.output_model_path
-    return TrainConfig(
-        pretrained_model_path=args.pretrained_model_path, vocab_path=args.vocab_path,
-        config_path=args.config_path, pooling=args.pooling, loss=args.loss, scale=args.scale,
-        symmetric=args.symmetric, mini_batch_size=args.mini_batch_size,
-        matryoshka_dims=_ints(args.matryoshka_dims), train_path=args.train_path,
-        dev_path=args.dev_path, test_path=args.test_path, sts_dev_paths=tuple(args.sts_dev_paths),
-        ir_dev_paths=tuple(args.ir_dev_paths), data_format=args.data_format,
-        labels_num=args.labels_num,
-        label_names=tuple(args.label_names.split(",")) if args.label_names else None,
-        columns=parse_columns(args.columns), has_header=not args.no_header,
-        skip_bad_lines=args.skip_bad_lines, score_scale=args.score_scale,
-        group_by_length=args.group_by_length, no_duplicates=args.no_duplicates,
-        pack=not args.no_pack, data_threads=args.data_threads, learning_rate=args.learning_rate,
-        epochs_num=args.epochs_num, max_steps=args.max_steps, batch_size=args.batch_size,
-        seq_length=args.seq_length, warmup=args.warmup, weight_decay=args.weight_decay,
-        uer_adamw=args.uer_adamw, max_grad_norm=args.max_grad_norm, seed=args.seed,
-        eval_batch_size=args.eval_batch_size, eval_steps=args.eval_steps,
-        param_sharding=args.param_sharding,
-        mesh_fsdp=args.mesh_fsdp, bf16=args.bf16, remat=args.remat, scan_layers=args.scan_layers,
-        peak_flops=args.peak_flops, output_dir=out or TrainConfig.output_dir,
-        save_every_steps=args.save_every_steps, max_to_keep=args.max_to_keep,
-        best_metric=args.best_metric, resume=args.resume, force=args.force,
-        export=not args.no_export, log_every_steps=args.log_every_steps,
-        nan_check_every=args.nan_check_every, progress_bar=not args.no_progress_bar,
-    )
+def config_from_args(args: argparse.Namespace, cls: type = TrainConfig) -> Any:
+    """The config of a parsed command line: the flags given, the dataclass defaults else."""
+    given = vars(args)
+    values = {f.name: given[f.name] for f in dataclasses.fields(cls) if f.name in given}
+    for name, v in values.items():
+        if isinstance(v, list):  # a repeated flag
+            values[name] = tuple(v)
+    out = getattr(args, "output_model_path", None)
+    if "output_dir" not in values and out:
+        values["output_dir"] = out[:-4] if out.endswith(".bin") else out
+    return cls(**values)
 
 
 def _parse(argv: Sequence[str]) -> tuple[TrainConfig, argparse.Namespace]:

@@ -17,6 +17,14 @@ from sbert_flax.files import read_json
 # The losses by name: the one list the CLI, the config and `losses.make_loss` take (here, not in
 # losses.py, so that parsing a command line imports no JAX).
 LOSSES = ("softmax", "mnrl", "cached-mnrl", "cosent")
+POOLINGS = ("first", "cls", "mean", "max")
+DATA_FORMATS = ("auto", "tsv", "csv", "jsonl")
+PARAM_SHARDINGS = ("replicated", "fsdp")
+# Fields that take one of a fixed set of names: the CLI's argparse choices and __post_init__'s
+# check both read this, so a config file and a command line refuse the same values.
+CHOICES: dict[str, tuple[str, ...]] = {"pooling": POOLINGS, "loss": LOSSES,
+                                       "data_format": DATA_FORMATS,
+                                       "param_sharding": PARAM_SHARDINGS}
 BEST_METRICS = ("accuracy", "macro_f1", "sts_spearman")
 # Retrieval metrics --best_metric also takes (of the first --ir-dev folder): every name
 # `retrieval.evaluate_retrieval` reports with its default cut-offs, spelled out here so that
@@ -56,6 +64,8 @@ RESUME_REFUSED: dict[str, str] = {
     "weight_decay": "the update rule",
     "uer_adamw": "the update rule",
     "max_grad_norm": "the update rule (clipping)",
+    "adam_eps": "the update rule",
+    "clip_head": "the update rule (what the clipping norm covers)",
     "seed": "head init, data order and dropout keys",
     "bf16": "the precision of every forward and backward pass",
 }
@@ -117,6 +127,7 @@ RETIRED_FIELDS: dict[str, Any] = {"debug_nan_at_step": None, "debug_step_delay":
 class TrainConfig:
     # ---- model ----
     pretrained_model_path: str = ""  # HF / sentence-transformers dir, sbert-flax dir, or UER .bin
+    #   (required)
     vocab_path: str | None = None  # vocab file (needed for a UER .bin; overrides a folder's tokenizer)
     config_path: str | None = None  # UER model config json (heads_num, pooling, ...) or HF config.json
     pooling: str | None = None  # "first"/"cls" | "mean" | "max"; None: UER config's, else softmax
@@ -128,7 +139,7 @@ class TrainConfig:
     mini_batch_size: int | None = None  # cached-mnrl: sentences per forward pass (GradCache)
     matryoshka_dims: tuple[int, ...] | None = None  # train truncated dims too (embedding losses)
     # ---- data ----
-    train_path: str = ""
+    train_path: str = ""  # TSV / CSV with a header, or JSONL (required)
     dev_path: str | None = None  # softmax: evaluated after every epoch (accuracy + per-label P/R/F1)
     test_path: str | None = None  # softmax: evaluated once at the end with the best model
     sts_dev_paths: tuple[str, ...] = ()  # s1 \t s2 \t score files: Spearman of cosine, each epoch
@@ -145,12 +156,12 @@ class TrainConfig:
     score_scale: float = 1.0  # cosent: gold scores are divided by it (5 for STS-B's 0..5)
     group_by_length: bool = False  # batches of similar length (less padding, not random samples)
     no_duplicates: bool = False  # no text twice in a batch (sentence-transformers' sampler)
-    pack: bool = True  # embedding losses: pack the batch's texts into shared rows (block-diagonal
-    #   attention); False pads each text to its column's bucket. softmax always pads
+    pack: bool = True  # pack the batch's texts (every column) into shared rows (block-diagonal
+    #   attention); False pads each text to its column's bucket (softmax: [a; b] to one length)
     data_threads: int = 2  # grain threads reading / tokenizing / padding ahead of the device
     # ---- optimisation (UER defaults) ----
     learning_rate: float = 2e-5  # peak lr
-    epochs_num: int = 3
+    epochs_num: int = 3  # passes over the training data
     max_steps: int | None = None  # stop after this many steps (the schedule spans them)
     batch_size: int = 64  # global batch (all devices, all processes)
     seq_length: int = 128  # max tokens per sentence incl. [CLS]/[SEP]
@@ -158,6 +169,9 @@ class TrainConfig:
     weight_decay: float = 0.01  # AdamW decay, not on biases / LayerNorm
     uer_adamw: bool = False  # UER's AdamW without bias correction (decay after the step)
     max_grad_norm: float | None = None  # global-norm clipping; None = off (UER: off)
+    adam_eps: float = 1e-6  # AdamW epsilon: UER's 1e-6; torch / sentence-transformers' is 1e-8
+    clip_head: bool = True  # softmax: the clipping norm covers the classifier head too (old
+    #   sentence-transformers fit); False clips the encoder only, as sentence-transformers' Trainer
     seed: int = 7  # head init, data order and dropout
     eval_batch_size: int | None = None  # None: batch_size
     eval_steps: int | None = None  # evaluate every N steps too (and at each epoch end and the end)
@@ -190,12 +204,10 @@ class TrainConfig:
         for name in ("sts_dev_paths", "ir_dev_paths"):  # a lone path from a config file
             if isinstance(getattr(self, name), str):
                 object.__setattr__(self, name, (getattr(self, name),))
-        if self.loss == "softmax":  # its classifier embeds [a; b] in one padded call
-            object.__setattr__(self, "pack", False)
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss={self.loss!r}; expected one of {' | '.join(LOSSES)}")
-        if self.param_sharding not in ("replicated", "fsdp"):
-            raise ValueError(f"param_sharding={self.param_sharding!r}; expected replicated | fsdp")
+        for name, allowed in CHOICES.items():
+            v = getattr(self, name)
+            if v is not None and v not in allowed:
+                raise ValueError(f"{name}={v!r}; expected one of {' | '.join(allowed)}")
         if self.best_metric is not None and self.best_metric not in (*BEST_METRICS,
                                                                      *RETRIEVAL_BEST_METRICS):
             raise ValueError(f"best_metric={self.best_metric!r}; expected accuracy | macro_f1 | "

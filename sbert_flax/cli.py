@@ -129,8 +129,13 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     corpus, queries = read_lines(args.corpus), read_lines(args.queries)
     enc = _load_encoder(args)
-    hits = search_corpus(enc, corpus, queries, top_k=args.top_k,
-                         corpus_embeddings_path=args.corpus_embeddings, batch_size=args.batch_size)
+    qp, cp = _prompts(args, "query"), _prompts(args, "corpus")
+    if qp or cp:
+        hits = _search_prompted(enc, corpus, queries, args, qp, cp)
+    else:
+        hits = search_corpus(enc, corpus, queries, top_k=args.top_k,
+                             corpus_embeddings_path=args.corpus_embeddings,
+                             batch_size=args.batch_size)
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
     try:
         for q, qh in zip(queries, hits, strict=True):
@@ -145,6 +150,42 @@ def cmd_search(args: argparse.Namespace) -> int:
         if out is not sys.stdout:
             out.close()
     return 0
+
+
+def _prompts(args: argparse.Namespace, side: str) -> dict[str, str]:
+    """`prompt` / `prompt_name` of one side ("query" or "corpus"), only those given."""
+    return {k: v for k, v in (("prompt", getattr(args, f"{side}_prompt")),
+                              ("prompt_name", getattr(args, f"{side}_prompt_name")))
+            if v is not None}
+
+
+def _search_prompted(enc, corpus: list[str], queries: list[str], args: argparse.Namespace,
+                     qp: dict[str, str], cp: dict[str, str]) -> list[list[dict]]:
+    """`util.search_corpus` with a prompt per side: the queries and the corpus are encoded apart.
+
+    The --corpus-embeddings cache is checked by shape only, as search_corpus does: one written
+    with another --corpus-prompt is not detected (delete it when the prompt changes).
+    """
+    from sbert_flax.arraylike import as_matrix
+    from sbert_flax.util import load_embeddings, save_embeddings, semantic_search
+
+    q = as_matrix(enc.encode(queries, batch_size=args.batch_size, **qp), "query embeddings")
+    c = None
+    if args.corpus_embeddings:
+        try:
+            c = load_embeddings(args.corpus_embeddings)
+        except FileNotFoundError:
+            c = None
+        if c is not None and c.shape != (len(corpus), q.shape[1]):
+            print(f"{PROG}: warning: {args.corpus_embeddings} holds embeddings of shape "
+                  f"{c.shape}, not ({len(corpus)}, {q.shape[1]}); re-encoding the corpus",
+                  file=sys.stderr)
+            c = None
+    if c is None:
+        c = as_matrix(enc.encode(corpus, batch_size=args.batch_size, **cp), "corpus embeddings")
+        if args.corpus_embeddings:
+            save_embeddings(args.corpus_embeddings, c)
+    return semantic_search(q, c, top_k=args.top_k)
 
 
 def cmd_mine_negatives(args: argparse.Namespace) -> int:
@@ -163,8 +204,8 @@ def cmd_mine_negatives(args: argparse.Namespace) -> int:
         max_score=args.max_score, min_score=args.min_score, absolute_margin=args.absolute_margin,
         relative_margin=args.relative_margin, num_negatives=args.num_negatives,
         sampling_strategy=args.sampling_strategy, output_format=args.output_format,
-        seed=args.seed, batch_size=args.batch_size, query_prompt=args.prompt,
-        query_prompt_name=args.prompt_name, corpus_prompt=args.corpus_prompt,
+        seed=args.seed, batch_size=args.batch_size, query_prompt=args.query_prompt,
+        query_prompt_name=args.query_prompt_name, corpus_prompt=args.corpus_prompt,
         corpus_prompt_name=args.corpus_prompt_name)
     rows = write_tsv(args.output, columns)
     print(f"wrote {rows} {args.output_format} rows for {len(anchors)} pairs to {args.output} "
@@ -222,7 +263,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     folders = [load_beir(d, args.split) for d in args.retrieval]
     enc = _load_encoder(args)
     sts_rows = sts_table(enc, args.sts, batch_size=args.batch_size) if args.sts else []
-    ir_rows = retrieval_table(enc, folders, batch_size=args.batch_size)
+    ir_rows = retrieval_table(enc, folders, batch_size=args.batch_size,
+                              **{f"query_{k}": v for k, v in _prompts(args, "query").items()},
+                              **{f"corpus_{k}": v for k, v in _prompts(args, "corpus").items()})
     if args.json:
         names = [r["name"] for r in ir_rows]
         # Two folders with the same basename would collide as keys; those keep their path.
@@ -278,6 +321,20 @@ def _model_args(p: argparse.ArgumentParser, dtype: bool = False) -> None:
     if dtype:
         p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                        help="compute dtype (the output is float32 either way)")
+
+
+def add_prompt_args(p: argparse.ArgumentParser, queries: str, corpus: str) -> None:
+    """--query-prompt[-name] (alias --prompt[-name]) and --corpus-prompt[-name]: the prompts of
+    the two sides of a search, as sentence-transformers' `prompt` / `prompt_name`."""
+    g = p.add_argument_group("prompts (as encode's --prompt / --prompt-name, per side)")
+    g.add_argument("--query-prompt", "--prompt", dest="query_prompt",
+                   help=f"text prepended to {queries}")
+    g.add_argument("--query-prompt-name", "--prompt-name", dest="query_prompt_name",
+                   help=f"a prompt of the model's config_sentence_transformers.json for {queries} "
+                   "(default: its default_prompt_name, if any)")
+    g.add_argument("--corpus-prompt", dest="corpus_prompt", help=f"text prepended to {corpus}")
+    g.add_argument("--corpus-prompt-name", dest="corpus_prompt_name",
+                   help=f"a named prompt for {corpus} (default: its default_prompt_name)")
 
 
 def add_convert_args(p: argparse.ArgumentParser, to: str | None = None, uer: bool = False) -> None:
@@ -349,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "matches the corpus, else written")
     p.add_argument("--output", help="write results here (default stdout)")
     p.add_argument("--json", action="store_true", help="one JSON object per query")
+    add_prompt_args(p, "each query", "each corpus line")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("mine-negatives", help="hard negatives for anchor/positive pairs, as "
@@ -373,10 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
                    default="triplet")
     p.add_argument("--seed", type=int, default=12, help="random sampling seed")
     p.add_argument("--batch-size", type=int, default=None, help="encode batch (rows of 64 tokens)")
-    p.add_argument("--prompt", help="prompt of the anchors (as encode's --prompt)")
-    p.add_argument("--prompt-name", help="named prompt of the anchors")
-    p.add_argument("--corpus-prompt", help="prompt of the corpus")
-    p.add_argument("--corpus-prompt-name", help="named prompt of the corpus")
+    add_prompt_args(p, "the anchors", "the corpus (the candidate negatives)")
     p.set_defaults(func=cmd_mine_negatives)
 
     p = sub.add_parser("similarity", help="cosine of the first sentence against each of the rest")
@@ -412,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help='print {"sts": {FILE: ...}, "retrieval": {FOLDER: ...}} instead of tables')
     p.add_argument("--batch-size", type=int, default=64)
+    add_prompt_args(p, "the --retrieval queries", "the --retrieval documents (STS pairs take none)")
     p.set_defaults(func=cmd_eval)
 
     sub.add_parser("train", help="fine-tuning: siamese softmax (UER) or contrastive "

@@ -316,13 +316,17 @@ def evaluate_retrieval(encoder: Any, folder: str | BeirFolder, split: str = "tes
 
 
 def retrieval_table(encoder: Any, folders: Sequence[str | BeirFolder], split: str = "test",
-                    batch_size: int | None = None) -> list[dict[str, Any]]:
-    """One row per folder: {"folder", "name", "queries", "corpus", <every metric>}."""
+                    batch_size: int | None = None, **prompts: str | None) -> list[dict[str, Any]]:
+    """One row per folder: {"folder", "name", "queries", "corpus", <every metric>}.
+
+    `prompts`: `query_prompt`, `query_prompt_name`, `corpus_prompt`, `corpus_prompt_name`, as
+    `evaluate_retrieval` takes them.
+    """
     rows = []
     for folder in folders:
         f = folder if isinstance(folder, BeirFolder) else load_beir(folder, split)
         rows.append({"folder": f.path, "name": f.name,
-                     **evaluate_retrieval(encoder, f, batch_size=batch_size)})
+                     **evaluate_retrieval(encoder, f, batch_size=batch_size, **prompts)})
     return rows
 
 

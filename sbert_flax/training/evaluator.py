@@ -4,6 +4,10 @@ classifier's dev/test accuracy with per-label P/R/F1.
 Both run jitted functions over the sharded params directly (no host copy, no second model):
 every process builds the same full batch and feeds its own rows; outputs are replicated so every
 process reads all of them.
+
+Sentences embed the way `SentenceEncoder.encode` embeds them: packed by the same `Packer` (several
+sentences per row, block-diagonal attention, positions restarting per sentence) and pooled by the
+same `SentenceEmbedder.embed_packed`, so a dev score is the score of what encode would return.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ from flax import nnx
 
 from sbert_flax import sharding
 from sbert_flax.evaluation import pair_cosines, read_sts, spearman
-from sbert_flax.tokenization import Tokenizer, bucket_for, bucket_lengths, pad_batch
+from sbert_flax.packing import Packer
+from sbert_flax.tokenization import Tokenizer
 from sbert_flax.training import metrics
-from sbert_flax.training.pipeline import TRAIN_BUCKETS, eval_batches
+from sbert_flax.training.pipeline import eval_batches
 from sbert_flax.training.sources import TextSource
 from sbert_flax.training.state import StateLayout
 from sbert_flax.training.step import TraceCounter, make_eval_step
@@ -48,40 +53,47 @@ class Evaluator:
                  classify: bool = False):
         self.layout, self.tokenizer = layout, tokenizer
         self.seq_length, self.batch_size = seq_length, batch_size
-        self.buckets = bucket_lengths(seq_length, TRAIN_BUCKETS)
         self.sts = {p: read_sts(p) for p in sts_paths}
         self.counter = TraceCounter()
         self._classify = make_eval_step(graphdef, layout, self.counter) if classify else None
         mesh = layout.mesh
         bsh = sharding.batch_sharding(mesh)
+        # The token budget of today's largest padded batch (batch_size rows of seq_length); rows
+        # a multiple of the device count, since every device takes a slice of them.
+        self.packer = Packer(batch_size * seq_length, seq_length, row_multiple=mesh.devices.size)
+        self.embed_traces = 0  # compiled packed shapes (at most len(packer.shapes()))
 
-        def embed(params: Any, ids: jax.Array, mask: jax.Array) -> jax.Array:
-            return nnx.merge(graphdef, params).embedder(ids, mask)
+        def embed(params: Any, ids: jax.Array, segments: jax.Array, positions: jax.Array
+                  ) -> jax.Array:
+            self.embed_traces += 1
+            return nnx.merge(graphdef, params).embedder.embed_packed(
+                ids, segments, positions, Packer.slots(ids.shape[1]))  # [rows, slots, D]
 
-        self._embed = jax.jit(embed, in_shardings=(layout.shardings.params, bsh, bsh),
+        self._embed = jax.jit(embed, in_shardings=(layout.shardings.params, bsh, bsh, bsh),
                               out_shardings=sharding.replicated(mesh),
                               compiler_options=compiler_options(mesh.devices.flat))
 
     # ---- STS --------------------------------------------------------------------------------
 
     def embed(self, params: Any, sentences: Sequence[str]) -> np.ndarray:
-        """Embeddings float32 [n, D] of `sentences` (sorted by length into bucketed batches)."""
+        """Embeddings float32 [n, D] of `sentences`, packed as `SentenceEncoder.encode` packs.
+
+        Every process packs the same batches (packing is deterministic) and feeds its contiguous
+        slice of each batch's rows; the result is replicated, so each reads every embedding.
+        """
         ids = self.tokenizer.encode(list(sentences), self.seq_length)
-        order = np.argsort([len(x) for x in ids], kind="stable")
         out: np.ndarray | None = None
         pc, pi = jax.process_count(), jax.process_index()
-        rows = self.batch_size // pc
-        for s in range(0, len(order), self.batch_size):
-            idx = order[s: s + self.batch_size]
-            length = bucket_for(max(len(ids[i]) for i in idx), self.buckets)
-            a, m = pad_batch([ids[i] for i in idx], length, self.batch_size, self.tokenizer.pad_id)
-            local = {"ids": a[pi * rows:(pi + 1) * rows], "mask": m[pi * rows:(pi + 1) * rows]}
+        for batch in self.packer.pack(ids, pad_id=self.tokenizer.pad_id):
+            rows = batch.shape[0] // pc
+            local = {k: getattr(batch, k)[pi * rows:(pi + 1) * rows]
+                     for k in ("ids", "segments", "positions")}
             g = sharding.put_batch(local, self.layout.mesh)
-            emb = np.asarray(self._embed(params, g["ids"], g["mask"]))
+            res = np.asarray(self._embed(params, g["ids"], g["segments"], g["positions"]))
             if out is None:
-                out = np.zeros((len(ids), emb.shape[-1]), np.float32)
-            out[idx] = emb[: len(idx)]
-        return out
+                out = np.zeros((len(ids), res.shape[-1]), np.float32)
+            out[batch.index] = res[batch.row, batch.slot]
+        return out if out is not None else np.zeros((0, 0), np.float32)
 
     def sts_spearman(self, params: Any) -> dict[str, float]:
         """{path: Spearman of cosine vs gold} for every STS file (coefficients in [-1, 1])."""

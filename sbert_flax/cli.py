@@ -1,4 +1,5 @@
-"""The `sbert-flax` console script: convert, encode, search, mine-negatives, similarity, eval, eval-sts, serve, train.
+"""The `sbert-flax` console script: convert, encode, search, mine-negatives, similarity, eval, eval-sts, serve, train,
+compile.
 
 Only this module parses argv. Errors a user can fix (missing files, corrupt weights, bad config,
 malformed input) become one line on stderr and exit code 2; anything else is a bug and prints its
@@ -189,7 +190,7 @@ def _search_prompted(enc, corpus: list[str], queries: list[str], args: argparse.
 
 
 def cmd_mine_negatives(args: argparse.Namespace) -> int:
-    from sbert_flax.mining import mine_hard_negatives, read_pairs, write_tsv
+    from sbert_flax.mining import iter_mined, read_pairs, write_tsv
 
     # Every input is read and checked before the slow model load; nothing is written on error.
     anchors, positives = read_pairs(args.input)
@@ -199,7 +200,8 @@ def cmd_mine_negatives(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"output directory does not exist: {out_dir}")
     enc = _load_encoder(args)
     t0 = time.perf_counter()
-    columns = mine_hard_negatives(
+    # Written block by block as the anchors are mined, to a temp file renamed at the end.
+    blocks = iter_mined(
         enc, anchors, positives, corpus=corpus, range_min=args.range_min, range_max=args.range_max,
         max_score=args.max_score, min_score=args.min_score, absolute_margin=args.absolute_margin,
         relative_margin=args.relative_margin, num_negatives=args.num_negatives,
@@ -207,7 +209,7 @@ def cmd_mine_negatives(args: argparse.Namespace) -> int:
         seed=args.seed, batch_size=args.batch_size, query_prompt=args.query_prompt,
         query_prompt_name=args.query_prompt_name, corpus_prompt=args.corpus_prompt,
         corpus_prompt_name=args.corpus_prompt_name)
-    rows = write_tsv(args.output, columns)
+    rows = write_tsv(args.output, blocks)
     print(f"wrote {rows} {args.output_format} rows for {len(anchors)} pairs to {args.output} "
           f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
     return 0
@@ -453,6 +455,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve_command.add_parser(sub)
     sub.choices["serve"].set_defaults(func=cmd_serve)
+
+    # `compile`: the options only here (no JAX import); it runs sbert_flax.aot.command.run.
+    from sbert_flax.aot import command as compile_command
+
+    compile_command.add_parser(sub)
 
     p = sub.add_parser("eval", help="Spearman x100 on STS files and their mean, and retrieval "
                        "metrics on BEIR folders (C-MTEB style table)")

@@ -7,22 +7,28 @@ own positives out, absolute / relative margin against the anchor's hardest posit
 min_score; then the first `range_max` survivors, minus the first `range_min`, and "top" or
 "random" sampling. The output columns are those of its `datasets.Dataset`, as plain lists.
 
-Only one block of anchors' candidates is in memory at a time, so the ranking is bounded in the
-number of pairs; the corpus embeddings are held whole (as sentence-transformers holds them).
+It streams: one block of unique anchors is embedded, ranked and turned into output rows at a time
+(`iter_mined` yields each block's rows; `write_tsv` writes them as they come, to a temp file
+renamed at the end), and a corpus larger than one chunk is embedded once into a scratch file and
+searched a chunk at a time (each chunk sharded over the devices by `search.top_k_arrays`), with a
+running top-k per anchor. Memory holds the texts and ids, not the embeddings or the output rows
+(bench/mining_memory.py).
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import os
 import random
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
 
 from sbert_flax.arraylike import as_matrix
-from sbert_flax.search import semantic_search
+from sbert_flax.search import top_k_arrays
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +89,7 @@ def mine_hard_negatives(encoder: Any, anchors: Sequence[str], positives: Sequenc
                         batch_size: int | None = None, query_prompt: str | None = None,
                         query_prompt_name: str | None = None, corpus_prompt: str | None = None,
                         corpus_prompt_name: str | None = None, anchors_per_block: int = 16384,
+                        corpus_chunk_size: int = 100_000, scratch_dir: str | None = None,
                         ) -> dict[str, list]:
     """Adds hard negatives to (anchor, positive) pairs, like sentence-transformers.
 
@@ -111,20 +118,52 @@ def mine_hard_negatives(encoder: Any, anchors: Sequence[str], positives: Sequenc
       batch_size: encode batch size (None: the encoder's default).
       query_prompt, query_prompt_name: the prompt of the anchors, as `encode`'s.
       corpus_prompt, corpus_prompt_name: the prompt of the corpus.
-      anchors_per_block: unique anchors ranked at a time (sentence-transformers' faiss_batch_size):
-        bounds the candidate arrays held at once.
+      anchors_per_block: unique anchors embedded and ranked at a time (sentence-transformers'
+        faiss_batch_size): bounds the anchor embeddings and candidates held at once.
+      corpus_chunk_size: corpus texts embedded, and embeddings searched, at a time. A corpus
+        larger than one chunk is embedded once into a scratch file and read back a chunk at a
+        time for each block of anchors, so its embeddings are never all in memory.
+      scratch_dir: where that file goes (default: the system's temp folder); removed at the end.
 
     Returns:
-      The output columns, `{name: list}`, in sentence-transformers' row order.
+      The output columns, `{name: list}`, in sentence-transformers' row order. `iter_mined`
+      yields them block by block instead (what `sbert-flax mine-negatives` writes as it goes).
 
     Raises:
       ValueError: no pairs, anchors and positives of different lengths, or an option out of range.
+    """
+    out: dict[str, list] = {}
+    for block in iter_mined(**{k: v for k, v in locals().items() if k != "out"}):
+        for name, values in block.items():
+            out.setdefault(name, []).extend(values)
+    return out
+
+
+def iter_mined(encoder: Any, anchors: Sequence[str], positives: Sequence[str],
+               corpus: Sequence[str] | None = None, range_min: int = 0,
+               range_max: int | None = None, max_score: float | None = None,
+               min_score: float | None = None, absolute_margin: float | None = None,
+               relative_margin: float | None = None, num_negatives: int = 3,
+               sampling_strategy: SamplingStrategy = "top", output_format: OutputFormat = "triplet",
+               seed: int | None = 12, batch_size: int | None = None,
+               query_prompt: str | None = None, query_prompt_name: str | None = None,
+               corpus_prompt: str | None = None, corpus_prompt_name: str | None = None,
+               anchors_per_block: int = 16384, corpus_chunk_size: int = 100_000,
+               scratch_dir: str | None = None) -> Iterator[dict[str, list]]:
+    """`mine_hard_negatives`, one block of unique anchors at a time: yields each block's output
+    columns (every column, possibly empty) in order; their concatenation is its result.
+
+    Memory holds the texts and ids, one block of anchor embeddings and candidates, and one corpus
+    chunk of embeddings; never all embeddings or all output rows.
     """
     anchors, positives = list(anchors), list(positives)
     if not anchors and not positives:
         raise ValueError("no (anchor, positive) pairs to mine negatives for")
     if num_negatives < 1:
         raise ValueError(f"num_negatives must be at least 1, got num_negatives={num_negatives}")
+    if anchors_per_block < 1 or corpus_chunk_size < 1:
+        raise ValueError(f"anchors_per_block={anchors_per_block} and corpus_chunk_size="
+                         f"{corpus_chunk_size} must be >= 1")
     # pandas' groupby(anchor).count() in sentence-transformers: duplicate pairs count too.
     max_positives = max(collections.Counter(anchors).values()) if anchors else 0
     if range_max is None:
@@ -142,56 +181,133 @@ def mine_hard_negatives(encoder: Any, anchors: Sequence[str], positives: Sequenc
         ids = pos_ids[query_id[a]]
         if doc_id[p] not in ids:  # a repeated pair is one positive
             ids.append(doc_id[p])
+    del anchors, positives, query_id, doc_id  # the ids above are all the rest needs
 
-    c_emb = _encode(encoder, docs, batch_size, corpus_prompt, corpus_prompt_name)
-    q_emb = _encode(encoder, queries, batch_size, query_prompt, query_prompt_name)
     rng = random.Random(seed)
     width = range_max + max_positives
-    out = _Output(output_format, num_negatives)
-    skipped = collections.Counter()
-    for b0 in range(0, len(queries), anchors_per_block):
-        b1 = min(b0 + anchors_per_block, len(queries))
-        hits = semantic_search(q_emb[b0:b1], c_emb, top_k=width, corpus_chunk_size=100_000,
-                               query_chunk_size=min(b1 - b0, 1024))
-        for r, row in enumerate(hits):
-            q = b0 + r
-            ids = np.full(width, -1, np.int64)  # sentence-transformers pads to width with -1/-inf
-            scores = np.full(width, -np.inf, np.float32)
-            ids[:len(row)] = [h["corpus_id"] for h in row]
-            scores[:len(row)] = [h["score"] for h in row]
-            pos = np.asarray(pos_ids[q])
-            pos_scores = c_emb[pos] @ q_emb[q]  # [n_pos], cosine of normalised embeddings
-            scores[np.isin(ids, pos)] = -np.inf
-            hardest = float(pos_scores.min())
-            for name, drop in (
-                    ("absolute_margin", None if absolute_margin is None
-                     else scores + absolute_margin > hardest),
-                    ("relative_margin", None if relative_margin is None
-                     else scores > hardest - abs(hardest) * relative_margin),
-                    ("max_score", None if max_score is None else scores > max_score),
-                    ("min_score", None if min_score is None else scores < min_score)):
-                if drop is not None:
-                    skipped[name] += int(np.sum(drop & np.isfinite(scores)))
-                    scores[drop] = -np.inf
-            # Dropped candidates sink to the end, so range_min counts survivors only; stable, so
-            # equal scores keep the search's order (lower corpus id first).
-            order = np.argsort(-scores, kind="stable")[:range_max][range_min:]
-            ids, scores = ids[order], scores[order]
-            if sampling_strategy == "random":
-                options = max(int(np.sum(np.isfinite(scores))), num_negatives)
-                pick = np.asarray(rng.sample(range(options), k=num_negatives))
-                pick = pick[np.argsort(-scores[pick], kind="stable")]
-            else:
-                pick = np.arange(num_negatives)
-            negs = [(int(i), float(s)) for i, s in zip(ids[pick], scores[pick], strict=True)]
-            out.add(queries[q], [docs[p] for p in pos_ids[q]],
-                    [docs[i] for i, s in negs if np.isfinite(s)], len(negs))
+    skipped: collections.Counter[str] = collections.Counter()
+    short = 0
+    with _CorpusEmbeddings(encoder, docs, batch_size, corpus_prompt, corpus_prompt_name,
+                           corpus_chunk_size, scratch_dir) as c_emb:
+        for b0 in range(0, len(queries), anchors_per_block):
+            b1 = min(b0 + anchors_per_block, len(queries))
+            q_emb = _encode(encoder, queries[b0:b1], batch_size, query_prompt, query_prompt_name)
+            block_pos = sorted({i for q in range(b0, b1) for i in pos_ids[q]})
+            all_scores, all_ids, pos_emb = c_emb.search(q_emb, width, block_pos)
+            pos_row = {d: r for r, d in enumerate(block_pos)}
+            out = _Output(output_format, num_negatives)
+            for r in range(b1 - b0):
+                q = b0 + r
+                ids, scores = all_ids[r], all_scores[r]
+                pos = np.asarray(pos_ids[q])
+                # [n_pos], cosine of normalised embeddings
+                pos_scores = pos_emb[[pos_row[int(i)] for i in pos]] @ q_emb[r]
+                scores[np.isin(ids, pos)] = -np.inf
+                hardest = float(pos_scores.min())
+                for name, drop in (
+                        ("absolute_margin", None if absolute_margin is None
+                         else scores + absolute_margin > hardest),
+                        ("relative_margin", None if relative_margin is None
+                         else scores > hardest - abs(hardest) * relative_margin),
+                        ("max_score", None if max_score is None else scores > max_score),
+                        ("min_score", None if min_score is None else scores < min_score)):
+                    if drop is not None:
+                        skipped[name] += int(np.sum(drop & np.isfinite(scores)))
+                        scores[drop] = -np.inf
+                # Dropped candidates sink to the end, so range_min counts survivors only;
+                # stable, so equal scores keep the search's order (lower corpus id first).
+                order = np.argsort(-scores, kind="stable")[:range_max][range_min:]
+                ids, scores = ids[order], scores[order]
+                if sampling_strategy == "random":
+                    options = max(int(np.sum(np.isfinite(scores))), num_negatives)
+                    pick = np.asarray(rng.sample(range(options), k=num_negatives))
+                    pick = pick[np.argsort(-scores[pick], kind="stable")]
+                else:
+                    pick = np.arange(num_negatives)
+                negs = [(int(i), float(s)) for i, s in zip(ids[pick], scores[pick], strict=True)]
+                out.add(queries[q], [docs[p] for p in pos_ids[q]],
+                        [docs[i] for i, s in negs if np.isfinite(s)], len(negs))
+            short += out.short
+            yield out.columns
     for name, count in skipped.items():
         logger.info("skipped %d candidate negatives for their %s", count, name)
-    if out.short:
+    if short:
         logger.info("%d anchor rows got fewer than %d negatives; consider a larger range_max or "
-                    "looser filters", out.short, num_negatives)
-    return out.columns
+                    "looser filters", short, num_negatives)
+
+
+class _CorpusEmbeddings:
+    """The corpus's normalised embeddings: in memory when they fit one chunk, else in a scratch
+    file of raw float32 rows written once and read back a chunk at a time (plain reads, not a
+    memory map, so what was read leaves the process's memory with the chunk)."""
+
+    def __init__(self, encoder: Any, docs: list[str], batch_size: int | None,
+                 prompt: str | None, prompt_name: str | None, chunk: int,
+                 scratch_dir: str | None):
+        self.encoder, self.docs, self.chunk = encoder, docs, chunk
+        self.args = (batch_size, prompt, prompt_name)
+        self.scratch_dir = scratch_dir
+        self.memory: np.ndarray | None = None
+        self.path: str | None = None
+        self.dim = 0
+
+    def __enter__(self) -> _CorpusEmbeddings:
+        if len(self.docs) <= self.chunk:
+            self.memory = _encode(self.encoder, self.docs, *self.args)
+            self.dim = self.memory.shape[1]
+            return self
+        fd, self.path = tempfile.mkstemp(prefix="sbert-flax-mining-", suffix=".f32",
+                                         dir=self.scratch_dir)
+        with os.fdopen(fd, "wb") as f:
+            for s in range(0, len(self.docs), self.chunk):
+                emb = _encode(self.encoder, self.docs[s:s + self.chunk], *self.args)
+                self.dim = emb.shape[1]
+                f.write(np.ascontiguousarray(emb, np.float32).tobytes())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.path is not None:
+            os.unlink(self.path)
+
+    def _chunks(self) -> Iterator[tuple[int, np.ndarray]]:
+        if self.memory is not None:
+            yield 0, self.memory
+            return
+        with open(self.path, "rb") as f:  # type: ignore[arg-type]
+            for s in range(0, len(self.docs), self.chunk):
+                n = min(self.chunk, len(self.docs) - s)
+                data = np.fromfile(f, np.float32, count=n * self.dim)
+                yield s, data.reshape(n, self.dim)
+
+    def search(self, q_emb: np.ndarray, width: int, rows: Sequence[int]
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(scores [b, width], ids [b, width], embeddings of `rows` (sorted ids) [len, D]).
+
+        Padded to `width` with -inf / -1 as sentence-transformers pads. Over several chunks the
+        running top-k keeps earlier chunks first among equal scores: ties by lower id, as one
+        search over the whole corpus orders them.
+        """
+        b = len(q_emb)
+        best_s = np.full((b, 0), -np.inf, np.float32)
+        best_i = np.full((b, 0), -1, np.int64)
+        picked = np.zeros((len(rows), q_emb.shape[1]), np.float32)
+        rows_arr = np.asarray(rows, np.int64)
+        for start, emb in self._chunks():
+            s, i = top_k_arrays(q_emb, emb, top_k=width, corpus_chunk_size=self.chunk,
+                                query_chunk_size=min(b, 1024))
+            i = np.where(i >= 0, i + start, -1)
+            s = np.concatenate([best_s, s], axis=1)
+            i = np.concatenate([best_i, i], axis=1)
+            keep = np.argsort(-s, axis=1, kind="stable")[:, :width]
+            best_s = np.take_along_axis(s, keep, axis=1)
+            best_i = np.take_along_axis(i, keep, axis=1)
+            here = (rows_arr >= start) & (rows_arr < start + len(emb))
+            picked[here] = emb[rows_arr[here] - start]
+        scores = np.full((b, width), -np.inf, np.float32)
+        ids = np.full((b, width), -1, np.int64)
+        scores[:, :best_s.shape[1]] = best_s
+        ids[:, :best_i.shape[1]] = best_i
+        return scores, ids, picked
 
 
 class _Output:
@@ -273,11 +389,13 @@ def read_pairs(path: str) -> tuple[list[str], list[str]]:
     return anchors, positives
 
 
-def write_tsv(path: str, columns: dict[str, list]) -> int:
+def write_tsv(path: str, columns: dict[str, list] | Iterable[dict[str, list]]) -> int:
     """Writes the mined columns as a TSV with a header, atomically; returns the rows written.
 
-    List cells (labeled-list) are written as JSON arrays. A text containing a tab or a newline
-    would shift or split its row, so it is refused before anything is written.
+    `columns` is one `{name: list}` or an iterable of them (`iter_mined`'s blocks), written as
+    they come: the rows are never all in memory. List cells (labeled-list) are written as JSON
+    arrays. A text containing a tab or a newline would shift or split its row, so it stops the
+    write; the temp file is removed and `path` is left as it was.
 
     Raises:
       ValueError: a text with a tab or newline (naming the row and column).
@@ -285,9 +403,6 @@ def write_tsv(path: str, columns: dict[str, list]) -> int:
     import json
 
     from sbert_flax.files import atomic_write
-
-    names = list(columns)
-    rows = len(columns[names[0]]) if names else 0
 
     def cell(v: Any, r: int, name: str) -> str:
         if isinstance(v, list):
@@ -298,8 +413,16 @@ def write_tsv(path: str, columns: dict[str, list]) -> int:
                              "which TSV cannot hold")
         return s
 
-    lines = ["\t".join(names)]
-    lines += ["\t".join(cell(columns[n][r], r, n) for n in names) for r in range(rows)]
+    blocks = [columns] if isinstance(columns, dict) else columns
+    rows = 0
+    names: list[str] | None = None
     with atomic_write(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        for block in blocks:
+            if names is None:
+                names = list(block)
+                f.write("\t".join(names) + "\n")
+            n = len(block[names[0]]) if names else 0
+            f.writelines("\t".join(cell(block[c][r], rows + r, c) for c in names) + "\n"
+                         for r in range(n))
+            rows += n
     return rows

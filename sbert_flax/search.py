@@ -221,18 +221,36 @@ def semantic_search(query_embeddings: Any, corpus_embeddings: Any, query_chunk_s
     Raises:
       ValueError: `top_k` < 1, or the query and corpus dims differ.
     """
+    vals, ids = top_k_arrays(query_embeddings, corpus_embeddings, top_k=top_k,
+                             query_chunk_size=query_chunk_size,
+                             corpus_chunk_size=corpus_chunk_size, score_function=score_function,
+                             devices=devices)
+    # id -1 survives only where fewer than k scores beat -inf (inf/nan inputs): not a result.
+    return [[{"corpus_id": i, "score": v} for v, i in zip(vr, ir, strict=True) if i >= 0]
+            for vr, ir in zip(vals.tolist(), ids.tolist(), strict=True)]
+
+
+def top_k_arrays(query_embeddings: Any, corpus_embeddings: Any, top_k: int = 10, *,
+                 query_chunk_size: int = 100, corpus_chunk_size: int = 500000,
+                 score_function: ScoreFunction = None,
+                 devices: Sequence[jax.Device] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`semantic_search` as arrays: (scores float32 [n_q, k], corpus ids int64 [n_q, k]).
+
+    k = min(top_k, n_c); rows sorted by score descending, ties by lower id; id -1 (score -inf)
+    marks an empty slot. For callers that merge the top-k of several corpus pieces themselves
+    (mining over a corpus streamed from disk) without a dict per hit.
+    """
     if top_k < 1:
         raise ValueError(f"top_k={top_k} must be >= 1")
     queries = as_matrix(query_embeddings, "query_embeddings")
     corpus = as_matrix(corpus_embeddings, "corpus_embeddings")
     if len(corpus) == 0 or len(queries) == 0:
-        return [[] for _ in range(len(queries))]
+        k = min(top_k, len(corpus))
+        return np.zeros((len(queries), k), np.float32), np.zeros((len(queries), k), np.int64)
     (_, vals, ids), = _topk_blocks(queries, corpus, top_k=top_k, query_chunk_size=query_chunk_size,
                                    corpus_chunk_size=corpus_chunk_size,
                                    score_function=score_function, devices=devices)
-    # id -1 survives only where fewer than k scores beat -inf (inf/nan inputs): not a result.
-    return [[{"corpus_id": i, "score": v} for v, i in zip(vr, ir, strict=True) if i >= 0]
-            for vr, ir in zip(vals.tolist(), ids.tolist(), strict=True)]
+    return vals, ids.astype(np.int64)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import pytest
 
 from sbert_flax import cli as main_cli
 from sbert_flax.devdata import data_path
-from sbert_flax.mining import read_pairs
+from sbert_flax.mining import iter_mined, read_pairs, write_tsv
 from sbert_flax.util import mine_hard_negatives
 
 
@@ -212,6 +212,48 @@ def test_rules_on_a_toy_corpus():
         mine_hard_negatives(enc, ["t0/a", "t1/a"], ["t1"])
     with pytest.raises(ValueError, match="output_format"):
         mine_hard_negatives(enc, ["t0/a"], ["t1"], output_format="pairs")
+
+
+# One range_max for all: one search width, so the cases share their compiled kernels.
+@pytest.mark.parametrize("kw", [{"output_format": "triplet", "num_negatives": 3},
+                                {"output_format": "n-tuple", "num_negatives": 2, "range_min": 2},
+                                {"output_format": "labeled-list", "sampling_strategy": "random",
+                                 "num_negatives": 3},
+                                {"output_format": "labeled-pair", "absolute_margin": 0.001}])
+def test_streamed_blocks_and_corpus_chunks_mine_the_same(tmp_path, kw):
+    # Small blocks of anchors and a corpus read back from a scratch file 7 rows at a time give
+    # what one block over the whole corpus in memory gives: ties across chunk borders (equal
+    # angles under different texts) rank by lower corpus id either way.
+    rng = np.random.default_rng(3)
+    anchors = [f"t{k}/a{i}" for i, k in enumerate(rng.integers(0, 90, 40))]
+    anchors += anchors[:5]  # repeated anchors: several positives
+    positives = [f"t{k}/p{i}" for i, k in enumerate(rng.integers(0, 90, len(anchors)))]
+    corpus = [f"t{k}/c{i}" for i, k in enumerate(rng.integers(0, 90, 60))]
+    enc = _ToyEncoder()
+    kw = {**kw, "range_max": 12}
+    whole = mine_hard_negatives(enc, anchors, positives, corpus=corpus, seed=5, **kw)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    streamed = mine_hard_negatives(enc, anchors, positives, corpus=corpus, seed=5,
+                                   anchors_per_block=6, corpus_chunk_size=7,
+                                   scratch_dir=str(scratch), **kw)
+    assert streamed == whole and len(whole["anchor"]) >= 40
+    assert os.listdir(scratch) == []  # the scratch file is gone
+    blocks = list(iter_mined(enc, anchors, positives, corpus=corpus, seed=5, anchors_per_block=6,
+                             corpus_chunk_size=7, **kw))
+    assert len(blocks) == 7 and all(list(b) == list(whole) for b in blocks)
+    out = tmp_path / "mined.tsv"
+    assert write_tsv(str(out), iter(blocks)) == len(whole["anchor"])
+    assert out.read_text(encoding="utf-8").count("\n") == len(whole["anchor"]) + 1
+
+
+def test_streamed_write_stops_on_a_late_bad_text_and_writes_nothing(tmp_path):
+    good = {"anchor": ["a"], "positive": ["p"], "negative": ["n"]}
+    bad = {"anchor": ["a"], "positive": ["p"], "negative": ["n\tx"]}
+    out = tmp_path / "mined.tsv"
+    with pytest.raises(ValueError, match="row 3, column 'negative'"):
+        write_tsv(str(out), iter([good, good, bad]))
+    assert os.listdir(tmp_path) == []
 
 
 # ---- the command line, then training on its output ------------------------------------------------

@@ -2,15 +2,18 @@
 
 The serving path is torch-free: host-side tokenization, then packed batches of a few fixed shapes
 (`packing.Packer`) go to one `jax.jit` per output kind, params passed as arguments. Input is read
-lazily in windows; a window is tokenized and packed longest-first, its batches are dispatched with
-at most `IN_FLIGHT` on the devices, and each result is copied to the host as soon as it is done.
-Device memory is therefore O(batch) and host memory O(window) plus the output the caller keeps.
+lazily in windows; windows are tokenized and packed longest-first on background threads, a few
+ahead of the one on the devices (`stream.prefetch`), while the caller's thread dispatches batches
+with at most `IN_FLIGHT` on the devices, copies each result to the host as soon as it is done and
+files it into its window (`stream.Window`, `stream.Reassembly`). Device memory is therefore
+O(batch) and host memory O(window) plus the output the caller keeps.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -34,6 +37,7 @@ from sbert_flax.pooling import cosine_similarity
 from sbert_flax.programs import EncodeProgram, encode_program
 from sbert_flax.prompts import Prompts
 from sbert_flax.st_format import write_st_folder
+from sbert_flax.stream import Reassembly, Window, prefetch
 from sbert_flax.tokenization import Tokenizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -43,6 +47,10 @@ DEFAULT_MAX_BATCH_TOKENS = 4096
 ROW_UNIT = 64  # `encode(batch_size=N)` means a budget of N rows of this many tokens
 IN_FLIGHT = 2  # batches dispatched but not yet copied back: bounds device memory
 WINDOW_BATCHES = 64  # sentences are sorted and packed within a window of about this many batches
+# Threads preparing windows (tokenize, pack) ahead of the devices. Each `encode_batch` call
+# already spreads over the cores (the tokenizers library's own pool); a second thread packs one
+# window while the next is tokenized. Windows prepared ahead: workers + 1 (bounded memory).
+HOST_WORKERS = 2
 
 
 class InputTooLong(ValueError):
@@ -109,15 +117,20 @@ class SentenceEncoder:
       row_lengths: candidate packed row lengths (`buckets` is an alias); max_seq_length is
         always one.
       attention_impl: None (XLA) or "cudnn" (flash attention on NVIDIA GPUs, bf16/fp16).
+      host_workers: threads preparing windows (tokenize, pack) while the devices compute;
+        0 prepares them on the caller's thread, between dispatches.
     """
 
     def __init__(self, model: LoadedModel, *, dtype: str = "float32",
                  devices: Sequence[jax.Device] | None = None,
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
                  row_lengths: Sequence[int] | None = None, buckets: Sequence[int] | None = None,
-                 attention_impl: str | None = None):
+                 attention_impl: str | None = None, host_workers: int = HOST_WORKERS):
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}; expected one of {tuple(DTYPES)}")
+        if host_workers < 0:
+            raise ValueError(f"host_workers={host_workers} must be >= 0")
+        self.host_workers = int(host_workers)
         self.model = model
         self.config: BertConfig = model.config
         self.tokenizer: Tokenizer = model.tokenizer
@@ -134,6 +147,7 @@ class SentenceEncoder:
         nnx.replace_by_pure_dict(abstract, embedder_params(model.params))
         self._graphdef = graphdef
         self.params = jax.device_put(abstract, NamedSharding(self.mesh, P()))  # replicated
+        self._data = NamedSharding(self.mesh, P("data"))  # batches: rows split over devices
         self._fns: dict[tuple[str, str], EncodeProgram] = {}
         self._packers: dict = {}
         self.last_stats = EncodeStats()
@@ -216,8 +230,7 @@ class SentenceEncoder:
         return self._fns[key].fn
 
     def _dispatch(self, batch: PackedBatch, dtype: str, output: str) -> jax.Array:
-        data = NamedSharding(self.mesh, P("data"))
-        put = [jax.device_put(x, data) for x in (batch.ids, batch.segments, batch.positions)]
+        put = jax.device_put((batch.ids, batch.segments, batch.positions), self._data)
         out = self._fn(dtype, output)(self.params, *put)
         out.copy_to_host_async()  # the copy overlaps the next batch's compute
         return out
@@ -323,9 +336,6 @@ class SentenceEncoder:
             raise ValueError(f"truncate_dim={truncate_dim} must be in [1, {self.dim}]")
         # Resolved before the first sentence is read: a bad prompt_name fails before any work.
         prefix = self.prompts.resolve(prompt, prompt_name)
-        budget = batch_size * ROW_UNIT if batch_size else self.max_batch_tokens
-        packer = self.packer(budget, msl)
-        window = max(1024, WINDOW_BATCHES * budget // 32)  # ~32 tokens a sentence, generously
         stats = EncodeStats()
         self.last_stats = stats
         bar = None
@@ -339,69 +349,60 @@ class SentenceEncoder:
                 emb = emb[:, :truncate_dim]
             return _l2(emb) if normalize else emb
 
-        windows: collections.deque = collections.deque()  # [start, n, result, pending batches]
+        windows: collections.deque[Window] = collections.deque()  # dispatched, not complete
+        out = Reassembly(chunk_size, finish)
 
         def batches() -> Iterator[PackedBatch]:
-            for start, texts in self._windows(sentences, window):
-                if prefix:
-                    # As sentence-transformers: the prompt is text, tokenized with the sentence
-                    # (its tokens count against max_seq_length and are pooled).
-                    texts = [prefix + t for t in texts]
-                ids = self.tokenizer.encode(texts, msl)
-                packed = packer.pack(ids, pad_id=self.tokenizer.pad_id)
-                res: np.ndarray | list = (np.zeros((len(texts), self.dim), np.float32)
-                                          if output == "sentence" else [None] * len(texts))
-                windows.append([start, len(texts), res, len(packed)])
-                yield from packed
+            for w in self.prepared_windows(sentences, batch_size=batch_size, max_seq_length=msl,
+                                           prefix=prefix, output=output):
+                windows.append(w)
+                yield from w.batches
 
-        done: list[tuple[int, np.ndarray | list]] = []  # finished windows not yet emitted
-        buffered = 0
-
-        def emit(final: bool) -> Iterator[tuple[np.ndarray, np.ndarray | list]]:
-            nonlocal buffered
-            while done and (buffered >= chunk_size or final):
-                take = min(chunk_size, buffered)
-                parts, first, got = [], done[0][0], 0
-                while got < take:
-                    start, res = done[0]
-                    k = min(take - got, len(res))
-                    parts.append(res[:k])
-                    if k == len(res):
-                        done.pop(0)
-                    else:
-                        done[0] = (start + k, res[k:])
-                    got += k
-                buffered -= take
-                rows = np.arange(first, first + take, dtype=np.int64)
-                if output == "sentence":
-                    yield rows, finish(np.concatenate(parts))
-                else:
-                    yield rows, [t for part in parts for t in part]
-
-        for batch, out in self._run(batches(), dtype, output):
-            w = windows[0]
-            if output == "sentence":
-                w[2][batch.index] = out[batch.row, batch.slot]
-            else:
-                for j, i in enumerate(batch.index):
-                    s, m = batch.start[j], batch.length[j]
-                    w[2][i] = out[batch.row[j], s:s + m].copy()
+        for batch, res in self._run(batches(), dtype, output):
+            windows[0].store(batch, res)  # batches come back in dispatch order
             stats.add(batch)
-            w[3] -= 1
             if bar is not None:
                 bar.update(len(batch.index))
-            while windows and windows[0][3] == 0:  # a window is complete when all its batches are
-                start, n, res, _ = windows.popleft()
-                done.append((start, res))
-                buffered += n
-            yield from emit(final=False)
+            while windows and windows[0].done:
+                out.add(windows.popleft())
+            yield from out.chunks()
         while windows:  # windows of only empty input have no batches
-            start, n, res, _ = windows.popleft()
-            done.append((start, res))
-            buffered += n
-        yield from emit(final=True)
+            out.add(windows.popleft())
+        yield from out.chunks(final=True)
         if bar is not None:
             bar.close()
+
+    def prepared_windows(self, sentences: Iterable[str], *, batch_size: int | None = None,
+                         max_seq_length: int | None = None, prefix: str = "",
+                         output: Literal["sentence", "token"] = "sentence",
+                         workers: int | None = None) -> Iterator[Window]:
+        """The windows `encode_chunks` dispatches, tokenized and packed (the host side alone).
+
+        Windows are prepared on `workers` background threads (default `host_workers`), up to
+        workers + 1 ahead of the one the caller holds; they come in input order.
+        """
+        budget = batch_size * ROW_UNIT if batch_size else self.max_batch_tokens
+        msl = int(max_seq_length or self.max_seq_length)
+        packer = self.packer(budget, msl)
+        window = max(1024, WINDOW_BATCHES * budget // 32)  # ~32 tokens a sentence, generously
+        workers = self.host_workers if workers is None else int(workers)
+        prepare = functools.partial(self._prepare_window, packer=packer, max_seq_length=msl,
+                                    prefix=prefix, output=output)
+        yield from prefetch(prepare, self._windows(sentences, window), workers, workers + 1)
+
+    def _prepare_window(self, item: tuple[int, list[str]], *, packer: Packer, max_seq_length: int,
+                        prefix: str, output: str) -> Window:
+        """Tokenizes and packs one window; runs on a preparation thread."""
+        start, texts = item
+        if prefix:
+            # As sentence-transformers: the prompt is text, tokenized with the sentence (its
+            # tokens count against max_seq_length and are pooled).
+            texts = [prefix + t for t in texts]
+        ids = self.tokenizer.encode_ids(texts, max_seq_length)
+        batches = packer.pack(ids, pad_id=self.tokenizer.pad_id)
+        result: np.ndarray | list = (np.zeros((len(texts), self.dim), np.float32)
+                                     if output == "sentence" else [None] * len(texts))
+        return Window(start, len(texts), batches, result)
 
     def encode(self, sentences: str | Iterable[str], batch_size: int | None = None,
                normalize: bool = False, show_progress_bar: bool = False,

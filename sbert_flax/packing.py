@@ -16,10 +16,13 @@ power of two of the rows it needs. The shape set is therefore small, fixed and k
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Sequence
 
 import numpy as np
+
+from sbert_flax.tokenization import TokenIds
 
 # Packed row lengths (tokens). Rows shorter than 64 leave too little room to pack into; longer
 # ones exist for long sentences (a row is at least as long as its longest sentence).
@@ -113,16 +116,22 @@ class Packer:
         """Every (rows, length) shape `pack` can produce."""
         return [(r, n) for n in self.row_lengths for r in self.row_options(n)]
 
-    def pack(self, seqs: Sequence[np.ndarray], index: np.ndarray | None = None,
+    def pack(self, seqs: Sequence[np.ndarray] | TokenIds, index: np.ndarray | None = None,
              pad_id: int = 0) -> list[PackedBatch]:
         """Packs `seqs` (each at most max_seq_length long) into batches, longest first.
 
         Each row is filled first-fit-decreasing: it takes the longest sentence left, then the
         longest that still fits, until nothing fits or it holds `slots(length)` sentences.
+
+        Args:
+          seqs: id arrays, or the same as one flat buffer (`Tokenizer.encode_ids`: no copy).
+          index: the caller's index of each sequence (default 0..n-1).
+          pad_id: id of the padding tokens.
         """
-        n = len(seqs)
+        ids = seqs if isinstance(seqs, TokenIds) else TokenIds.from_arrays(seqs)
+        n = len(ids)
         index = np.arange(n, dtype=np.int64) if index is None else np.asarray(index, np.int64)
-        lens = _checked_lengths(seqs, self.max_seq_length, index)
+        lens = _checked_lengths(ids.lengths, self.max_seq_length, index)
         pending = _Pending(lens)
         batches = []
         lengths = self.row_lengths
@@ -133,36 +142,42 @@ class Packer:
             while len(rows) < full and pending.left:
                 rows.append(pending.fill_row(length, slots))
             num_rows = next(r for r in self.row_options(length) if r >= len(rows))
-            batches.append(self._arrays(rows, num_rows, length, seqs, lens, index, pad_id))
+            batches.append(_arrays(rows, num_rows, length, ids, index, pad_id))
         return batches
 
-    @staticmethod
-    def _arrays(rows: list[list[int]], num_rows: int, length: int, seqs: Sequence[np.ndarray],
-                lens: np.ndarray, index: np.ndarray, pad_id: int) -> PackedBatch:
-        ids = np.full((num_rows, length), pad_id, np.int32)
-        segments = np.zeros((num_rows, length), np.int32)
-        positions = np.zeros((num_rows, length), np.int32)
-        count = sum(len(r) for r in rows)
-        where = np.zeros((4, count), np.int32)
-        order = np.zeros(count, np.int64)
-        k = 0
-        for r, row in enumerate(rows):
-            off = 0
-            for slot, i in enumerate(row):
-                m = int(lens[i])
-                ids[r, off:off + m] = seqs[i]
-                segments[r, off:off + m] = slot + 1
-                positions[r, off:off + m] = np.arange(m, dtype=np.int32)
-                where[:, k] = (r, slot, off, m)
-                order[k] = index[i]
-                off += m
-                k += 1
-        return PackedBatch(ids, segments, positions, order, *where)
+
+def _arrays(rows: list[list[int]], num_rows: int, length: int, ids: TokenIds, index: np.ndarray,
+            pad_id: int) -> PackedBatch:
+    """The batch whose row r holds the sequences `rows[r]`, left to right (rows are non-empty).
+
+    Vectorised: every token's place is computed at once and the ids are gathered from the flat
+    buffer in one call, instead of a few small numpy calls per sentence.
+    """
+    sizes = np.fromiter(map(len, rows), np.int64, len(rows))  # sentences per row
+    count = int(sizes.sum())
+    sel = np.fromiter(itertools.chain.from_iterable(rows), np.int64, count)  # in packed order
+    first = np.cumsum(sizes) - sizes  # each row's first entry in `sel`
+    row = np.repeat(np.arange(len(rows)), sizes)
+    slot = np.arange(count) - first[row]
+    m = ids.lengths[sel]
+    before = np.cumsum(m) - m  # tokens before each sentence, all rows laid end to end
+    start = before - before[first][row]  # first token within its row
+    token_of = np.repeat(np.arange(count), m)  # [tokens] -> its sentence (entry of `sel`)
+    pos = np.arange(int(m.sum())) - before[token_of]  # position within its sentence
+    dest = (row * length + start)[token_of] + pos
+    shape = (num_rows, length)
+    out_ids = np.full(shape, pad_id, np.int32)
+    segments = np.zeros(shape, np.int32)
+    positions = np.zeros(shape, np.int32)
+    out_ids.reshape(-1)[dest] = ids.flat[ids.offsets[sel][token_of] + pos]
+    segments.reshape(-1)[dest] = (slot + 1)[token_of]
+    positions.reshape(-1)[dest] = pos
+    where = np.stack([row, slot, start, m]).astype(np.int32)
+    return PackedBatch(out_ids, segments, positions, index[sel], *where)
 
 
-def _checked_lengths(seqs: Sequence[np.ndarray], max_seq_length: int, index: np.ndarray) -> np.ndarray:
-    lens = np.fromiter((len(s) for s in seqs), np.int64, len(seqs))
-    if len(seqs) and (lens.min() < 1 or lens.max() > max_seq_length):
+def _checked_lengths(lens: np.ndarray, max_seq_length: int, index: np.ndarray) -> np.ndarray:
+    if len(lens) and (lens.min() < 1 or lens.max() > max_seq_length):
         bad = int(np.argmax((lens < 1) | (lens > max_seq_length)))
         raise ValueError(f"sequence {int(index[bad])} has {int(lens[bad])} tokens; packing needs "
                          f"1..{max_seq_length}")
@@ -175,24 +190,32 @@ class _Pending:
     holds `slots` sentences."""
 
     def __init__(self, lens: np.ndarray):
-        # One list per length, reversed so that pop() takes sentences in input order.
-        self.by_length: list[list[int]] = [[] for _ in range(int(lens.max(initial=0)) + 1)]
-        for i in range(len(lens) - 1, -1, -1):
-            self.by_length[int(lens[i])].append(i)
-        self.longest, self.left = int(lens.max(initial=0)), len(lens)
+        # One list per length, reversed so that pop() takes sentences in input order; built
+        # from one stable sort rather than a Python loop over the sentences.
+        longest = int(lens.max(initial=0))
+        order = np.argsort(-lens, kind="stable")[::-1].tolist()  # by length, input order reversed
+        counts = np.bincount(lens, minlength=longest + 1).tolist()
+        self.by_length: list[list[int]] = []
+        end = 0
+        for c in counts:
+            self.by_length.append(order[end:end + c])
+            end += c
+        self.longest, self.left = longest, len(lens)
 
     def fill_row(self, length: int, slots: int) -> list[int]:
-        row, free, top = [], length, min(self.longest, length)
+        by_length, row, free = self.by_length, [], length
+        top = self.longest if self.longest < length else length
         while len(row) < slots:
-            top = min(top, free)
-            while top > 0 and not self.by_length[top]:
+            if top > free:
+                top = free
+            while top > 0 and not by_length[top]:
                 top -= 1
             if top == 0:
                 break
-            row.append(self.by_length[top].pop())
+            row.append(by_length[top].pop())
             free -= top
-            self.left -= 1
-        while self.longest > 0 and not self.by_length[self.longest]:
+        self.left -= len(row)
+        while self.longest > 0 and not by_length[self.longest]:
             self.longest -= 1
         return row
 
@@ -236,9 +259,9 @@ class TrainPacking:
         if b % self.groups:
             raise ValueError(f"{b} texts per column do not split into {self.groups} groups")
         slots = Packer.slots(self.row_length)
-        flat = [x for col in columns for x in col]
+        flat = TokenIds.from_arrays([x for col in columns for x in col])
         index = np.arange(len(flat), dtype=np.int64)
-        lens = _checked_lengths(flat, self.row_length, index)
+        lens = _checked_lengths(flat.lengths, self.row_length, index)
         groups = []
         for k in range(self.groups):
             mine = np.array([j * b + i for j in range(c) for i in range(k, b, self.groups)], np.int64)
@@ -254,7 +277,7 @@ class TrainPacking:
                "slot": np.zeros(c * b, np.int32)}
         for k, rows in enumerate(groups):
             # Group k's row r is global row r * groups + k: the rows k::groups.
-            part = Packer._arrays(rows, num_rows, self.row_length, flat, lens, index, pad_id)
+            part = _arrays(rows, num_rows, self.row_length, flat, index, pad_id)
             for key in ("ids", "segments", "positions"):
                 out[key][k::self.groups] = getattr(part, key)
             out["row"][part.index] = part.row * self.groups + k

@@ -8,9 +8,12 @@ the device. Length buckets bound the number of compiled shapes of padded trainin
 from __future__ import annotations
 
 import bisect
+import dataclasses
+import itertools
+import operator
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import tokenizers
@@ -30,6 +33,47 @@ def bucket_for(length: int, buckets: Sequence[int]) -> int:
     if i == len(buckets):
         raise ValueError(f"length {length} exceeds the largest bucket {buckets[-1]}")
     return buckets[i]
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenIds:
+    """The token ids of n texts in one flat buffer: text i is `flat[offsets[i]:offsets[i + 1]]`.
+
+    One int32 buffer instead of n small arrays: packing gathers from it in a few vectorised
+    numpy calls (`packing.Packer.pack`), and building it costs no per-text array.
+
+    Attributes:
+      flat: int32 [total tokens].
+      offsets: int64 [n + 1], ascending, offsets[0] == 0.
+    """
+
+    flat: np.ndarray
+    offsets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """int64 [n], tokens per text."""
+        return np.diff(self.offsets)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.flat[self.offsets[i]:self.offsets[i + 1]]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self[i] for i in range(len(self)))
+
+    @classmethod
+    def from_arrays(cls, seqs: Sequence[np.ndarray]) -> TokenIds:
+        """The flat form of a list of id arrays (copies them into one buffer)."""
+        offsets = np.zeros(len(seqs) + 1, np.int64)
+        np.cumsum(np.fromiter(map(len, seqs), np.int64, len(seqs)), out=offsets[1:])
+        flat = np.concatenate(seqs).astype(np.int32, copy=False) if len(seqs) else np.zeros(0, np.int32)
+        return cls(flat, offsets)
+
+
+_IDS = operator.attrgetter("ids")
 
 
 class Tokenizer:
@@ -108,6 +152,23 @@ class Tokenizer:
           truncation_side: "right" drops the end of a long text, "left" its start (TEI's
             `truncation_direction`).
         """
+        return [np.asarray(e.ids, dtype=np.int32) for e in self._encodings(texts, max_length, truncation_side)]
+
+    def encode_ids(self, texts: Sequence[str], max_length: int | None,
+                   truncation_side: str = "right") -> TokenIds:
+        """The ids of `encode`, in one flat buffer (`TokenIds`); safe from several threads.
+
+        What the packed encode path reads: no per-text numpy array is built, and packing
+        gathers from the flat buffer in a few vectorised calls.
+        """
+        encodings = self._encodings(texts, max_length, truncation_side)
+        lists = list(map(_IDS, encodings))  # the one conversion the Rust side leaves to Python
+        offsets = np.zeros(len(lists) + 1, np.int64)
+        np.cumsum(np.fromiter(map(len, lists), np.int64, len(lists)), out=offsets[1:])
+        flat = np.fromiter(itertools.chain.from_iterable(lists), np.int32, int(offsets[-1]))
+        return TokenIds(flat, offsets)
+
+    def _encodings(self, texts: Sequence[str], max_length: int | None, truncation_side: str) -> list:
         if truncation_side not in ("right", "left"):
             raise ValueError(f"truncation_side={truncation_side!r}; expected 'right' or 'left'")
         # sentence-transformers strips surrounding whitespace before tokenizing; so do we.
@@ -117,10 +178,10 @@ class Tokenizer:
         if not texts:
             return []
         # What the HF tokenizer's __call__ runs for a batch of single texts (its Python side only
-        # sets the backend's truncation/padding and converts the result).
-        encodings = self._backend(max_length, truncation_side).encode_batch(
-            texts, add_special_tokens=True)
-        return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
+        # sets the backend's truncation/padding and converts the result). `encode_batch` releases
+        # the GIL and spreads the texts over the tokenizers library's own thread pool (rayon), so
+        # calls from several threads tokenize in parallel with no lock of ours.
+        return self._backend(max_length, truncation_side).encode_batch(texts, add_special_tokens=True)
 
     def save(self, directory: str) -> None:
         self.hf.save_pretrained(directory)

@@ -1,0 +1,107 @@
+"""Benchmark: can the host feed an accelerator? Host side vs the bare tokenizer vs encode.
+
+Side by side in ONE process on the same sentences (every STS-B-zh sentence, both columns of all
+splits, repeated to `--sentences`), each measure interleaved with the others in every repeat:
+
+  (a) the host side alone: read, tokenize, pack, arrays ready (every window `encode` would
+      dispatch, prepared and dropped), with 1 and 2 preparation workers;
+  (b) the bare Rust tokenizer: `tokenizers.Tokenizer.encode_batch` over all the sentences at
+      once, truncating at the model's length (no strip, no numpy, no packing);
+  (c) `SentenceEncoder.encode` end to end with a tiny random model (2 layers, hidden 64), whose
+      compute is small, so what is left is the host pipeline and the dispatch.
+
+Prints sentences/s of each (best of the repeats) and the ratios (a)/(b), (c)/(b) (the median
+of the per-repeat ratios, so a noisy repeat moves neither side alone). Against an older checkout
+that has no `sbert_flax.stream`, (a) is the serial loop `encode` ran then (tokenize, then pack,
+on the caller's thread), so the same file measures before and after:
+
+    python bench/host_pipeline.py
+    git worktree add /tmp/old <commit> && PYTHONPATH=/tmp/old python bench/host_pipeline.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+if not os.environ.get("PYTHONPATH"):  # PYTHONPATH picks the checkout under test
+    sys.path.insert(0, os.path.dirname(BENCH))
+sys.path.insert(0, BENCH)
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from common import random_bert_dir, stsb_sentences  # noqa: E402
+
+
+def sentences(n: int) -> list[str]:
+    base = [s for split in ("train", "dev", "test") for s in stsb_sentences(split)]
+    return (base * (n // len(base) + 1))[:n]
+
+
+def host_side(enc, sents: list[str], workers: int) -> int:
+    """Every packed batch of `encode(sents)`, arrays ready, without the device; returns batches."""
+    try:
+        from sbert_flax import stream
+    except ImportError:
+        stream = None
+    if stream is None:  # the serial loop of `encode` before sbert_flax.stream
+        packer = enc.packer()
+        window = max(1024, 64 * packer.max_batch_tokens // 32)
+        count = 0
+        for _, texts in enc._windows(sents, window):
+            ids = enc.tokenizer.encode(texts, enc.max_seq_length)
+            count += len(packer.pack(ids, pad_id=enc.tokenizer.pad_id))
+        return count
+    return sum(len(w.batches) for w in enc.prepared_windows(sents, workers=workers))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sentences", type=int, default=54_000)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-batch-tokens", type=int, default=4096)
+    args = ap.parse_args()
+
+    import jax
+
+    from sbert_flax import SentenceEncoder
+
+    model = random_bert_dir("bert-tiny-zh-random", hidden_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, intermediate_size=128, max_position_embeddings=128)
+    enc = SentenceEncoder.from_pretrained(model, devices=jax.local_devices()[:1],
+                                          max_batch_tokens=args.max_batch_tokens)
+    sents = sentences(args.sentences)
+    bare = enc.tokenizer._backend(enc.max_seq_length, "right")
+    new = hasattr(enc, "prepared_windows")
+    print(f"{len(sents):,} sentences, budget {args.max_batch_tokens} tokens, "
+          f"{'sbert_flax.stream' if new else 'old serial loop'}, {os.cpu_count()} CPUs")
+    t0 = time.perf_counter()
+    enc.encode(sents)  # compiles every shape this input uses
+    print(f"warm-up encode (compiles) {time.perf_counter() - t0:.1f} s")
+
+    measures = {
+        "(b) bare encode_batch": lambda: bare.encode_batch(sents),
+        "(a) host side, 1 worker": lambda: host_side(enc, sents, 1),
+        "(a) host side, 2 workers": lambda: host_side(enc, sents, 2),
+        "(c) encode, tiny model": lambda: enc.encode(sents),
+    }
+    rates: dict[str, list[float]] = {k: [] for k in measures}
+    for r in range(args.repeats):
+        for name, fn in measures.items():
+            t0 = time.perf_counter()
+            fn()
+            rates[name].append(len(sents) / (time.perf_counter() - t0))
+        print(f"repeat {r + 1}: " + "; ".join(f"{k} {v[-1]:,.0f}" for k, v in rates.items()),
+              flush=True)
+    b = rates["(b) bare encode_batch"]
+    print("\n| measure | sentences/s (best) | ratio to (b) (median of repeats) |\n|---|---|---|")
+    for name, v in rates.items():
+        ratio = statistics.median(x / y for x, y in zip(v, b, strict=True))
+        print(f"| {name} | {max(v):,.0f} | {ratio:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

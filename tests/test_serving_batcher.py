@@ -11,7 +11,7 @@ import threading
 import numpy as np
 import pytest
 
-from sbert_flax.serving.batcher import Batcher
+from sbert_flax.serving.batcher import Batcher, BatchFailed, Unavailable
 from sbert_flax.serving.metrics import ServeMetrics
 
 
@@ -53,6 +53,12 @@ WARMUP = 999
 
 def seq(marker: int, length: int) -> np.ndarray:
     return np.full(length, marker, np.int32)
+
+
+def counted(counter) -> float:
+    """A counter's value, from sbert-flax's own metric objects or prometheus_client's."""
+    value = getattr(counter, "value", None)
+    return counter._value.get() if value is None else value
 
 
 def make(backend: FakeBackend, budget: int = 10) -> tuple[Batcher, ServeMetrics]:
@@ -111,7 +117,7 @@ def test_cancelled_requests_never_reach_the_device():
     batcher.stop(10)
     assert out[:, 0].tolist() == [5]
     assert not {7, 8, 9} & {m for batch in backend.batches for m in batch}
-    assert metrics.dropped_inputs._value.get() == 3
+    assert counted(metrics.dropped_inputs) == 3
 
 
 def test_a_failed_batch_fails_only_its_requests():
@@ -167,3 +173,98 @@ def test_stop_drains_the_queue():
 
 async def _submit_after_stop(batcher: Batcher):
     batcher.submit([seq(1, 2)])
+
+
+class Crash(BaseException):
+    """What no `except Exception` catches: the worker thread itself ends."""
+
+
+class FaultyBackend(FakeBackend):
+    """FakeBackend with faults by marker: 70 returns rows that cannot be written back (strings),
+    71 raises Crash; `always_fail` fails every batch after the warm-up."""
+
+    def __init__(self, always_fail: bool = False):
+        super().__init__()
+        self.always_fail = always_fail
+
+    def embed_ids(self, ids):
+        out = super().embed_ids(ids)
+        markers = {int(x[0]) for x in ids}
+        if 71 in markers:
+            raise Crash("worker thread killed")
+        if self.always_fail and markers != {WARMUP}:
+            raise RuntimeError("device lost")
+        if 70 in markers:
+            return np.full(out.shape, "x", object)
+        return out
+
+
+def test_faults_outside_the_device_call_fail_only_their_requests():
+    """Packing (an input without a length) and write-back (rows that are not numbers) raise
+    outside the device call; each fails its own request with BatchFailed and the next is served."""
+    backend = FaultyBackend()
+    batcher, _ = make(backend, budget=2)
+
+    async def run():
+        batcher.start()
+        unsized = batcher.submit([np.int32(5)])  # len() raises inside _take
+        with pytest.raises(BatchFailed, match="TypeError"):
+            await unsized.future
+        garbage = batcher.submit([seq(70, 2)])
+        with pytest.raises(BatchFailed, match="ValueError"):
+            await garbage.future
+        return await batcher.submit([seq(4, 2)]).future
+
+    assert asyncio.run(run())[:, 0].tolist() == [4]
+    assert batcher.fatal is None and batcher.queued_inputs == 0
+    batcher.stop(10)
+
+
+def test_consecutive_failures_kill_the_worker_and_fail_everything_waiting():
+    backend = FaultyBackend(always_fail=True)
+    died: list[BaseException] = []
+    metrics = ServeMetrics(compile_count=lambda: 0, queue_size=lambda: 0)
+    batcher = Batcher(backend, 2, metrics, max_failures=3, on_fatal=died.append)
+
+    async def run():
+        batcher.start()
+        jobs = [batcher.submit([seq(1, 2), seq(2, 2)]) for _ in range(3)]  # 2 rounds each
+        results = await asyncio.wait_for(
+            asyncio.gather(*(j.future for j in jobs), return_exceptions=True), 10)
+        await asyncio.to_thread(batcher._thread.join, 10)  # the third failure ends the thread
+        with pytest.raises(Unavailable, match="worker died"):
+            batcher.submit([seq(3, 2)])
+        return results
+
+    results = asyncio.run(run())
+    assert all(isinstance(r, Unavailable) for r in results), results
+    assert "3 rounds failed in a row" in str(batcher.fatal) and len(died) == 1
+    assert not batcher.ready.is_set() and batcher.queued_inputs == 0
+    batcher.stop(10)
+
+
+def test_a_dead_worker_thread_fails_its_batch_and_the_queue():
+    """A BaseException ends the thread: the batch it carried and everything queued fail with
+    Unavailable at once (nobody waits forever), and `fatal` says why."""
+    backend = FaultyBackend()
+    died: list[BaseException] = []
+    metrics = ServeMetrics(compile_count=lambda: 0, queue_size=lambda: 0)
+    batcher = Batcher(backend, 2, metrics, on_fatal=died.append)
+
+    async def run():
+        batcher.start()
+        await asyncio.to_thread(batcher.ready.wait, 10)
+        backend.gate.clear()
+        doomed = batcher.submit([seq(71, 2)])
+        await asyncio.to_thread(backend.entered.acquire)  # on the device
+        queued = batcher.submit([seq(5, 2)])
+        backend.gate.set()
+        return await asyncio.wait_for(asyncio.gather(doomed.future, queued.future,
+                                                     return_exceptions=True), 10)
+
+    results = asyncio.run(run())
+    assert all(isinstance(r, Unavailable) and "Crash" in str(r) for r in results), results
+    assert isinstance(batcher.fatal, Crash) and died == [batcher.fatal]
+    batcher._thread.join(10)
+    assert not batcher._thread.is_alive()
+    batcher.stop(10)

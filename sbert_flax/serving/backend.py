@@ -7,6 +7,7 @@ fake, in tests) slots in here.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,6 +26,8 @@ class EncoderBackend:
 
     def __init__(self, encoder):
         self.encoder = encoder
+        self._lock = threading.Lock()
+        self._tokens = None  # (Rust tokenizer, special ids) for `tokens`, built on first use
 
     # ---- what the model is --------------------------------------------------------------------
 
@@ -70,6 +73,41 @@ class EncoderBackend:
           InputTooLong: `truncate` is False and a text has more than `max_seq_length` tokens.
         """
         return self.encoder.tokenize(texts, truncate=truncate, direction=direction)
+
+    def tokens(self, texts: Sequence[str], add_special_tokens: bool) -> list[list[dict]]:
+        """TEI's /tokenize answer: per text, each token's id, text, special flag and character span.
+
+        Safe from several threads at once: it runs a Rust tokenizer of its own, set up once (the
+        HF tokenizer object sets truncation and padding on its backend at every call, so two
+        threads calling it at once fail with "Already borrowed").
+        """
+        backend, special = self._token_backend()
+        if self.lowercase_text:  # the tokens the model really sees
+            texts = [t.lower() for t in texts]
+        out = []
+        for text, enc in zip(texts, backend.encode_batch(list(texts),
+                                                        add_special_tokens=add_special_tokens),
+                             strict=True):
+            row = []
+            for tid, piece, (start, stop) in zip(enc.ids, enc.tokens, enc.offsets, strict=True):
+                is_special = tid in special and start == stop
+                row.append({"id": int(tid), "text": piece if is_special else text[start:stop],
+                            "special": is_special, "start": None if is_special else start,
+                            "stop": None if is_special else stop})
+            out.append(row)
+        return out
+
+    def _token_backend(self):
+        with self._lock:
+            if self._tokens is None:
+                import tokenizers
+
+                hf = self.hf_tokenizer
+                backend = tokenizers.Tokenizer.from_str(hf.backend_tokenizer.to_str())
+                backend.no_truncation()
+                backend.no_padding()
+                self._tokens = backend, frozenset(hf.all_special_ids)
+            return self._tokens
 
     def embed_ids(self, ids: Sequence[np.ndarray]) -> np.ndarray:
         """float32 [len(ids), dim] embeddings (the model's own Normalize applies). Blocking."""

@@ -1,10 +1,17 @@
-"""Dynamic batching: one queue, one worker thread that owns the encoder.
+"""Dynamic batching: one queue, one supervised worker thread that owns the encoder.
 
 Requests put their tokenized inputs on the queue and await a future; the worker takes inputs in
 arrival order until the token budget is full (so concurrent requests share a device batch, and a
 big request is split over several), runs them on the precompiled shapes, writes each row into its
 request's output at its own position, and resolves a request's future once all its rows are in.
 The asyncio event loop never waits on the device: it only hands work over and is called back.
+
+Supervision: an exception anywhere in one round of the worker (taking from the queue, the device
+call, writing the rows back) fails only the requests that round touched, with `BatchFailed`, and
+the worker carries on. `max_failures` rounds failing in a row (the device is broken, not one bad
+request), or the thread ending any other way, make the batcher *dead*: every waiting request
+fails with `Unavailable`, nothing new is taken, `fatal` says why and `on_fatal` is called, so
+the server can report 503 on /health and exit for its supervisor to restart it.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -24,6 +31,10 @@ from sbert_flax.serving.metrics import ServeMetrics
 log = logging.getLogger(__name__)
 
 WARMUP_TEXT = "sbert-flax warm-up 句子"
+# Failed rounds in a row after which the worker gives up. One bad request fails one round and the
+# next good one resets the count; five in a row means the device (or the program on it) is
+# broken, and a fresh process is the likeliest cure.
+MAX_CONSECUTIVE_FAILURES = 5
 
 
 class Job:
@@ -46,20 +57,41 @@ class Job:
 
 
 class Unavailable(RuntimeError):
-    """The batcher takes no work now: the warm-up failed, or the server is draining for shutdown.
+    """The batcher takes no work now: the warm-up failed, the worker died, or the server is
+    draining for shutdown.
 
-    Not the request's fault and not a bug in serving it: the routes answer 503 with Retry-After,
-    the status README tells clients to retry on another replica.
+    Not the request's fault: the routes answer 503 with Retry-After, the status README tells
+    clients to retry on another replica.
     """
+
+    error_type = "unhealthy"
+
+
+class BatchFailed(Unavailable):
+    """The round of the worker that carried this request's inputs raised; the worker carries on.
+
+    503 too: the same request may well succeed on a retry (a transient device error) and is not
+    known to be at fault.
+    """
+
+    error_type = "backend"
 
 
 def _resolve(future: asyncio.Future, result=None, error: BaseException | None = None) -> None:
-    if future.done():  # the request was cancelled (client gone, server stopping)
+    if future.done():  # the request was cancelled (client gone, timed out, server stopping)
         return
     if error is not None:
         future.set_exception(error)
     else:
         future.set_result(result)
+
+
+def _post(job: Job, result=None, error: BaseException | None = None) -> None:
+    """Resolves `job.future` on its event loop (from the worker thread)."""
+    try:
+        job.loop.call_soon_threadsafe(_resolve, job.future, result, error)
+    except RuntimeError:  # the loop is closed: nobody is waiting any more
+        pass
 
 
 class Batcher:
@@ -70,34 +102,54 @@ class Batcher:
       max_batch_tokens: real tokens gathered per `embed_ids` call.
       metrics: where batch sizes and timings go.
       warmup: compile every shape and run a test batch before `ready` is set.
+      max_failures: failed rounds in a row after which the worker gives up (the batcher is dead).
+      on_fatal: called once, from the worker thread, when the batcher dies (the serve command
+        shuts the server down from there).
     """
 
     def __init__(self, backend: EncoderBackend, max_batch_tokens: int, metrics: ServeMetrics,
-                 warmup: bool = True):
-        # The test batch is tokenized here, on the caller's thread: once the server listens, only
-        # the tokenizer thread may touch the tokenizer.
+                 warmup: bool = True, max_failures: int = MAX_CONSECUTIVE_FAILURES,
+                 on_fatal: Callable[[BaseException], None] | None = None):
+        if max_failures < 1:
+            raise ValueError(f"max_failures={max_failures} must be >= 1")
+        # The test batch is tokenized here, on the caller's thread, before any request can be.
         self._warmup_ids = backend.tokenize([WARMUP_TEXT], truncate=True, direction="right")
         self.backend = backend
         self.max_batch_tokens = int(max_batch_tokens)
         self.metrics = metrics
+        self.max_failures = int(max_failures)
+        self.on_fatal = on_fatal
         self._warmup = warmup
         self._queue: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
+        self._started = False
         self._queued_inputs = 0
+        self._fatal: BaseException | None = None
+        self._in_hand: list[Job] = []  # the jobs of the round on the device (worker thread only)
         self.ready = threading.Event()
-        self.error: BaseException | None = None
+        self.error: BaseException | None = None  # the warm-up's
         self.warmup_shapes = 0
         self._thread = threading.Thread(target=self._run, name="sbert-flax-batcher", daemon=True)
 
     # ---- called from the event loop -------------------------------------------------------------
 
     def start(self) -> None:
+        self._started = True
         self._thread.start()
 
     @property
     def queued_inputs(self) -> int:
         return self._queued_inputs
+
+    @property
+    def fatal(self) -> BaseException | None:
+        """Why the worker is gone for good (None while it serves, warms up or drains)."""
+        if self._fatal is None and self._started and not self._stopping \
+                and not self._thread.is_alive():
+            # Only `_run` ends the thread and it records why; this is the belt to its braces.
+            return RuntimeError("the batcher thread ended")
+        return self._fatal
 
     def submit(self, ids: Sequence[np.ndarray]) -> Job:
         """Queues one request's inputs; await `job.future` for the [n, dim] embeddings."""
@@ -106,6 +158,10 @@ class Batcher:
             job.future.set_result(job.out)
             return job
         with self._cond:
+            fatal = self.fatal
+            if fatal is not None:
+                raise Unavailable(f"the batcher's worker died ({_describe(fatal)}); this replica "
+                                  "is restarting, retry on another one")
             if self._stopping:
                 raise Unavailable("the batcher is stopped: the server is shutting down (draining); "
                                   "retry on another replica")
@@ -139,6 +195,13 @@ class Batcher:
 
     def _run(self) -> None:
         try:
+            self._warm()
+            self._serve()
+        except BaseException as e:  # noqa: BLE001 -- the thread's last word: report, fail, die
+            self._die(e)
+
+    def _warm(self) -> None:
+        try:
             if self._warmup:
                 t0 = time.perf_counter()
                 self.warmup_shapes = self.backend.warmup()
@@ -148,25 +211,52 @@ class Batcher:
                     raise RuntimeError(f"warm-up batch returned {emb.shape}, finite={np.isfinite(emb).all()}")
                 log.info("warm-up: %d shapes compiled in %.1f s", self.warmup_shapes,
                          time.perf_counter() - t0)
-        except BaseException as e:  # noqa: BLE001 -- reported by /health, the server stays up
+        except Exception as e:  # noqa: BLE001 -- reported by /health, the server stays up
             log.exception("warm-up failed")
             self.error = e
         else:
             self.ready.set()
             self.metrics.ready.set(1)
+
+    def _serve(self) -> None:
+        failures = 0
         while True:
+            items: list[tuple[Job, int]] = []
             with self._cond:
                 while not self._queue and not self._stopping:
                     self._cond.wait()
                 if not self._queue:
                     return
-                items = self._take()
+                try:
+                    self._take(items)
+                except Exception as e:  # noqa: BLE001 -- the head job's inputs are unusable
+                    bad = [job for job, _ in items]
+                    if self._queue:
+                        bad.append(head := self._queue.popleft())
+                        self._queued_inputs -= head.n - head.taken
+                    self._fail(bad, e)
+                    items = []
+                    failures += 1
             if items:
-                self._process(items)
+                self._in_hand = [job for job, _ in items]
+                try:
+                    self._process(items)
+                    failures = 0
+                except Exception as e:  # noqa: BLE001 -- fail these requests, keep serving
+                    self._fail(self._in_hand, e)
+                    # A failed warm-up fails requests without being the worker's failure.
+                    failures += not isinstance(e, Unavailable)
+                self._in_hand = []
+            if failures >= self.max_failures:
+                raise RuntimeError(f"{failures} rounds failed in a row (--max-consecutive-failures)"
+                                   "; the last error is logged above")
 
-    def _take(self) -> list[tuple[Job, int]]:
-        """Inputs in arrival order until the token budget is full (at least one). Holds the lock."""
-        items: list[tuple[Job, int]] = []
+    def _take(self, items: list[tuple[Job, int]]) -> None:
+        """Inputs in arrival order until the token budget is full (at least one) into `items`.
+
+        Holds the lock. Fills `items` in place, so that if it raises the caller knows what was
+        taken.
+        """
         tokens = 0
         while self._queue:
             job = self._queue[0]
@@ -179,13 +269,12 @@ class Batcher:
             while job.taken < job.n:
                 length = len(job.ids[job.taken])
                 if items and tokens + length > self.max_batch_tokens:
-                    return items
+                    return
                 items.append((job, job.taken))
                 tokens += length
                 job.taken += 1
                 self._queued_inputs -= 1
             self._queue.popleft()
-        return items
 
     def _process(self, items: list[tuple[Job, int]]) -> None:
         now = time.perf_counter()
@@ -197,26 +286,55 @@ class Batcher:
         ids = [job.ids[i] for job, i in items]
         self.metrics.batch_size.observe(len(ids))
         self.metrics.batch_tokens.observe(sum(len(x) for x in ids))
-        try:
-            if self.error is not None:  # queued while the warm-up was still running
-                raise Unavailable(f"the model failed to warm up: {self.error}")
-            emb = self.backend.embed_ids(ids)
-        except Exception as e:  # noqa: BLE001 -- fail these requests, keep serving
-            log.exception("device batch failed")
-            for job in jobs:
-                job.cancelled = True  # its other inputs need not run
-                try:
-                    job.loop.call_soon_threadsafe(_resolve, job.future, None, e)
-                except RuntimeError:  # the loop is closed
-                    pass
-            return
+        if self.error is not None:  # queued while the warm-up was still running
+            raise Unavailable(f"the model failed to warm up: {self.error}")
+        emb = self.backend.embed_ids(ids)
+        if emb.shape != (len(ids), self.backend.dim):
+            raise RuntimeError(f"the backend returned {emb.shape} for {len(ids)} inputs of dim "
+                               f"{self.backend.dim}")
         self.metrics.batch_duration.observe(time.perf_counter() - now)
+        finished = []
         for k, (job, i) in enumerate(items):
             job.out[i] = emb[k]
             job.done += 1
             if job.done == job.n:
-                self.metrics.inference_duration.observe(time.perf_counter() - job.t_first)
-                try:
-                    job.loop.call_soon_threadsafe(_resolve, job.future, job.out)
-                except RuntimeError:  # the loop is closed: nobody is waiting any more
-                    pass
+                finished.append(job)
+        # Resolved only once every row is written: a failure above fails them all alike.
+        for job in finished:
+            self.metrics.inference_duration.observe(time.perf_counter() - job.t_first)
+            _post(job, job.out)
+
+    def _fail(self, jobs: Iterable[Job], error: BaseException) -> None:
+        """Fails `jobs` with 503 and drops their inputs still queued."""
+        if isinstance(error, Unavailable):  # the warm-up's: say that, not "a batch failed"
+            failure = error
+        else:
+            log.error("worker round failed", exc_info=error)
+            failure = BatchFailed(f"the device batch carrying this request failed "
+                                  f"({_describe(error)}); retry")
+        for job in {id(job): job for job in jobs}.values():
+            job.cancelled = True  # its other inputs need not run
+            _post(job, error=failure)
+
+    def _die(self, error: BaseException) -> None:
+        """The worker ends for good: record why, fail every waiting request, tell the owner."""
+        log.critical("the batcher's worker died; this replica cannot serve any more",
+                     exc_info=error)
+        self._fatal = error
+        self.ready.clear()
+        failure = Unavailable(f"the batcher's worker died ({_describe(error)}); this replica is "
+                              "restarting, retry on another one")
+        with self._cond:
+            jobs, self._queue = [*self._in_hand, *self._queue], collections.deque()
+            self._queued_inputs = 0
+        try:
+            self.metrics.ready.set(0)
+            for job in jobs:
+                _post(job, error=failure)
+        finally:
+            if self.on_fatal is not None:
+                self.on_fatal(error)
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"

@@ -16,6 +16,14 @@ from collections.abc import Sequence
 
 from sbert_flax.loading import DEFAULT_MODEL
 
+log = logging.getLogger(__name__)
+
+# The exit code when the batcher's worker died (its thread ended, or --max-consecutive-failures
+# rounds failed in a row): EX_SOFTWARE from sysexits.h, "internal software error". Distinct from
+# 0 (stopped by SIGTERM), 1 (a bug at start-up, with its traceback) and 2 (bad flags or model), so
+# a supervisor restarts on it and alerts can tell it apart.
+EXIT_WORKER_DIED = 70
+
 # Top-level modules of the `serve` extra (pyproject.toml) that the server imports.
 SERVE_EXTRA_MODULES = frozenset({"fastapi", "starlette", "uvicorn", "prometheus_client", "orjson",
                                  "httptools", "uvloop"})
@@ -64,8 +72,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="require `Authorization: Bearer KEY` on every route but /health and "
                    "/metrics (default: $SBERT_FLAX_API_KEY, else none)")
     p.add_argument("--served-model-name", default=None,
-                   help="the `model` name OpenAI clients send (default: the --model argument); "
-                   "other names get 404")
+                   help="the `model` name OpenAI responses carry (default: the --model argument)")
+    p.add_argument("--strict-model-name", action="store_true",
+                   help="answer 404 to an OpenAI request naming a model other than "
+                   "--served-model-name (default: any name is accepted, as TEI does)")
+    p.add_argument("--request-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="most seconds from a request's arrival to its answer (body read, queue, "
+                   "compute): a body that has not arrived by then gets 408, anything else 503, "
+                   "its queued inputs dropped (default 60)")
+    p.add_argument("--tokenization-workers", type=int, default=None, metavar="N",
+                   help="threads that tokenize (default: min(4, CPU cores))")
+    p.add_argument("--max-consecutive-failures", type=int, default=5, metavar="N",
+                   help="device batches failing in a row after which the worker gives up: "
+                   f"/health turns 503 and the process exits {EXIT_WORKER_DIED} for its "
+                   "supervisor to restart it (default 5)")
     p.add_argument("--log-level", default="info",
                    choices=("critical", "error", "warning", "info", "debug"), help="default info")
     p.add_argument("--access-log", action="store_true", help="log every request (uvicorn)")
@@ -107,16 +127,20 @@ def settings_from_args(args: argparse.Namespace):
 
     return ServeSettings(
         model_id=args.model, served_model_name=args.served_model_name,
+        strict_model_name=args.strict_model_name,
         max_batch_tokens=args.max_batch_tokens, max_client_batch_size=args.max_client_batch_size,
         max_concurrent_requests=args.max_concurrent_requests, payload_limit=args.payload_limit,
         api_key=args.api_key or None, auto_truncate=args.auto_truncate,
-        version=getattr(sbert_flax, "__version__", ""))
+        version=getattr(sbert_flax, "__version__", ""), request_timeout=args.request_timeout,
+        tokenization_workers=args.tokenization_workers,
+        max_consecutive_failures=args.max_consecutive_failures)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Loads the model, serves until SIGTERM / Ctrl-C (finishing requests in flight), returns 0."""
+    """Loads the model, serves until SIGTERM / Ctrl-C (finishing requests in flight), returns 0;
+    `EXIT_WORKER_DIED` if the batcher's worker died."""
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401 -- fail here, before the model load, without the extra
 
         from sbert_flax.serving.app import create_app
     except ModuleNotFoundError as e:
@@ -131,7 +155,19 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     encoder = load_encoder(args)
-    app = create_app(encoder, settings)
+    return serve(create_app(encoder, settings), host=args.host, port=args.port,
+                 log_level=args.log_level, access_log=args.access_log)
+
+
+def serve(app, *, host: str, port: int, log_level: str = "info", access_log: bool = False) -> int:
+    """Runs `app` (from `create_app`) on uvicorn until SIGTERM / Ctrl-C or the worker's death.
+
+    Returns:
+      0 after a graceful stop; `EXIT_WORKER_DIED` when the batcher's worker died: /health turned
+      503 at once, the requests in flight were answered 503, and the server shut down.
+    """
+    import uvicorn
+
     # uvicorn shuts down gracefully on SIGTERM and then re-raises the signal through the handler
     # it found installed; with Python's default that kills the process (exit -15). A handler of
     # our own makes a graceful stop exit 0.
@@ -139,8 +175,22 @@ def run(args: argparse.Namespace) -> int:
     # timeout_graceful_shutdown=None: on SIGTERM uvicorn stops accepting and waits for every
     # request in flight; the lifespan then drains the batcher.
     # log_config=None: keep the logging set up above (uvicorn would replace the root handlers).
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, log_config=None,
-                access_log=args.access_log, timeout_graceful_shutdown=None)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, log_config=None,
+                            access_log=access_log, timeout_graceful_shutdown=None)
+    server = uvicorn.Server(config)
+    batcher = app.state.server.batcher
+
+    def on_fatal(error: BaseException) -> None:
+        # From the dying worker thread; uvicorn's main loop looks at should_exit every 0.1 s.
+        log.critical("shutting down: the batcher's worker died (exit code %d)", EXIT_WORKER_DIED)
+        server.should_exit = True
+
+    batcher.on_fatal = on_fatal
+    server.run()
+    if batcher.fatal is not None:
+        return EXIT_WORKER_DIED
+    if not server.started:  # as uvicorn.run: the lifespan or the socket failed, logged above
+        return 3
     return 0
 
 

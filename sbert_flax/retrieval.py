@@ -12,6 +12,7 @@ the queries and [queries, k] results, never the corpus texts or its embeddings.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,12 @@ NDCG_AT_K = (10,)
 MAP_AT_K = (100,)
 # The metrics `sbert-flax eval --json` reports per folder.
 SUMMARY_METRICS = ("ndcg@10", "mrr@10", "map@100", "recall@1", "recall@10", "recall@100")
+# The qrels split `train --ir-dev` folders are scored on, and the one a folder without it falls
+# back to: C-MTEB's retrieval folders ship dev qrels, BEIR's mostly test only; dev comes first
+# because picking the best model on test qrels would tune on the test set.
+DEV_SPLIT, DEV_FALLBACK = "dev", "test"
+
+logger = logging.getLogger(__name__)
 
 
 def _jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -95,8 +102,8 @@ class BeirFolder:
             yield _doc_text(obj, self.corpus_path, line_no)
 
 
-def load_beir(path: str, split: str = "test") -> BeirFolder:
-    """Reads and validates a BEIR folder.
+def load_beir(path: str, split: str = "test", flag: str = "--split") -> BeirFolder:
+    """Reads and validates a BEIR folder; `flag` is the option a missing split's message names.
 
     Raises:
       FileNotFoundError: the folder, a file or the qrels split is missing (the message lists the
@@ -114,7 +121,7 @@ def load_beir(path: str, split: str = "test") -> BeirFolder:
         splits = sorted(f[:-4] for f in os.listdir(qdir) if f.endswith(".tsv")) \
             if os.path.isdir(qdir) else []
         raise FileNotFoundError(f"{qrels_path} not found: no qrels for split {split!r} "
-                                f"(splits here: {', '.join(splits) or 'none'}); pass --split")
+                                f"(splits here: {', '.join(splits) or 'none'}); pass {flag}")
 
     corpus_ids: list[str] = []
     corpus_line: dict[str, int] = {}
@@ -172,6 +179,21 @@ def load_beir(path: str, split: str = "test") -> BeirFolder:
     return BeirFolder(path=path, split=split, corpus_path=corpus_path, query_ids=query_ids,
                       query_texts=[queries[q] for q in query_ids], relevant=relevant,
                       corpus_ids=corpus_ids)
+
+
+def load_dev_beir(path: str, split: str = DEV_SPLIT) -> BeirFolder:
+    """A BEIR folder to evaluate during training (`--ir-dev`, `--ir_dev_split`).
+
+    `split` "dev" (the default) falls back to "test" for a folder without qrels/dev.tsv, with a
+    warning; any other split must exist.
+    """
+    if split == DEV_SPLIT and not os.path.isfile(os.path.join(path, "qrels", f"{split}.tsv")) \
+            and os.path.isfile(os.path.join(path, "qrels", f"{DEV_FALLBACK}.tsv")):
+        logger.warning("%s has no qrels/%s.tsv: its --ir-dev metrics are on qrels/%s.tsv (the "
+                       "test split: pass --ir_dev_split to choose another)", path, DEV_SPLIT,
+                       DEV_FALLBACK)
+        split = DEV_FALLBACK
+    return load_beir(path, split, flag="--ir_dev_split")
 
 
 def _dcg(relevances: Sequence[int], k: int) -> float:

@@ -8,6 +8,7 @@ pairs are the queries, every hypothesis a document.
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -23,6 +24,7 @@ from sbert_flax.retrieval import (
     SUMMARY_METRICS,
     evaluate_retrieval,
     load_beir,
+    load_dev_beir,
 )
 
 ROWS = 900  # nli-zh dev rows used: ~300 queries, 900 documents
@@ -232,6 +234,23 @@ def test_missing_split_lists_the_splits(tmp_path, capsys):
                    "--split", "dev"])
     out, err = capsys.readouterr()
     assert rc == 2 and out == "" and "dev.tsv" in err
+
+
+def test_training_dev_split_prefers_dev_then_falls_back_to_test(tmp_path, caplog):
+    only_test = _folder(tmp_path, "only-test")
+    with caplog.at_level(logging.WARNING, logger="sbert_flax.retrieval"):
+        f = load_dev_beir(only_test)
+    assert f.split == "test" and "no qrels/dev.tsv" in caplog.text
+    both = _folder(tmp_path, "both")
+    with open(os.path.join(both, "qrels", "dev.tsv"), "w", encoding="utf-8") as fh:
+        fh.write("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    f = load_dev_beir(both)
+    assert f.split == "dev" and f.relevant == {"q1": {"d1"}}
+    assert load_dev_beir(both, "test").relevant == {"q1": {"d2"}}
+    # Only the default falls back: a split asked for must exist, and the message names the flag.
+    with pytest.raises(FileNotFoundError, match=r"split 'train'.*splits here: dev, test.*"
+                                                r"--ir_dev_split"):
+        load_dev_beir(both, "train")
 
 
 def test_eval_needs_sts_or_retrieval(capsys):

@@ -65,6 +65,7 @@ UER_IGNORED_FLAGS = frozenset({
 SPELLINGS: dict[str, tuple[str, ...]] = {
     "sts_dev_paths": ("--sts-dev", "--sts_dev", "--sts_dev_path"),
     "ir_dev_paths": ("--ir-dev", "--ir_dev"),
+    "ir_dev_split": ("--ir_dev_split", "--ir-dev-split"),
     "skip_bad_lines": ("--skip_bad_lines", "--skip-bad-lines"),
     "uer_adamw": ("--uer-adamw", "--uer_adamw"),
     "param_sharding": ("--param-sharding", "--param_sharding"),

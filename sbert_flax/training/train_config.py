@@ -80,11 +80,13 @@ RESUME_NEUTRAL: dict[str, str] = {
     "sts_dev_paths": "evaluated only",
     "sts_dev_path": "evaluated only (folded into sts_dev_paths)",
     "ir_dev_paths": "BEIR folders, evaluated only",
+    "ir_dev_split": "which qrels of the BEIR folders are evaluated",
     "eval_steps": "evaluation cadence: when dev sets are scored, not what trains",
     "skip_bad_lines": "the run that saved the checkpoint had no bad lines or skipped them; "
                       "without it a bad line stops the run, it never trains on other records",
     "data_threads": "prefetch threads; the order and the saved iterator state do not depend on it",
-    "eval_batch_size": "evaluation only: padded batches, the same results per example",
+    "eval_batch_size": "evaluation only: the token budget of its packed batches, the same "
+                       "results per example",
     "param_sharding": "the layout of the same params; the restore reshards them",
     "mesh_fsdp": "the layout of the same params; the restore reshards them",
     "remat": "recomputes the same activations in the backward pass",
@@ -144,8 +146,10 @@ class TrainConfig:
     test_path: str | None = None  # softmax: evaluated once at the end with the best model
     sts_dev_paths: tuple[str, ...] = ()  # s1 \t s2 \t score files: Spearman of cosine, each epoch
     sts_dev_path: str | None = None  # one more STS file (the old single-file field; merged above)
-    ir_dev_paths: tuple[str, ...] = ()  # BEIR folders (qrels/test.tsv): retrieval metrics at each
-    #   evaluation (`retrieval.evaluate_retrieval`); --best_metric ndcg@10 etc. reads the first
+    ir_dev_paths: tuple[str, ...] = ()  # BEIR folders: retrieval metrics at each evaluation
+    #   (`retrieval.evaluate_retrieval`); --best_metric ndcg@10 etc. reads the first
+    ir_dev_split: str = "dev"  # qrels split of the --ir-dev folders (qrels/<split>.tsv); "dev"
+    #   falls back to "test" for a folder without qrels/dev.tsv, with a warning
     data_format: str = "auto"  # "auto" (by extension) | "tsv" | "csv" | "jsonl"
     labels_num: int | None = None  # classes; None: max label in train/dev + 1
     label_names: tuple[str, ...] | None = None  # label strings in id order (raw files), e.g. NLI names

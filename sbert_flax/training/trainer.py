@@ -123,7 +123,7 @@ class Trainer:
             if not os.path.isfile(p):
                 raise data.DataError(f"{p}: STS dev file not found")
         # Read and validated now (file:line errors), so a bad folder stops before any training.
-        self.ir_folders = [retrieval.load_beir(p) for p in cfg.ir_dev_paths]
+        self.ir_folders = [retrieval.load_dev_beir(p, cfg.ir_dev_split) for p in cfg.ir_dev_paths]
         names = [f.name for f in self.ir_folders]  # the keys of the dev records' "retrieval"
         if len(set(names)) < len(names):
             raise data.DataError(f"--ir-dev folders {list(cfg.ir_dev_paths)} share a folder name; "

@@ -1,8 +1,10 @@
 """`create_app(encoder, settings) -> FastAPI`: the routes of `sbert-flax serve`.
 
-Each embedding route: check the key and the body size, parse, tokenize (on the one tokenizer
-thread, off the event loop), queue the token ids with the batcher, await the rows, shape the
-answer. The event loop only ever awaits: the device runs in the batcher's thread.
+Each request: check the key, read the body (bounded in size and time, before it holds a
+concurrency slot), take a slot, parse, tokenize (on the tokenizer pool, off the event loop),
+queue the token ids with the batcher, await the rows, shape the answer -- all within
+`--request-timeout` of its arrival. The event loop only ever awaits: the device runs in the
+batcher's thread.
 """
 
 from __future__ import annotations
@@ -17,16 +19,17 @@ from contextlib import asynccontextmanager
 
 import numpy as np
 from fastapi import FastAPI, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from sbert_flax.serving import schemas
 from sbert_flax.serving.backend import EncoderBackend, InputTooLong
 from sbert_flax.serving.batcher import Batcher, Job, Unavailable
+from sbert_flax.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from sbert_flax.serving.metrics import ServeMetrics
 from sbert_flax.serving.schemas import ApiError
 from sbert_flax.serving.settings import ServeSettings
+from sbert_flax.serving.tei import TeiRoutes
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +44,21 @@ class ClientGone(Exception):
     """The client disconnected before its answer was ready."""
 
 
+class RequestTimeout(Unavailable):
+    """The request's body arrived, but its answer was not ready within `--request-timeout`
+    (queued behind too much work, or a device that hangs): 503, its queued inputs dropped."""
+
+    error_type = "timeout"
+
+
 def json_response(obj, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(schemas.dumps(obj), status_code=status, media_type="application/json",
                     headers=headers)
 
 
-def unavailable_response(message: str) -> Response:
-    """503 in TEI's shape (error_type "unhealthy"), with Retry-After."""
-    return json_response({"error": message, "error_type": "unhealthy"}, 503,
+def unavailable_response(message: str, error_type: str = "unhealthy") -> Response:
+    """503 in TEI's shape, with Retry-After."""
+    return json_response({"error": message, "error_type": error_type}, 503,
                          {"Retry-After": str(RETRY_AFTER_S)})
 
 
@@ -60,20 +70,26 @@ class Server:
         self.backend = encoder if isinstance(encoder, EncoderBackend) else EncoderBackend(encoder)
         self.max_batch_tokens = settings.max_batch_tokens or self.backend.max_batch_tokens
         self.metrics = ServeMetrics(compile_count=lambda: self.backend.num_compiles,
-                                    queue_size=lambda: self.batcher.queued_inputs)
+                                    queue_size=lambda: self.batcher.queued_inputs,
+                                    max_input_length=self.backend.max_seq_length)
         self.batcher = Batcher(self.backend, self.max_batch_tokens, self.metrics,
-                               warmup=settings.warmup)
-        # HF fast tokenizers are not safe to call from two threads at once ("Already borrowed"),
-        # so tokenization has one thread of its own, as TEI has tokenization workers.
-        self.tokenizer_pool = concurrent.futures.ThreadPoolExecutor(1, "sbert-flax-tokenizer")
+                               warmup=settings.warmup,
+                               max_failures=settings.max_consecutive_failures)
+        # Tokenization has threads of its own, as TEI has tokenization workers: the backend's
+        # tokenizers are safe to call from several threads (per-setting Rust copies, never the
+        # HF object's mutable one), and a bounded pool keeps the event loop free.
+        self.tokenizer_pool = concurrent.futures.ThreadPoolExecutor(
+            settings.tokenizer_threads, "sbert-flax-tokenizer")
         self.in_flight = 0
         self.started = int(time.time())
+        self.tei = TeiRoutes(self)  # the embedding routes, in TEI's and OpenAI's shapes
 
     # ---- request plumbing -------------------------------------------------------------------
 
     def check_key(self, request: Request) -> None:
         key = self.settings.api_key
-        if not key or request.url.path in OPEN_PATHS:
+        if not key or request.url.path in OPEN_PATHS or (
+                request.method == "GET" and request.url.path in ("/", "/ping")):  # TEI's health
             return
         auth = request.headers.get("authorization", "")
         given = auth[7:] if auth[:7].lower() == "bearer " else ""
@@ -82,6 +98,14 @@ class Server:
                            "`Authorization: Bearer <key>`", "unauthorized")
 
     async def read_json(self, request: Request) -> dict:
+        """The body (read already by `handle`, within the deadline) as a JSON object."""
+        body = getattr(request.state, "body", None)
+        if body is None:
+            body = await self.read_body(request)
+        return schemas.parse_object(body)
+
+    async def read_body(self, request: Request) -> bytes:
+        """Reads the body, refusing it with 413 as soon as it is over the payload limit."""
         limit = self.settings.payload_limit
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -94,7 +118,8 @@ class Server:
                 raise ApiError(413, f"the body is over the payload limit of {limit} bytes",
                                "payload_too_large")
             chunks.append(chunk)
-        return schemas.parse_object(b"".join(chunks))
+        request.state.body = body = b"".join(chunks)
+        return body
 
     async def tokenize(self, texts: list[str], truncate: bool, direction: str) -> list[np.ndarray]:
         t0 = time.perf_counter()
@@ -103,10 +128,10 @@ class Server:
             ids = await loop.run_in_executor(self.tokenizer_pool, lambda: self.backend.tokenize(
                 texts, truncate=truncate, direction=direction))
         except InputTooLong as e:
-            raise ApiError(413, f"input {e.index} has {e.length} tokens, more than the maximum "
+            raise ApiError(422, f"input {e.index} has {e.length} tokens, more than the maximum "
                            f"input length of {e.limit} tokens; shorten it or send "
-                           "\"truncate\": true", "validation") from None
-        self.metrics.tokenization_duration.observe(time.perf_counter() - t0)
+                           "\"truncate\": true", "validation", err="tokenization") from None
+        self.metrics.tokenized(ids, time.perf_counter() - t0)
         return ids
 
     async def embed(self, request: Request, ids: list[np.ndarray]) -> np.ndarray:
@@ -115,6 +140,9 @@ class Server:
         gone = asyncio.ensure_future(_wait_disconnect(request))
         try:
             await asyncio.wait((job.future, gone), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the request timed out (or the server is stopping)
+            self.batcher.cancel(job)
+            raise
         finally:
             gone.cancel()
         if job.future.done():
@@ -124,12 +152,24 @@ class Server:
 
     async def handle(self, route: str, request: Request,
                      fn: Callable[[Request], Awaitable[Response]], limited: bool) -> Response:
-        """Runs one route with metrics, the concurrency limit and JSON errors."""
+        """Runs one route with metrics, the deadline, the concurrency limit and JSON errors."""
         t0 = time.perf_counter()
-        self.metrics.request_count.labels(route).inc()
-        counted = False
+        timeout = self.settings.request_timeout
+        deadline = asyncio.get_running_loop().time() + timeout
+        counted = ok = False
         try:
             self.check_key(request)
+            # The body before the slot: a client that stalls its body holds no slot, and gets
+            # 408 at the deadline.
+            reading = asyncio.timeout_at(deadline)
+            try:
+                async with reading:
+                    await self.read_body(request)
+            except TimeoutError:
+                if not reading.expired():
+                    raise
+                raise ApiError(408, f"the request body did not arrive within {timeout:g} s "
+                               "(--request-timeout)", "timeout") from None
             if limited:
                 if self.in_flight >= self.settings.max_concurrent_requests:
                     raise ApiError(429, f"{self.in_flight} requests in flight, the limit is "
@@ -138,75 +178,61 @@ class Server:
                 self.in_flight += 1
                 self.metrics.in_flight.inc()
                 counted = True
-            response = await fn(request)
+            answering = asyncio.timeout_at(deadline)
+            try:
+                async with answering:
+                    response = await fn(request)
+                    ok = True
+            except TimeoutError:
+                if not answering.expired():
+                    raise
+                raise RequestTimeout(f"no answer within {timeout:g} s of the request's arrival "
+                                     "(--request-timeout): the server is overloaded or its device "
+                                     "is stuck; the request's queued inputs were dropped") from None
         except ApiError as e:
-            self.metrics.request_failure.labels(route, e.error_type).inc()
-            return json_response(e.body(), e.status)
+            self.metrics.failed(e.err)
+            # A 408's body never finished arriving: the connection cannot carry another request.
+            headers = {"Connection": "close"} if e.status == 408 else None
+            body = e.openai_body() if route == "openai_embeddings" else e.body()  # as TEI
+            return json_response(body, e.status, headers)
         except Unavailable as e:
-            self.metrics.request_failure.labels(route, "unhealthy").inc()
-            return unavailable_response(str(e))
+            self.metrics.failed(e.error_type)
+            return unavailable_response(str(e), e.error_type)
         except (ClientGone, ClientDisconnect):
-            self.metrics.request_failure.labels(route, "client_disconnected").inc()
+            self.metrics.failed("client_disconnected")
             return Response(status_code=499)
         except Exception as e:  # noqa: BLE001 -- a failed request must not take the server down
             log.exception("%s failed", route)
-            self.metrics.request_failure.labels(route, "backend").inc()
+            self.metrics.failed("inference")
             return json_response({"error": f"{type(e).__name__}: {e}", "error_type": "backend"}, 500)
         finally:
             if counted:
                 self.in_flight -= 1
                 self.metrics.in_flight.dec()
-            self.metrics.request_duration.labels(route).observe(time.perf_counter() - t0)
-        self.metrics.request_success.labels(route).inc()
+            # TEI's te_request_* series: inference routes only, counted once the body parsed.
+            self.metrics.finished(getattr(request.state, "tei_shape", None), ok,
+                                  time.perf_counter() - t0)
         return response
 
     # ---- routes -------------------------------------------------------------------------------
 
     async def route_embed(self, request: Request) -> Response:
-        obj = await self.read_json(request)
-        texts = schemas.text_list(obj, "inputs", self.settings.max_client_batch_size)
-        normalize = schemas.optional_bool(obj, "normalize", True)
-        truncate = schemas.optional_bool(obj, "truncate", self.settings.auto_truncate)
-        dims = schemas.dimensions(obj, self.backend.dim)
-        ids = await self.tokenize(texts, truncate, schemas.direction(obj))
-        self.metrics.request_inputs.observe(len(ids))
-        emb = schemas.shape_embeddings(await self.embed(request, ids), normalize, dims)
-        return json_response(emb)
+        return json_response(await self.tei.embed(request, await self.read_json(request)))
 
     async def route_openai(self, request: Request) -> Response:
-        obj = await self.read_json(request)
-        model = obj.get("model")
-        if model is not None and model != self.settings.model_name:
-            raise ApiError(404, f"model {model!r} is not served here; this server serves "
-                           f"{self.settings.model_name!r}", "model_not_found")
-        texts = schemas.text_list(obj, "input", self.settings.max_client_batch_size,
-                                  token_ids_hint=True)
-        fmt = schemas.encoding_format(obj)
-        dims = schemas.dimensions(obj, self.backend.dim)
-        ids = await self.tokenize(texts, self.settings.auto_truncate, "right")
-        self.metrics.request_inputs.observe(len(ids))
-        emb = schemas.shape_embeddings(await self.embed(request, ids), True, dims)
-        tokens = int(sum(len(x) for x in ids))
-        return json_response(schemas.openai_response(emb, self.settings.model_name, tokens, fmt))
+        return json_response(await self.tei.openai(request, await self.read_json(request)))
 
     async def route_similarity(self, request: Request) -> Response:
-        obj = await self.read_json(request)
-        req = schemas.similarity_request(obj, self.settings.max_client_batch_size)
-        truncate = self.settings.auto_truncate if req.truncate is None else req.truncate
-        ids = await self.tokenize([req.source, *req.sentences], truncate, req.direction)
-        self.metrics.request_inputs.observe(len(ids))
-        emb = schemas.l2_normalize(await self.embed(request, ids))
-        return json_response(emb[1:] @ emb[0])
+        return json_response(await self.tei.similarity(request, await self.read_json(request)))
 
     async def route_tokenize(self, request: Request) -> Response:
         obj = await self.read_json(request)
         texts = schemas.text_list(obj, "inputs", self.settings.max_client_batch_size)
         special = schemas.optional_bool(obj, "add_special_tokens", True)
-        if self.backend.lowercase_text:  # the tokens the model really sees
-            texts = [t.lower() for t in texts]
+        prefix = self.tei.prompt(schemas.optional_str(obj, "prompt_name"))  # as TEI: the tokens
+        texts = [prefix + t for t in texts]  # of the text /embed embeds, offsets into it
         loop = asyncio.get_running_loop()
-        out = await loop.run_in_executor(self.tokenizer_pool, schemas.tokens,
-                                         self.backend.hf_tokenizer, texts, special)
+        out = await loop.run_in_executor(self.tokenizer_pool, self.backend.tokens, texts, special)
         return json_response(out)
 
     async def route_info(self, request: Request) -> Response:
@@ -218,7 +244,8 @@ class Server:
             "max_batch_tokens": self.max_batch_tokens, "max_batch_requests": None,
             "max_client_batch_size": s.max_client_batch_size,
             "max_concurrent_requests": s.max_concurrent_requests, "payload_limit": s.payload_limit,
-            "auto_truncate": s.auto_truncate, "tokenization_workers": 1, "version": s.version,
+            "auto_truncate": s.auto_truncate, "tokenization_workers": s.tokenizer_threads, "version": s.version,
+            "sha": None, "docker_label": None,
             "ready": self.batcher.ready.is_set(), "compiled_shapes": self.batcher.warmup_shapes,
         })
 
@@ -229,7 +256,12 @@ class Server:
             "owned_by": "sbert-flax"}]})
 
     async def route_health(self, request: Request) -> Response:
-        # Draining first: a balancer must stop routing here before the process goes away.
+        # A dead worker, then draining: a balancer must stop routing here before the process
+        # goes away.
+        fatal = self.batcher.fatal
+        if fatal is not None:
+            return unavailable_response(f"the batcher's worker died ({type(fatal).__name__}: "
+                                        f"{fatal}); this replica is restarting")
         if self.batcher.draining:
             return unavailable_response("shutting down (draining)")
         if self.batcher.ready.is_set():
@@ -239,7 +271,7 @@ class Server:
         return unavailable_response("warming up: compiling the device shapes")
 
     async def route_metrics(self, request: Request) -> Response:
-        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(self.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -268,6 +300,7 @@ def create_app(encoder, settings: ServeSettings | None = None) -> FastAPI:
         yield
         await asyncio.get_running_loop().run_in_executor(None, server.batcher.stop)
         server.tokenizer_pool.shutdown(wait=False)
+        server.tei.close()
 
     app = FastAPI(title="sbert-flax", version=settings.version or "0", lifespan=lifespan,
                   docs_url=None, redoc_url=None)
@@ -283,11 +316,14 @@ def create_app(encoder, settings: ServeSettings | None = None) -> FastAPI:
     add("/v1/embeddings", "POST", "openai_embeddings", server.route_openai, True)
     add("/embeddings", "POST", "openai_embeddings", server.route_openai, True)
     add("/similarity", "POST", "similarity", server.route_similarity, True)
-    add("/tokenize", "POST", "tokenize", server.route_tokenize, False)
+    add("/tokenize", "POST", "tokenize", server.route_tokenize, True)
     add("/info", "GET", "info", server.route_info, False)
     add("/v1/models", "GET", "models", server.route_models, False)
     add("/health", "GET", "health", server.route_health, False)
     add("/metrics", "GET", "metrics", server.route_metrics, False)
+    # TEI's other routes (/embed_all, /decode, /vertex, ...) and its aliases (/, /ping, /invocations)
+    for path, method, route, fn in server.tei.routes():
+        add(path, method, route, fn, method == "POST")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:

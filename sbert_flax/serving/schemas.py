@@ -1,19 +1,24 @@
 """Request parsing and response shapes of the TEI and OpenAI embedding APIs.
 
 Requests are checked by hand rather than by a pydantic model so every refusal says exactly what
-was wrong and where (`input[3] is int, expected a string`), in the error shape TEI clients read:
-`{"error": "...", "error_type": "..."}`.
+was wrong and where (`inputs[3] is object, expected a string or token ids`), in the error shape
+TEI clients read: `{"error": "...", "error_type": "..."}`. Status codes are TEI's
+(router/src/http/server.rs, `From<&ErrorType> for StatusCode`): an empty input 400, a malformed
+field, too many inputs or an over-long input 422, overloaded 429, a route this kind of model does
+not serve 424.
 
-- TEI `/embed`: `{"inputs": str | [str], "normalize": true, "truncate": bool | null,
-  "truncation_direction": "right" | "left", "dimensions": int | null}` -> `[[float]]`.
+- TEI `/embed`: `{"inputs": str | [int] | [str | [int]], "normalize": true, "truncate": bool |
+  null, "truncation_direction": "right" | "left", "prompt_name": str | null, "dimensions": int |
+  null}` -> `[[float]]`. `/embed_all` (no normalize/dimensions) -> `[[[float]]]` per token.
 - TEI `/similarity`: `{"inputs": {"source_sentence": str, "sentences": [str]},
-  "parameters": {"truncate", "truncation_direction"}}` -> `[float]` (cosine).
-- TEI `/tokenize`: `{"inputs": str | [str], "add_special_tokens": true}` ->
-  `[[{"id", "text", "special", "start", "stop"}]]`.
-- OpenAI `/v1/embeddings`: `{"input": str | [str], "model": str, "encoding_format": "float" |
-  "base64", "dimensions": int, "user": str}` -> `{"object": "list", "data": [{"object":
-  "embedding", "embedding": [float] | base64 str, "index": i}], "model", "usage":
-  {"prompt_tokens", "total_tokens"}}`.
+  "parameters": {"truncate", "truncation_direction", "prompt_name"}}` -> `[float]` (cosine).
+- TEI `/tokenize`: `{"inputs": str | [str], "add_special_tokens": true, "prompt_name"}` ->
+  `[[{"id", "text", "special", "start", "stop"}]]`; `/decode`: `{"ids": [int] | [[int]],
+  "skip_special_tokens": true}` -> `[str]`.
+- OpenAI `/v1/embeddings`: `{"input": str | [int] | [str | [int]], "model": str,
+  "encoding_format": "float" | "base64", "dimensions": int, "user": str}` -> `{"object": "list",
+  "data": [{"object": "embedding", "embedding": [float] | base64 str, "index": i}], "model",
+  "usage": {"prompt_tokens", "total_tokens"}}`.
 """
 
 from __future__ import annotations
@@ -25,18 +30,31 @@ from typing import Any
 import numpy as np
 import orjson
 
+from sbert_flax.serving.metrics import failure_label
+
+# TEI takes token ids as u32.
+MAX_TOKEN_ID = 2 ** 32 - 1
+
 
 class ApiError(Exception):
     """A refusal with its HTTP status and TEI error type."""
 
-    def __init__(self, status: int, message: str, error_type: str = "validation"):
+    def __init__(self, status: int, message: str, error_type: str = "validation",
+                 err: str | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.error_type = error_type
+        # The `err` label of te_request_failure: TEI's name for this refusal ("batch_size", ...).
+        self.err = err or failure_label(error_type)
 
     def body(self) -> dict:
         return {"error": self.message, "error_type": self.error_type}
+
+    def openai_body(self) -> dict:
+        """TEI's `OpenAICompatErrorResponse` on the OpenAI routes (the OpenAI SDK shows its
+        `message`)."""
+        return {"message": self.message, "code": self.status, "type": self.error_type}
 
 
 def dumps(obj: Any) -> bytes:
@@ -60,12 +78,22 @@ def _type_name(x: Any) -> str:
                                      int: "integer", float: "number"}.get(type(x), type(x).__name__)
 
 
+def _batch_checks(field: str, value: list, max_items: int) -> None:
+    if not value:
+        raise ApiError(400, f"`{field}` cannot be empty: send at least one input", "empty")
+    if len(value) > max_items:
+        raise ApiError(422, f"batch size {len(value)} > maximum allowed batch size {max_items} "
+                       "(--max-client-batch-size); split the request", err="batch_size")
+
+
 def text_list(obj: dict, field: str, max_items: int, token_ids_hint: bool = False) -> list[str]:
     """A `str | [str]` field as a non-empty list of strings.
 
+    An empty string is embedded (as sentence-transformers does), where TEI answers 400.
+
     Raises:
-      ApiError: 422 missing / empty / an item that is not a string (naming its index); 413 more
-        items than `max_items`.
+      ApiError: 422 missing / an item that is not a string (naming its index) / more items than
+        `max_items`; 400 an empty list.
     """
     if field not in obj:
         raise ApiError(422, f"`{field}` is missing")
@@ -74,19 +102,110 @@ def text_list(obj: dict, field: str, max_items: int, token_ids_hint: bool = Fals
         return [value]
     if not isinstance(value, list):
         raise ApiError(422, f"`{field}` must be a string or a list of strings, got {_type_name(value)}")
-    if not value:
-        raise ApiError(422, f"`{field}` is an empty list; send at least one string", "empty")
-    if len(value) > max_items:
-        raise ApiError(413, f"batch size {len(value)} > maximum allowed batch size {max_items} "
-                       "(--max-client-batch-size); split the request")
+    _batch_checks(field, value, max_items)
     for i, x in enumerate(value):
         if not isinstance(x, str):
-            if token_ids_hint and (isinstance(x, int) or (isinstance(x, list) and x
-                                   and all(isinstance(t, int) for t in x))):
-                raise ApiError(422, f"`{field}` holds token ids ({field}[{i}]); this server takes "
+            if token_ids_hint and _is_ids(x):
+                raise ApiError(422, f"`{field}` holds token ids ({field}[{i}]); this route takes "
                                "strings only: send the text")
             raise ApiError(422, f"{field}[{i}] is {_type_name(x)}, expected a string")
     return value
+
+
+def _is_ids(x: Any) -> bool:
+    return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+
+def _check_ids(ids: list, where: str) -> list[int]:
+    if not ids:
+        raise ApiError(400, f"`{where}` is an empty list of token ids", "empty")
+    for j, t in enumerate(ids):
+        if not 0 <= t <= MAX_TOKEN_ID:
+            raise ApiError(422, f"{where}[{j}] = {t} is not a token id (0 .. {MAX_TOKEN_ID})")
+    return ids
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """TEI's `Input`: one input or a batch, each a string or a list of token ids.
+
+    Attributes:
+      items: the inputs in request order: `str` or `list[int]`.
+      single: the request sent one input (`"inputs": "text"` or `[ids]`): TEI's method "single".
+    """
+
+    items: list
+    single: bool
+
+    @property
+    def method(self) -> str:
+        return "single" if self.single else "batch"
+
+
+def request_shape(value: Any) -> tuple[str, int] | None:
+    """(TEI's `method` label, number of inputs) of an `inputs` value that TEI would deserialize
+    (a string or a list); None for anything else, which TEI rejects before counting it."""
+    if isinstance(value, str):
+        return "single", 1
+    if isinstance(value, list):
+        return ("single", 1) if value and _is_ids(value) else ("batch", len(value))
+    return None
+
+
+def inputs(obj: dict, field: str, max_items: int) -> Inputs:
+    """TEI's `inputs` (OpenAI's `input`): `str | [int] | [str | [int]]`, as TEI's untagged serde
+    enum reads it: a list of integers is one input of token ids.
+
+    Raises:
+      ApiError: 422 missing / wrong type (naming the index) / more than `max_items`; 400 empty.
+    """
+    if field not in obj:
+        raise ApiError(422, f"`{field}` is missing")
+    value = obj[field]
+    if isinstance(value, str):
+        return Inputs([value], True)
+    if not isinstance(value, list):
+        raise ApiError(422, f"`{field}` must be a string, a list of token ids or a list of those, "
+                       f"got {_type_name(value)}")
+    if value and _is_ids(value):
+        return Inputs([_check_ids(value, field)], True)
+    _batch_checks(field, value, max_items)
+    for i, x in enumerate(value):
+        if isinstance(x, str):
+            continue
+        if _is_ids(x):
+            _check_ids(x, f"{field}[{i}]")
+        else:
+            raise ApiError(422, f"{field}[{i}] is {_type_name(x)}, expected a string or a list of "
+                           "token ids")
+    return Inputs(value, False)
+
+
+def optional_str(obj: dict, field: str) -> str | None:
+    value = obj.get(field)
+    if value is not None and not isinstance(value, str):
+        raise ApiError(422, f"`{field}` must be a string or null, got {_type_name(value)}")
+    return value
+
+
+def decode_ids(obj: dict, max_items: int) -> tuple[list[list[int]], bool]:
+    """TEI /decode's `ids`: `[int]` (one sequence) or `[[int]]`; returns (sequences, single)."""
+    if "ids" not in obj:
+        raise ApiError(422, "`ids` is missing")
+    value = obj["ids"]
+    if not isinstance(value, list):
+        raise ApiError(422, f"`ids` must be a list of token ids or a list of those, got "
+                       f"{_type_name(value)}")
+    if not value:  # TEI reads [] as one empty sequence
+        raise ApiError(400, "`input_ids` cannot be empty", "empty")
+    if _is_ids(value):
+        return [_check_ids(value, "ids")], True
+    _batch_checks("ids", value, max_items)
+    for i, x in enumerate(value):
+        if not _is_ids(x):
+            raise ApiError(422, f"ids[{i}] is {_type_name(x)}, expected a list of token ids")
+        _check_ids(x, f"ids[{i}]")
+    return value, False
 
 
 def optional_bool(obj: dict, field: str, default: bool | None) -> bool | None:
@@ -158,6 +277,7 @@ class SimilarityRequest:
     sentences: list[str]
     truncate: bool | None
     direction: str
+    prompt_name: str | None = None
 
 
 def similarity_request(obj: dict, max_items: int) -> SimilarityRequest:
@@ -173,7 +293,7 @@ def similarity_request(obj: dict, max_items: int) -> SimilarityRequest:
     if not isinstance(params, dict):
         raise ApiError(422, f"`parameters` must be an object, got {_type_name(params)}")
     return SimilarityRequest(source, sentences, optional_bool(params, "truncate", None),
-                             direction(params))
+                             direction(params), optional_str(params, "prompt_name"))
 
 
 def tokens(hf_tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[dict]]:

@@ -1,0 +1,275 @@
+"""TEI's routes for a sentence-embedding model, with its request shapes and status codes.
+
+text-embeddings-inference (router/src/http/server.rs) serves every route for every model and
+answers by model type. For a dense embedding model, as this server runs:
+
+- `/embed`, `/embed_all` (each token's hidden state), `/similarity`, `/v1/embeddings` and
+  `/embeddings`, `/tokenize`, `/decode`, `/info`, `/health` (also `GET /` and `GET /ping`),
+  `/metrics`, `/vertex` (`{"instances": [embed requests]}`), and `POST /` and `POST /invocations`
+  (SageMaker's names for /embed) serve.
+- `/embed_sparse` (SPLADE models), `/predict` (classifiers) and `/rerank` (re-rankers) check the
+  request as TEI does, then answer 424 `error_type` "backend" with TEI's message and count
+  `te_request_failure{err="model_type"}`.
+
+Inputs are strings or token ids (`[int]`, as TEI's untagged `InputType`); ids are used as given
+unless a prompt applies, in which case they are decoded, prefixed and tokenized again (as TEI).
+`prompt_name` names one of the model's sentence-transformers prompts; with none the model's
+`default_prompt_name` applies, as TEI's `--default-prompt-name` and `SentenceEncoder.encode` do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+from fastapi import Request, Response
+
+from sbert_flax.prompts import Prompts
+from sbert_flax.serving import schemas
+from sbert_flax.serving.schemas import ApiError, Inputs
+
+TOKEN_OUTPUT = "token"
+
+
+def model_type_error(message: str) -> ApiError:
+    """TEI's answer on a route this kind of model does not serve (`Backend(Inference(..))`)."""
+    return ApiError(424, f"Backend error: {message}", "backend", err="model_type")
+
+
+class TeiRoutes:
+    """The TEI / OpenAI embedding routes over one `Server` (its backend, batcher and limits).
+
+    Args:
+      server: the app's `Server`: `tokenize` (the tokenizer pool, with metrics), `embed` (the
+        batcher, dropping the work of a client that hangs up), `backend`, `settings`.
+    """
+
+    def __init__(self, server):
+        self.server = server
+        # /embed_all and /decode: one thread of their own. /embed_all runs the encoder's token
+        # program (compiled on first use, not by the warm-up) beside the batcher's worker.
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, "sbert-flax-tei")
+        self._lock = threading.Lock()
+        self._decoder = None
+
+    # ---- shared by the embedding routes -------------------------------------------------------
+
+    @property
+    def _max_items(self) -> int:
+        return self.server.settings.max_client_batch_size
+
+    def prompt(self, prompt_name: str | None) -> str:
+        """The text to prepend: the named prompt, else the model's default, else ""."""
+        encoder = getattr(self.server.backend, "encoder", None)
+        prompts = getattr(encoder, "prompts", None) or Prompts()
+        try:
+            return prompts.resolve(None, prompt_name)
+        except ValueError as e:
+            raise ApiError(422, f"`prompt_name`: {e}") from None
+
+    def _tokenizer(self):
+        """(a Rust tokenizer of our own, vocabulary size), or None for a backend without an HF
+        tokenizer (a fake in tests). HF's object is not safe to share across threads."""
+        with self._lock:
+            if self._decoder is None:
+                import tokenizers
+
+                hf = getattr(self.server.backend, "hf_tokenizer", None)
+                self._decoder = () if hf is None else (
+                    tokenizers.Tokenizer.from_str(hf.backend_tokenizer.to_str()), len(hf))
+            return self._decoder or None
+
+    def _check_vocab(self, ids: list[int], where: str) -> None:
+        if self._tokenizer() is None:
+            return
+        _, vocab = self._tokenizer()
+        for j, t in enumerate(ids):
+            if t >= vocab:
+                raise ApiError(422, f"{where}[{j}] = {t} is not in the vocabulary (size {vocab})")
+
+    def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        if self._tokenizer() is None:
+            raise model_type_error("this backend has no tokenizer to decode with")
+        return self._tokenizer()[0].decode(ids, skip_special_tokens=skip_special_tokens)
+
+    async def token_ids(self, inputs: Inputs, truncate: bool, direction: str,
+                        prefix: str) -> list[np.ndarray]:
+        """Token ids per input: texts (prefixed) tokenized on the tokenizer pool, ids as given."""
+        loop = asyncio.get_running_loop()
+        limit = self.server.backend.max_seq_length
+        texts = []
+        for i, x in enumerate(inputs.items):
+            if isinstance(x, str):
+                texts.append(prefix + x)
+                continue
+            self._check_vocab(x, f"inputs[{i}]" if not inputs.single else "inputs")
+            # With a prompt TEI decodes the ids, prepends the prompt and tokenizes again. Without,
+            # an empty placeholder keeps every input at its own index in a too-long error.
+            texts.append(prefix + await loop.run_in_executor(self.pool, self._decode, x, True)
+                         if prefix else "")
+        ids = await self.server.tokenize(texts, truncate, direction)
+        for i, x in enumerate(inputs.items):
+            if isinstance(x, str) or prefix:
+                continue
+            arr = np.asarray(x, np.int32)
+            if len(arr) > limit:
+                if not truncate:
+                    raise ApiError(422, f"input {i} has {len(arr)} tokens, more than the maximum "
+                                   f"input length of {limit} tokens; shorten it or send "
+                                   "\"truncate\": true", err="tokenization")
+                arr = arr[:limit] if direction == "right" else arr[-limit:]
+            ids[i] = arr
+        return ids
+
+    def _embed_fields(self, request: Request, obj: dict, method_field: str = "inputs"
+                      ) -> tuple[Inputs, bool, str, str]:
+        # Counted before the checks, as TEI counts te_request_count before its batch checks.
+        request.state.tei_shape = schemas.request_shape(obj.get(method_field))
+        inputs = schemas.inputs(obj, method_field, self._max_items)
+        truncate = schemas.optional_bool(obj, "truncate", self.server.settings.auto_truncate)
+        prefix = self.prompt(schemas.optional_str(obj, "prompt_name"))
+        return inputs, truncate, schemas.direction(obj), prefix
+
+    # ---- routes -------------------------------------------------------------------------------
+
+    async def embed(self, request: Request, obj: dict) -> np.ndarray:
+        """/embed: pooled embeddings [n, dim] (normalized unless `normalize` is false)."""
+        inputs, truncate, direction, prefix = self._embed_fields(request, obj)
+        normalize = schemas.optional_bool(obj, "normalize", True)
+        dims = schemas.dimensions(obj, self.server.backend.dim)
+        ids = await self.token_ids(inputs, truncate, direction, prefix)
+        return schemas.shape_embeddings(await self.server.embed(request, ids), normalize, dims)
+
+    async def embed_all(self, request: Request, obj: dict) -> list[np.ndarray]:
+        """/embed_all: every token's last hidden state, [tokens_i, dim] per input."""
+        inputs, truncate, direction, prefix = self._embed_fields(request, obj)
+        encoder = getattr(self.server.backend, "encoder", None)
+        if encoder is None:
+            raise model_type_error("this backend has no token-level output")
+        ids = await self.token_ids(inputs, truncate, direction, prefix)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, token_embeddings, encoder, ids)
+
+    async def embed_sparse(self, request: Request, obj: dict):
+        self._embed_fields(request, obj)
+        raise model_type_error("Model is not an embedding model with SPLADE pooling")
+
+    async def similarity(self, request: Request, obj: dict) -> np.ndarray:
+        """/similarity: cosine of each sentence with the source sentence."""
+        req = schemas.similarity_request(obj, self._max_items)
+        request.state.tei_shape = ("batch", len(req.sentences) + 1)
+        truncate = self.server.settings.auto_truncate if req.truncate is None else req.truncate
+        inputs = Inputs([req.source, *req.sentences], False)
+        ids = await self.token_ids(inputs, truncate, req.direction, self.prompt(req.prompt_name))
+        emb = schemas.l2_normalize(await self.server.embed(request, ids))
+        return emb[1:] @ emb[0]
+
+    async def openai(self, request: Request, obj: dict) -> dict:
+        """/v1/embeddings: any `model` is accepted (TEI serves one model and ignores it) unless
+        `--strict-model-name`, which answers 404 for a name other than the served one."""
+        settings = self.server.settings
+        model = obj.get("model")
+        if model is not None and not isinstance(model, str):
+            raise ApiError(422, f"`model` must be a string, got {type(model).__name__}")
+        if getattr(settings, "strict_model_name", False) and model not in (None, settings.model_name):
+            raise ApiError(404, f"model {model!r} is not served here; this server serves "
+                           f"{settings.model_name!r} (--strict-model-name)", "model_not_found")
+        request.state.tei_shape = schemas.request_shape(obj.get("input"))
+        inputs = schemas.inputs(obj, "input", self._max_items)
+        fmt = schemas.encoding_format(obj)
+        dims = schemas.dimensions(obj, self.server.backend.dim)
+        ids = await self.token_ids(inputs, settings.auto_truncate, "right", self.prompt(None))
+        emb = schemas.shape_embeddings(await self.server.embed(request, ids), True, dims)
+        tokens = int(sum(len(x) for x in ids))
+        return schemas.openai_response(emb, settings.model_name, tokens, fmt)
+
+    async def predict(self, request: Request, obj: dict):
+        value = obj.get("inputs")
+        if not isinstance(value, str | list):
+            raise ApiError(422, "`inputs` must be a string, a pair of strings or a list of those, "
+                           f"got {type(value).__name__}")
+        batch = isinstance(value, list) and bool(value) and isinstance(value[0], list)
+        if batch and len(value) > self._max_items:
+            raise ApiError(422, f"batch size {len(value)} > maximum allowed batch size "
+                           f"{self._max_items}", err="batch_size")
+        request.state.tei_shape = ("batch" if batch else "single", len(value) if batch else 1)
+        raise model_type_error("Model is not a classifier model")
+
+    async def rerank(self, request: Request, obj: dict):
+        query, texts = obj.get("query"), obj.get("texts")
+        if not isinstance(query, str):
+            raise ApiError(422, f"`query` must be a string, got {type(query).__name__}")
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise ApiError(422, "`texts` must be a list of strings")
+        if not texts:
+            raise ApiError(400, "`texts` cannot be empty", "empty")
+        raise model_type_error("model is not a re-ranker model")
+
+    async def decode(self, request: Request, obj: dict) -> list[str]:
+        """/decode: token ids back to text, per sequence."""
+        seqs, single = schemas.decode_ids(obj, self._max_items)
+        skip = schemas.optional_bool(obj, "skip_special_tokens", True)
+        for i, ids in enumerate(seqs):
+            self._check_vocab(ids, "ids" if single else f"ids[{i}]")
+        loop = asyncio.get_running_loop()
+        return [await loop.run_in_executor(self.pool, self._decode, ids, skip) for ids in seqs]
+
+    async def vertex(self, request: Request, obj: dict) -> dict:
+        """/vertex: `{"instances": [...]}`, each an /embed request (or a /rerank one, which this
+        model answers with 424) -> `{"predictions": [...]}`."""
+        instances = obj.get("instances")
+        if not isinstance(instances, list):
+            raise ApiError(422, f"`instances` must be a list, got {type(instances).__name__}")
+        predictions = []
+        for i, inst in enumerate(instances):
+            if not isinstance(inst, dict):
+                raise ApiError(422, f"instances[{i}] must be an object, got {type(inst).__name__}")
+            if "query" in inst and "texts" in inst:  # TEI tries a rerank request first
+                await self.rerank(request, inst)
+            predictions.append(await self.embed(request, inst))
+        request.state.tei_shape = ("batch", len(instances))
+        return {"predictions": predictions}
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False)
+
+    # ---- registration -------------------------------------------------------------------------
+
+    def endpoint(self, fn):
+        """`fn(request, body) -> answer` as a route function: read the JSON body, write JSON."""
+        async def run(request: Request) -> Response:
+            obj = await self.server.read_json(request)
+            return Response(schemas.dumps(await fn(request, obj)), media_type="application/json")
+
+        return run
+
+    def routes(self) -> list[tuple[str, str, str, object]]:
+        """(path, HTTP method, metric route name, route function) of every TEI route that the
+        app's own table does not already hold; GET / and /ping are /health's aliases."""
+        post = [("/embed_all", "embed_all", self.embed_all),
+                ("/embed_sparse", "embed_sparse", self.embed_sparse),
+                ("/predict", "predict", self.predict), ("/rerank", "rerank", self.rerank),
+                ("/decode", "decode", self.decode), ("/vertex", "vertex", self.vertex),
+                # SageMaker's and the Inference API's names for /embed on an embedding model
+                ("/", "embed", self.embed), ("/invocations", "embed", self.embed)]
+        out = [(path, "POST", name, self.endpoint(fn)) for path, name, fn in post]
+        health = self.server.route_health
+        return out + [("/", "GET", "health", health), ("/ping", "GET", "health", health)]
+
+
+def token_embeddings(encoder, ids: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Each input's token embeddings (float32 [len_i, dim]) on the encoder's packed shapes.
+
+    `SentenceEncoder.encode(output="token")` for token ids rather than text: the same packer and
+    the same token program, so the rows equal encode's.
+    """
+    out: list = [None] * len(ids)
+    batches = encoder.packer().pack(list(ids), pad_id=encoder.tokenizer.pad_id)
+    for batch, res in encoder._run(batches, encoder.dtype, TOKEN_OUTPUT):
+        for j, i in enumerate(batch.index):
+            s, m = batch.start[j], batch.length[j]
+            out[i] = np.asarray(res[batch.row[j], s:s + m], np.float32)
+    return out

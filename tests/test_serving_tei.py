@@ -282,3 +282,18 @@ def test_metrics_are_tei_names_types_labels(url):
     assert bounds("te_batch_next_size") == [2.0 ** i for i in range(13)]
     assert bounds("te_batch_next_tokens") == [2.0 ** i for i in range(21)]
     assert bounds("te_request_input_length") == [1, 2, 4, 8, 16, 32]  # up to max input length
+
+
+def test_huggingface_hub_inference_client(url, encoder, monkeypatch):
+    """TEI's own Python client: `InferenceClient(model=<endpoint URL>)` posts /embed's body to the
+    endpoint's root, which TEI (and this server) answers as /embed."""
+    import huggingface_hub.constants
+    from huggingface_hub import InferenceClient
+
+    # conftest sets HF_HUB_OFFLINE=1, which also stops requests to 127.0.0.1; nothing here
+    # reaches the Hub.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    client = InferenceClient(model=url)
+    got = client.feature_extraction("那个人很开心", prompt_name="query", normalize=False)
+    want = encoder.encode(["那个人很开心"], prompt_name="query")
+    assert np.allclose(got, want, atol=1e-5)

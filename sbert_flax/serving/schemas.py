@@ -86,7 +86,7 @@ def _batch_checks(field: str, value: list, max_items: int) -> None:
                        "(--max-client-batch-size); split the request", err="batch_size")
 
 
-def text_list(obj: dict, field: str, max_items: int, token_ids_hint: bool = False) -> list[str]:
+def text_list(obj: dict, field: str, max_items: int) -> list[str]:
     """A `str | [str]` field as a non-empty list of strings.
 
     An empty string is embedded (as sentence-transformers does), where TEI answers 400.
@@ -105,9 +105,6 @@ def text_list(obj: dict, field: str, max_items: int, token_ids_hint: bool = Fals
     _batch_checks(field, value, max_items)
     for i, x in enumerate(value):
         if not isinstance(x, str):
-            if token_ids_hint and _is_ids(x):
-                raise ApiError(422, f"`{field}` holds token ids ({field}[{i}]); this route takes "
-                               "strings only: send the text")
             raise ApiError(422, f"{field}[{i}] is {_type_name(x)}, expected a string")
     return value
 
@@ -131,15 +128,11 @@ class Inputs:
 
     Attributes:
       items: the inputs in request order: `str` or `list[int]`.
-      single: the request sent one input (`"inputs": "text"` or `[ids]`): TEI's method "single".
+      single: the request sent one input (`"inputs": "text"` or `[ids]`).
     """
 
     items: list
     single: bool
-
-    @property
-    def method(self) -> str:
-        return "single" if self.single else "batch"
 
 
 def request_shape(value: Any) -> tuple[str, int] | None:
@@ -294,21 +287,3 @@ def similarity_request(obj: dict, max_items: int) -> SimilarityRequest:
         raise ApiError(422, f"`parameters` must be an object, got {_type_name(params)}")
     return SimilarityRequest(source, sentences, optional_bool(params, "truncate", None),
                              direction(params), optional_str(params, "prompt_name"))
-
-
-def tokens(hf_tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[dict]]:
-    """TEI's /tokenize answer: per text, every token with its id, text and character span."""
-    enc = hf_tokenizer(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True,
-                       return_attention_mask=False, return_token_type_ids=False)
-    special = set(hf_tokenizer.all_special_ids)
-    out = []
-    for text, ids, offsets in zip(texts, enc["input_ids"], enc["offset_mapping"], strict=True):
-        pieces = hf_tokenizer.convert_ids_to_tokens(ids)
-        row = []
-        for tid, piece, (start, stop) in zip(ids, pieces, offsets, strict=True):
-            is_special = tid in special and start == stop
-            row.append({"id": int(tid), "text": piece if is_special else text[start:stop],
-                        "special": is_special, "start": None if is_special else start,
-                        "stop": None if is_special else stop})
-        out.append(row)
-    return out

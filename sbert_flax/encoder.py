@@ -47,6 +47,7 @@ DEFAULT_MAX_BATCH_TOKENS = 4096
 ROW_UNIT = 64  # `encode(batch_size=N)` means a budget of N rows of this many tokens
 IN_FLIGHT = 2  # batches dispatched but not yet copied back: bounds device memory
 WINDOW_BATCHES = 64  # sentences are sorted and packed within a window of about this many batches
+MIN_WINDOW = 1024  # sentences a window holds at least (fewer leave packing little to choose from)
 # Threads preparing windows (tokenize, pack) ahead of the devices. Each `encode_batch` call
 # already spreads over the cores (the tokenizers library's own pool); a second thread packs one
 # window while the next is tokenized. Windows prepared ahead: workers + 1 (bounded memory).
@@ -384,7 +385,7 @@ class SentenceEncoder:
         budget = batch_size * ROW_UNIT if batch_size else self.max_batch_tokens
         msl = int(max_seq_length or self.max_seq_length)
         packer = self.packer(budget, msl)
-        window = max(1024, WINDOW_BATCHES * budget // 32)  # ~32 tokens a sentence, generously
+        window = max(MIN_WINDOW, WINDOW_BATCHES * budget // 32)  # ~32 tokens a sentence, generously
         workers = self.host_workers if workers is None else int(workers)
         prepare = functools.partial(self._prepare_window, packer=packer, max_seq_length=msl,
                                     prefix=prefix, output=output)

@@ -1,6 +1,7 @@
 """Streaming encode: any iterable in, bounded work in flight, chunks in input order."""
 
 import io
+import threading
 
 import numpy as np
 import pytest
@@ -104,3 +105,41 @@ def test_packing_waste_on_stsb(enc, stsb_test):
     s1, s2, _ = stsb_test
     enc.encode(list(s1) + list(s2))
     assert enc.last_stats.padding_waste <= 0.05, enc.last_stats
+
+
+def test_background_preparation_is_bit_identical_and_streams(enc, base, monkeypatch):
+    # (`base` first: its shapes, compiled already, are most of the ones used here.)
+    # Windows of 100 sentences: 12 windows of a 1,200-sentence generator, each window the same
+    # 100 sentences in another order (the same few shapes to compile; a window's results filed
+    # into another window would come out in the wrong order).
+    monkeypatch.setattr(encoder_mod, "MIN_WINDOW", 100)
+    monkeypatch.setattr(encoder_mod, "WINDOW_BATCHES", 0)
+    sents = [s for k in range(12) for s in SENTS[7 * k:100] + SENTS[:7 * k]]
+    read, threads = [0], set()
+
+    def gen():
+        for s in sents:
+            read[0] += 1
+            yield s
+
+    prepare = SentenceEncoder._prepare_window
+
+    def recording_prepare(self, *a, **k):
+        threads.add(threading.current_thread().name)
+        return prepare(self, *a, **k)
+
+    monkeypatch.setattr(SentenceEncoder, "_prepare_window", recording_prepare)
+    assert enc.host_workers == 2
+    chunks = []
+    for rows, part in enc.encode_chunks(gen(), chunk_size=100):
+        chunks.append((read[0], int(rows[-1]) + 1, part))
+    # Streaming: when a chunk is handed out, the input was read at most a few windows past it
+    # (the window on the devices, the batches in flight, workers + 1 windows prepared ahead).
+    assert chunks[0][0] <= 600 < len(sents)
+    assert all(r <= end + 500 for r, end, _ in chunks)
+    assert any(t.startswith("sbert-flax-prepare") for t in threads)
+    serial = SentenceEncoder(enc.model, devices=enc.devices, host_workers=0)
+    threads.clear()
+    want = serial.encode(sents)
+    assert threads == {threading.current_thread().name}
+    np.testing.assert_array_equal(np.concatenate([p for *_, p in chunks]), want)

@@ -47,6 +47,17 @@ def test_encode_gives_the_hf_call_ids(tokenizer, lowercase):
                 assert g.dtype == np.int32 and g.tolist() == list(w), (max_length, side, i)
 
 
+def test_encode_ids_is_encode_in_one_buffer(tokenizer):
+    texts = TEXTS + random_zh_sentences(40, 0, 200, seed=3)
+    for max_length, side in ((None, "right"), (8, "left"), (64, "right")):
+        want = tokenizer.encode(texts, max_length, side)
+        got = tokenizer.encode_ids(texts, max_length, side)
+        assert len(got) == len(want) and got.flat.dtype == np.int32
+        assert got.lengths.tolist() == [len(w) for w in want]
+        assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
+    assert len(tokenizer.encode_ids([], 8)) == 0
+
+
 def test_eight_threads_with_mixed_sides_give_the_serial_result(zh_vocab):
     tok = load_tokenizer(zh_vocab)
     texts = random_zh_sentences(64, 20, 120, seed=2)

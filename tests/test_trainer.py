@@ -330,7 +330,7 @@ def test_resume_refusals_keep_config_json(tmp_path, model, tiny_bert, zh_vocab, 
     assert "group_by_length: False -> True" in capsys.readouterr().err
     # A checkpoint from before packing existed trained padded: resuming it packed is refused too.
     assert TrainConfig(loss="mnrl").resume_mismatches({"seed": 7}) == ["pack: False -> True"]
-    assert TrainConfig(loss="softmax").resume_mismatches({"seed": 7}) == []  # softmax never packs
+    assert TrainConfig(loss="softmax").resume_mismatches({"seed": 7}) == ["pack: False -> True"]
     with pytest.raises(ResumeMismatch, match="seed"):
         train_and_evaluate(TrainConfig(pretrained_model_path=str(here), train_path=train,
                                        loss="cached-mnrl", mini_batch_size=8, batch_size=16,

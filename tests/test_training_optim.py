@@ -105,7 +105,7 @@ def test_schedule_formula(total, ratio):
 
 def test_schedule_matches_pytorch_step_order():
     """lr seen by each optimizer.step() in UER's loop (optimizer.step(); scheduler.step())."""
-    torch = pytest.importorskip("torch")
+    import torch
     from transformers import get_linear_schedule_with_warmup
 
     total, lr = 23, 5e-5
@@ -281,3 +281,48 @@ def test_make_optimizer_with_nnx_optimizer():
         two_steps(model, opt)
         assert int(opt.step[...]) == 2
         assert not np.array_equal(np.asarray(model.embeddings.word_embeddings[...]), before)
+
+
+def test_head_mask():
+    """True on the encoder, False on the loss's head (what sentence-transformers' Trainer leaves
+    out of its clipping norm)."""
+    from sbert_flax.training.optim import head_mask
+
+    params = tiny_params()
+    mask = flat(head_mask({"embedder": {"backbone": params}, "classifier": params["classifier"]}))
+    assert mask["classifier/kernel"] is False and mask["classifier/bias"] is False
+    assert all(v for k, v in mask.items() if not k.startswith("classifier/"))
+    assert sum(1 for v in mask.values() if v) == len(flat(params))  # the nested "classifier" too
+
+
+def test_make_optimizer_matches_torch_adamw_with_encoder_clipping():
+    """adam_eps=1e-8, clip_head=False: torch's AdamW (two decay groups) after
+    clip_grad_norm_ over the encoder's params only, as sentence-transformers' Trainer steps."""
+    import torch
+    rng = np.random.default_rng(5)
+    params = {"embedder": {"w": rng.normal(size=(4, 3)).astype(np.float32),
+                           "bias": rng.normal(size=(3,)).astype(np.float32)},
+              "classifier": {"kernel": rng.normal(size=(3, 2)).astype(np.float32),
+                             "bias": rng.normal(size=(2,)).astype(np.float32)}}
+    steps, lr = 6, 0.03
+    grads = [jax.tree_util.tree_map(
+        lambda x, i=i: (rng.normal(size=x.shape) * 10.0 ** (i - 3)).astype(np.float32), params)
+        for i in range(steps)]
+    got = run_optax(make_optimizer(lr, steps, warmup_ratio=0.5, weight_decay=0.1, max_grad_norm=0.5,
+                                   adam_eps=1e-8, clip_head=False, params_for_mask=params),
+                    params, grads)
+
+    tp = {k: torch.tensor(v, requires_grad=True) for k, v in flat(params).items()}
+    encoder = [tp["embedder/w"], tp["embedder/bias"]]
+    opt = torch.optim.AdamW([{"params": [tp["embedder/w"], tp["classifier/kernel"]], "weight_decay": 0.1},
+                             {"params": [tp["embedder/bias"], tp["classifier/bias"]], "weight_decay": 0.0}],
+                            lr=lr, eps=1e-8)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_with_warmup(s, 1.0, steps, 0.5 * steps))
+    for g in grads:
+        for k, v in flat(g).items():
+            tp[k].grad = torch.tensor(v)
+        torch.nn.utils.clip_grad_norm_(encoder, 0.5)
+        opt.step()
+        sched.step()
+    for k, v in flat(got).items():
+        np.testing.assert_allclose(np.asarray(v), tp[k].detach().numpy(), rtol=2e-5, atol=1e-6, err_msg=k)

@@ -12,7 +12,7 @@
 - `matryoshka_dims`: wraps any embedding loss: the sum over dims of the loss on embeddings
   truncated to each dim (sentence-transformers' MatryoshkaLoss, weights 1).
 
-The embedding losses take a batch in either layout of the pipeline: padded (`{c}_ids`/`{c}_mask`
+Every loss takes a batch in either layout of the pipeline: padded (`{c}_ids`/`{c}_mask`
 per text column) or packed (the texts of all columns in shared rows, `packed_*` and `{c}_row` /
 `{c}_slot`; the default, see `packing.TrainPacking`). Both give each text the same embedding.
 Padding rows (weight 0) are neither negatives nor counted in any mean. Each loss exposes `name`,
@@ -142,19 +142,25 @@ def _pooling(given: str | PoolingConfig | None, default: PoolingConfig | None) -
 
 @dataclasses.dataclass(frozen=True)
 class SoftmaxLoss:
-    """UER-py's siamese recipe, numerically as before (one backbone call on [a; b])."""
+    """UER-py's siamese recipe: [u, v, |u-v|, u*v] -> linear -> cross-entropy.
+
+    A packed batch (the default: `packed_*`, `text_a_row/slot`, `text_b_row/slot`) embeds every
+    text of both columns in shared rows, as the embedding losses do, then gathers u and v per pair;
+    a padded one (`--no_pack`) pads [a; b] to one length and embeds it in one backbone call.
+    """
 
     num_labels: int
     pooling: PoolingConfig | None = None
     name: ClassVar[str] = "softmax"
     target: ClassVar[str] = "labels"
-    # The batch pads both columns to one length: the classifier embeds [a; b] in one call.
+    # Padded batches pad both columns to one length: the classifier embeds [a; b] in one call.
     joint_length: ClassVar[bool] = True
+    columns: ClassVar[tuple[str, str]] = ("text_a", "text_b")
 
     def text_columns(self, has_negative: bool = False) -> tuple[str, ...]:
         if has_negative:
             raise ValueError("the softmax loss takes (text_a, text_b, label) rows; no negative column")
-        return ("text_a", "text_b")
+        return self.columns
 
     def model_def(self, cfg: BertConfig, pooling: str | PoolingConfig | None = None,
                   dtype: Any = jnp.float32) -> ModelDef:
@@ -165,10 +171,21 @@ class SoftmaxLoss:
 
     def value_and_grad(self, graphdef: nnx.GraphDef, params: Any, batch: Batch,
                        dropout_key: Array | None) -> tuple[Array, Any, dict[str, Array]]:
+        if "packed_ids" in batch:
+            ids, segments, positions, row, slot = cols.packed_arrays(batch, self.columns)
+            keys = None if dropout_key is None else cols.row_keys(dropout_key, 1, ids.shape[0])[0]
+
+            def logits_of(p):
+                embs = cols.embed_packed_rows(graphdef, p, ids, segments, positions, keys)[row, slot]
+                return nnx.merge(graphdef, p).head(embs[0], embs[1])  # embs [2, B, D]
+        else:
+            def logits_of(p):
+                return nnx.merge(graphdef, p)(batch["text_a_ids"], batch["text_a_mask"],
+                                              batch["text_b_ids"], batch["text_b_mask"],
+                                              dropout_key=dropout_key)
+
         def loss_fn(p):
-            logits = nnx.merge(graphdef, p)(batch["text_a_ids"], batch["text_a_mask"],
-                                            batch["text_b_ids"], batch["text_b_mask"],
-                                            dropout_key=dropout_key)
+            logits = logits_of(p)
             return siamese.weighted_cross_entropy(logits, batch["labels"], batch["weights"]), logits
 
         (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)

@@ -24,8 +24,8 @@ NORM_MODULES = frozenset({"layer_norm", "attention_norm", "output_norm"})
 # Pytree key-path entries that are containers, not names: an nnx.Variable's `.value`.
 _CONTAINER_ATTRS = frozenset({"value", "raw_value"})
 
-# UER/HF's AdamW default for BERT fine-tuning; used for both optimizers (HF's torch AdamW default
-# is 1e-8, but UER passes 1e-6 and that is the recipe we reproduce).
+# UER's AdamW epsilon for BERT fine-tuning, the default of both optimizers. torch's AdamW and HF /
+# sentence-transformers' Trainer use 1e-8 (`--adam_eps 1e-8`, see bench/siamese_divergence.py).
 ADAM_EPS = 1e-6
 
 
@@ -176,10 +176,18 @@ def uer_adamw(learning_rate: float | optax.Schedule, b1: float = 0.9, b2: float 
 _uer_adamw = uer_adamw
 
 
+def head_mask(params: Any) -> Any:
+    """A pytree of bools like `params`: True outside a loss's head (`classifier`), i.e. on the
+    sentence encoder that sentence-transformers' Trainer clips (`model.parameters()`)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: "classifier" not in _path_names(p)[:1], params)
+
+
 def make_optimizer(learning_rate: float, total_steps: int, *, warmup_ratio: float = 0.1,
                    weight_decay: float = 0.01, uer_adamw: bool = False,
                    params_for_mask: Any | None = None,
-                   max_grad_norm: float | None = None) -> optax.GradientTransformation:
+                   max_grad_norm: float | None = None, adam_eps: float = ADAM_EPS,
+                   clip_head: bool = True) -> optax.GradientTransformation:
     """The fine-tuning optimizer: AdamW on a warmup-linear schedule, no decay on bias/LayerNorm.
 
     Args:
@@ -192,6 +200,11 @@ def make_optimizer(learning_rate: float, total_steps: int, *, warmup_ratio: floa
       params_for_mask: params (or an abstract tree of the same structure) to compute the decay
         mask once; None computes it from the params at each update.
       max_grad_norm: clip gradients to this global norm first; None (UER's default) does not clip.
+      adam_eps: added to sqrt(v): UER's 1e-6 (the default), or torch / HF Trainer's 1e-8.
+      clip_head: with `max_grad_norm`, the norm and the clipping cover the classifier head too
+        (old sentence-transformers `fit`: `loss_model.parameters()`); False clips only the
+        encoder, as sentence-transformers' Trainer does (`model.parameters()`: the SoftmaxLoss
+        head lives in the loss, outside the norm, and is never scaled).
 
     Returns:
       An optax transformation; `update` needs params.
@@ -199,10 +212,14 @@ def make_optimizer(learning_rate: float, total_steps: int, *, warmup_ratio: floa
     schedule = warmup_linear_schedule(learning_rate, total_steps, warmup_ratio)
     mask = decay_mask(params_for_mask) if params_for_mask is not None else decay_mask
     if uer_adamw:
-        tx = _uer_adamw(schedule, eps=ADAM_EPS, weight_decay=weight_decay, mask=mask)
+        tx = _uer_adamw(schedule, eps=adam_eps, weight_decay=weight_decay, mask=mask)
     else:
-        tx = optax.adamw(schedule, b1=0.9, b2=0.999, eps=ADAM_EPS, weight_decay=weight_decay,
+        tx = optax.adamw(schedule, b1=0.9, b2=0.999, eps=adam_eps, weight_decay=weight_decay,
                          mask=mask)
     if max_grad_norm is not None:
-        tx = optax.chain(optax.clip_by_global_norm(max_grad_norm), tx)
+        clip = optax.clip_by_global_norm(max_grad_norm)
+        if not clip_head:  # masked: the norm is over the masked-in leaves only
+            clip = optax.masked(clip, head_mask(params_for_mask) if params_for_mask is not None
+                                else head_mask)
+        tx = optax.chain(clip, tx)
     return tx

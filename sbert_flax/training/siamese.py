@@ -66,7 +66,11 @@ class SiameseClassifier(nnx.Module):
         # Both sides in one backbone call ([2B, L]): the same weights, twice the GEMM rows.
         emb = self.embedder(jnp.concatenate([a_ids, b_ids]), jnp.concatenate([a_mask, b_mask]),
                             dropout_key=dropout_key)
-        u, v = emb[:n], emb[n:]
+        return self.head(emb[:n], emb[n:])
+
+    def head(self, u: Array, v: Array) -> Array:
+        """Logits float32 [B, num_labels] of the pair embeddings u, v [B, D]."""
+        u, v = u.astype(jnp.float32), v.astype(jnp.float32)
         return self.classifier(jnp.concatenate([u, v, jnp.abs(u - v), u * v], axis=-1))
 
 

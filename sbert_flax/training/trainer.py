@@ -190,7 +190,8 @@ class Trainer:
         self.tx = optim.make_optimizer(cfg.learning_rate, self.total_steps, warmup_ratio=cfg.warmup,
                                        weight_decay=cfg.weight_decay, uer_adamw=cfg.uer_adamw,
                                        params_for_mask=self.mdef.abstract_params,
-                                       max_grad_norm=cfg.max_grad_norm)
+                                       max_grad_norm=cfg.max_grad_norm, adam_eps=cfg.adam_eps,
+                                       clip_head=cfg.clip_head)
         self.lr_at = optim.warmup_linear_schedule(cfg.learning_rate, self.total_steps, cfg.warmup)
         self.layout = state_layout(self.mdef, self.tx, self.mesh,
                                    sharding.rules_for(cfg.param_sharding))

@@ -132,8 +132,9 @@ def mine_hard_negatives(encoder: Any, anchors: Sequence[str], positives: Sequenc
     Raises:
       ValueError: no pairs, anchors and positives of different lengths, or an option out of range.
     """
+    kwargs = dict(locals())  # every argument above, passed on as given
     out: dict[str, list] = {}
-    for block in iter_mined(**{k: v for k, v in locals().items() if k != "out"}):
+    for block in iter_mined(**kwargs):
         for name, values in block.items():
             out.setdefault(name, []).extend(values)
     return out

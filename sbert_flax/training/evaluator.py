@@ -43,7 +43,9 @@ class Evaluator:
       layout: state shardings (mesh and param shardings).
       tokenizer: host tokenizer.
       seq_length: max tokens per sentence.
-      batch_size: global rows per eval batch (a multiple of the device count).
+      batch_size: global rows per classification batch (a multiple of the device count); the
+        embedding batches pack sentences into rows under a budget of batch_size x seq_length
+        tokens.
       sts_paths: `s1 \\t s2 \\t score` files; each is read once here (errors name file:line).
       classify: build the softmax classifier's eval step too.
     """

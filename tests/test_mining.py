@@ -216,10 +216,10 @@ def test_rules_on_a_toy_corpus():
 
 # One range_max for all: one search width, so the cases share their compiled kernels.
 @pytest.mark.parametrize("kw", [{"output_format": "triplet", "num_negatives": 3},
-                                {"output_format": "n-tuple", "num_negatives": 2, "range_min": 2},
                                 {"output_format": "labeled-list", "sampling_strategy": "random",
                                  "num_negatives": 3},
-                                {"output_format": "labeled-pair", "absolute_margin": 0.001}])
+                                {"output_format": "labeled-pair", "absolute_margin": 0.001,
+                                 "range_min": 2}])
 def test_streamed_blocks_and_corpus_chunks_mine_the_same(tmp_path, kw):
     # Small blocks of anchors and a corpus read back from a scratch file 7 rows at a time give
     # what one block over the whole corpus in memory gives: ties across chunk borders (equal

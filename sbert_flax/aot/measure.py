@@ -1,0 +1,220 @@
+"""Compile the programs for a topology and read what XLA says about them: memory per chip, FLOPs.
+
+Per chip, from `compiled.memory_analysis()` of the SPMD-partitioned program (what one chip runs):
+arguments (the state shard and the batch shard), outputs, temporaries, and the outputs that alias
+donated arguments (the new train state reuses the old state's buffers). The peak a chip needs is
+arguments + outputs - aliased + temporaries; the program fits when that is at most the chip's
+HBM. When XLA itself refuses (it ran out of HBM while scheduling), the program does not fit
+either, and XLA's message is kept.
+
+FLOPs: `compiled.cost_analysis()["flops"]` is one chip's program; times the chips it is the
+whole step. XLA counts a loop body once, so with `--scan_layers` (a loop over layers) or
+cached-mnrl (a loop over mini-batches) the figure undercounts: compare FLOPs without them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from typing import Any
+
+from sbert_flax.aot.programs import Lowering, encode_lowerings, train_step_lowering
+from sbert_flax.aot.topology import GiB, Topology
+from sbert_flax.config import BertConfig, PoolingConfig
+from sbert_flax.encoder import DEFAULT_MAX_BATCH_TOKENS
+from sbert_flax.training.train_config import TrainConfig
+
+_OOM = re.compile(r"RESOURCE_EXHAUSTED|[Rr]an out of memory|[Oo]ut of memory")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """XLA's refusal to compile for lack of device memory (vs. any other failure)."""
+    return bool(_OOM.search(str(e)))
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramReport:
+    """One compiled program on one chip.
+
+    Attributes:
+      name: "train_step" or "encode ROWSxLENGTH".
+      shape: encode programs: (rows, length) of the packed batch.
+      arguments, output, alias, temp: bytes per chip (None when XLA refused to compile).
+      flops: the whole program over all chips (XLA's cost analysis), None when refused.
+      compile_seconds: wall time of the compile.
+      error: XLA's out-of-memory message, when it refused.
+    """
+
+    name: str
+    shape: tuple[int, ...] | None
+    arguments: int | None
+    output: int | None
+    alias: int | None
+    temp: int | None
+    flops: float | None
+    compile_seconds: float
+    error: str | None = None
+
+    @property
+    def total(self) -> int | None:
+        if self.error is not None:
+            return None
+        return self.arguments + self.output - self.alias + self.temp  # type: ignore[operator]
+
+    def fits(self, hbm_bytes: int) -> bool:
+        return self.error is None and self.total <= hbm_bytes  # type: ignore[operator]
+
+    def bytes_json(self) -> dict[str, int | None]:
+        return {"arguments": self.arguments, "output": self.output, "alias": self.alias,
+                "temp": self.temp, "total": self.total}
+
+
+def _flops(compiled: Any) -> float | None:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list | tuple):  # older jax: one dict per program
+        cost = cost[0] if cost else None
+    if not cost or "flops" not in cost:
+        return None
+    return float(cost["flops"])
+
+
+def compile_program(lowering: Lowering, chips: int) -> ProgramReport:
+    """Compiles `lowering` and reads its memory and cost analyses.
+
+    Raises:
+      Whatever XLA raises that is not an out-of-memory refusal (a bug, not the user's).
+    """
+    t0 = time.perf_counter()
+    try:
+        compiled = lowering.lowered.compile()
+    except Exception as e:  # noqa: BLE001 -- only XLA's out-of-memory is an answer here
+        if not is_out_of_memory(e):
+            raise
+        secs = time.perf_counter() - t0
+        msg = re.sub(r"\s+", " ", str(e)).strip()
+        return ProgramReport(lowering.name, lowering.shape, None, None, None, None, None, secs, msg)
+    secs = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    flops = _flops(compiled)
+    return ProgramReport(
+        lowering.name, lowering.shape, int(mem.argument_size_in_bytes),
+        int(mem.output_size_in_bytes), int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes),
+        None if flops is None else flops * chips, secs)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileReport:
+    """What `sbert-flax compile` found: the train step and (with --encode) each encode shape."""
+
+    topology: Topology
+    train: ProgramReport
+    encode: tuple[ProgramReport, ...] = ()
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def hbm(self) -> int:
+        return self.topology.hbm_bytes_per_chip
+
+    @property
+    def fits(self) -> bool:
+        return self.train.fits(self.hbm) and all(p.fits(self.hbm) for p in self.encode)
+
+    @property
+    def compile_seconds(self) -> float:
+        return self.train.compile_seconds + sum(p.compile_seconds for p in self.encode)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "topology": self.topology.name, "chips": self.topology.chips,
+            "device_kind": self.topology.device_kind, "hbm_bytes_per_chip": self.hbm,
+            "bytes_per_chip": self.train.bytes_json(), "fits": self.fits,
+            "train_step_fits": self.train.fits(self.hbm), "flops_per_step": self.train.flops,
+            "compile_seconds": round(self.compile_seconds, 2), "settings": self.settings,
+        }
+        if self.train.error:
+            out["error"] = self.train.error
+        if self.encode:
+            out["encode"] = [{"shape": list(p.shape or ()), "bytes_per_chip": p.bytes_json(),
+                              "fits": p.fits(self.hbm), "flops": p.flops,
+                              "compile_seconds": round(p.compile_seconds, 2),
+                              **({"error": p.error} if p.error else {})} for p in self.encode]
+        return out
+
+
+def gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / GiB:.2f} GiB"
+
+
+def advice(settings: dict[str, Any], train_fits: bool) -> list[str]:
+    """What to change so that the step fits, from the run's settings (most effective first)."""
+    if train_fits:
+        return ["encode: a smaller --max_batch_tokens (fewer rows per packed batch)"]
+    out = []
+    if not settings.get("remat"):
+        out.append("--remat (recompute each layer's activations in the backward pass)")
+    if settings.get("loss") == "mnrl":
+        b = int(settings.get("batch_size") or 0)
+        mini = max(b // 8, 1)
+        out.append(f"--loss cached-mnrl --mini_batch_size {mini} (GradCache: the same loss, "
+                   "activations of one mini-batch at a time)")
+    elif settings.get("loss") == "cached-mnrl" and settings.get("mini_batch_size"):
+        out.append(f"a smaller --mini_batch_size (now {settings['mini_batch_size']})")
+    if settings.get("param_sharding") != "fsdp":
+        out.append("--param-sharding fsdp (params and optimizer state split over the chips)")
+    if settings.get("batch_size"):
+        out.append(f"a smaller --batch_size (now {settings['batch_size']})")
+    out.append("more chips (a larger --topology)")
+    return out
+
+
+def format_report(report: CompileReport) -> str:
+    """The human-readable report (`sbert-flax compile` without --json)."""
+    t, s = report.topology, report.settings
+    lines = [f"topology {t.name}: {t.chips} x {t.device_kind}, {gib(report.hbm)} HBM per chip",
+             f"train step: loss {s.get('loss')}, global batch {s.get('batch_size')}, seq_length "
+             f"{s.get('seq_length')}, {'bf16' if s.get('bf16') else 'float32'}, params "
+             f"{s.get('param_sharding')}" + (", remat" if s.get("remat") else "")
+             + (", scan_layers" if s.get("scan_layers") else "")
+             + (f", mini_batch_size {s['mini_batch_size']}" if s.get("mini_batch_size") else "")]
+
+    def describe(p: ProgramReport) -> str:
+        if p.error:
+            return f"  {p.name}: XLA refused: {p.error} ({p.compile_seconds:.1f} s)"
+        flops = "-" if p.flops is None else f"{p.flops:.3e}"
+        return (f"  {p.name}: per chip {gib(p.total)} (arguments {gib(p.arguments)}, output "
+                f"{gib(p.output)}, aliased {gib(p.alias)}, temp {gib(p.temp)}); "
+                f"{'fits' if p.fits(report.hbm) else 'DOES NOT FIT'}; FLOPs {flops}; "
+                f"compiled in {p.compile_seconds:.1f} s")
+
+    lines.append(describe(report.train))
+    lines += [describe(p) for p in report.encode]
+    lines.append(f"{'fits' if report.fits else 'does not fit'} "
+                 f"(compiled in {report.compile_seconds:.1f} s)")
+    return "\n".join(lines)
+
+
+def compile_for_topology(cfg: TrainConfig, model: BertConfig, pooling: PoolingConfig,
+                         topology: Topology, *, encode: bool = False, negatives: int = 0,
+                         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> CompileReport:
+    """Compiles the train step of `cfg` (and with `encode` every packed encode shape at
+    `cfg.seq_length`) for `topology`; see the module docstring for what is measured.
+
+    Raises:
+      ValueError: settings that do not go together (the batch does not split over the chips, ...).
+    """
+    settings = {"loss": cfg.loss, "batch_size": cfg.batch_size, "seq_length": cfg.seq_length,
+                "bf16": cfg.bf16, "param_sharding": cfg.param_sharding, "remat": cfg.remat,
+                "scan_layers": cfg.scan_layers, "mini_batch_size": cfg.mini_batch_size,
+                "negatives": negatives, "pack": cfg.pack}
+    if encode:
+        settings["max_batch_tokens"] = max_batch_tokens
+    chips = topology.chips
+    train = compile_program(train_step_lowering(cfg, model, pooling, topology.devices,
+                                                negatives=negatives), chips)
+    enc: tuple[ProgramReport, ...] = ()
+    if encode:
+        enc = tuple(compile_program(lw, chips) for lw in encode_lowerings(
+            model, pooling, topology.devices, bf16=cfg.bf16, max_seq_length=cfg.seq_length,
+            max_batch_tokens=max_batch_tokens))
+    return CompileReport(topology, train, enc, settings)

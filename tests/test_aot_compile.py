@@ -1,0 +1,110 @@
+"""`sbert-flax compile`: the real train step and encode programs, compiled for a v5e:2x2 slice on
+this CPU host (libtpu's compile-only devices), in-process beside the 8 CPU devices of the tests.
+
+Kept cheap: a 2-layer hidden-32 model. XLA refuses the plain-mnrl batch of 4096 pairs x 512 tokens
+early (its temporaries alone are ~25 GiB a chip), and the same batch under cached-mnrl compiles in
+seconds; the models of the big batch have no dropout, which otherwise multiplies the compile time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import pytest
+
+from sbert_flax import cli
+from sbert_flax.config import BertConfig
+from sbert_flax.packing import Packer
+
+TOPOLOGY = "v5e:2x2"
+V5E_HBM = 16 * 1024**3
+KEYS = {"topology", "chips", "hbm_bytes_per_chip", "bytes_per_chip", "fits", "flops_per_step",
+        "compile_seconds"}
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory) -> str:
+    """A config.json only (the command compiles an architecture; no weights needed)."""
+    path = tmp_path_factory.mktemp("aot") / "config.json"
+    cfg = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=37, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    path.write_text(json.dumps(cfg.to_hf_dict()))
+    return str(path)
+
+
+def test_train_step_and_encode_fit(capsys, tiny_bert):
+    model = tiny_bert()  # a model folder (HF, mean pooling), as users pass it
+    rc, out, err = run(capsys, "compile", "--topology", TOPOLOGY, "--model", model, "--loss", "mnrl",
+                       "--batch_size", "16", "--seq_length", "32", "--bf16", "--encode",
+                       "--max_batch_tokens", "256", "--json")
+    assert rc == 0, err
+    rep = json.loads(out)
+    assert KEYS <= set(rep)
+    assert rep["topology"] == TOPOLOGY and rep["chips"] == 4 and rep["fits"] is True
+    assert rep["hbm_bytes_per_chip"] == V5E_HBM
+    b = rep["bytes_per_chip"]
+    assert set(b) >= {"arguments", "output", "temp", "total"}
+    assert 0 < b["total"] <= V5E_HBM
+    assert b["total"] == b["arguments"] + b["output"] - b["alias"] + b["temp"]
+    # The donated state: the new params and moments reuse the old ones' buffers.
+    assert b["alias"] > 0
+    assert rep["flops_per_step"] > 0 and rep["compile_seconds"] > 0
+    # Every packed shape the encoder can produce on 4 chips at this budget, each compiled.
+    shapes = Packer(256, 32, 4).shapes()
+    assert [tuple(e["shape"]) for e in rep["encode"]] == shapes
+    assert all(e["fits"] and e["bytes_per_chip"]["total"] > 0 and e["flops"] > 0
+               for e in rep["encode"])
+    # The process's own backend is untouched.
+    assert jax.default_backend() == "cpu" and len(jax.devices()) == 8
+
+
+def test_does_not_fit_then_cached_mnrl_fits(capsys, tiny_config):
+    big = ["compile", "--topology", TOPOLOGY, "--model", tiny_config, "--batch_size", "4096",
+           "--seq_length", "512", "--bf16", "--json"]
+    rc, out, err = run(capsys, *big, "--loss", "mnrl")
+    assert rc == 3
+    rep = json.loads(out)
+    assert rep["fits"] is False and rep["bytes_per_chip"]["total"] is None
+    assert "RESOURCE_EXHAUSTED" in rep["error"]  # XLA itself refused: caught, not a crash
+    assert "does not fit" in err and "Traceback" not in err
+    for fix in ("--remat", "--loss cached-mnrl --mini_batch_size", "--param-sharding fsdp",
+                "smaller --batch_size"):
+        assert fix in err, fix
+
+    rc, out, err = run(capsys, *big, "--loss", "cached-mnrl", "--mini_batch_size", "16")
+    assert rc == 0, err
+    rep = json.loads(out)
+    assert rep["fits"] is True and 0 < rep["bytes_per_chip"]["total"] <= V5E_HBM
+
+
+def test_over_the_given_hbm_exits_3_with_the_size(capsys, tiny_config):
+    rc, out, err = run(capsys, "compile", "--topology", TOPOLOGY, "--model", tiny_config,
+                       "--batch_size", "16", "--seq_length", "32", "--hbm-gib", "0.0001")
+    assert rc == 3
+    assert "DOES NOT FIT" in out  # the text report
+    assert "does not fit on v5e:2x2 (needs" in err and "GiB per chip" in err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--topology", "v5e-8"], "v5e:2x4"),  # the marketing name: the message names the form
+    (["--topology", "v5e:2x2", "--batch_size", "6"], "multiple of the 4 chips"),
+    (["--topology", "v5e:2x2", "--seq_length", "4096"], "max_position_embeddings"),
+])
+def test_bad_input_is_one_line(capsys, tiny_config, argv, needle):
+    rc, out, err = run(capsys, "compile", "--model", tiny_config, *argv)
+    assert rc == 2 and needle in err and "Traceback" not in err
+
+
+def test_missing_model(capsys, tmp_path):
+    rc, _, err = run(capsys, "compile", "--topology", TOPOLOGY, "--model",
+                     os.path.join(tmp_path, "absent"))
+    assert rc == 2 and "Traceback" not in err

@@ -32,6 +32,8 @@ SUMMARY_METRICS = ("ndcg@10", "mrr@10", "map@100", "recall@1", "recall@10", "rec
 # back to: C-MTEB's retrieval folders ship dev qrels, BEIR's mostly test only; dev comes first
 # because picking the best model on test qrels would tune on the test set.
 DEV_SPLIT, DEV_FALLBACK = "dev", "test"
+# Queries whose equal scores straddle the top-k cut, ranked against a whole corpus chunk at a time.
+TIE_GROUP = 32
 
 logger = logging.getLogger(__name__)
 
@@ -284,7 +286,7 @@ def evaluate_retrieval(encoder: Any, folder: str | BeirFolder, split: str = "tes
       Ranking is by score, equal scores by ascending document id (as sentence-transformers),
       also where they straddle the top-k cut.
     """
-    from sbert_flax.util import semantic_search
+    from sbert_flax.search import top_k_arrays  # JAX: imported when a search runs
 
     f = folder if isinstance(folder, BeirFolder) else load_beir(folder, split)
     ks = {"accuracy_at_k": ACCURACY_AT_K, "precision_recall_at_k": PRECISION_RECALL_AT_K,
@@ -308,23 +310,16 @@ def evaluate_retrieval(encoder: Any, folder: str | BeirFolder, split: str = "tes
     for rows, chunk in encoder.encode_chunks(f.corpus_texts(), chunk_size=corpus_chunk_size,
                                              batch_size=batch_size,
                                              **prompts(corpus_prompt, corpus_prompt_name)):
-        # One more than needed, to see whether equal scores straddle the cut: semantic_search
-        # cuts them in row order, sentence-transformers by id. Those (rare) queries are ranked
-        # against the whole chunk so that the merge below makes the cut by id.
-        hits = semantic_search(q_emb, chunk, top_k=min(max_k + 1, len(rows)),
-                               corpus_chunk_size=len(rows))
-        tied = [i for i, h in enumerate(hits)
-                if len(h) > max_k and h[max_k]["score"] == h[max_k - 1]["score"]]
-        if tied:
-            full = semantic_search(q_emb[tied], chunk, top_k=len(rows), corpus_chunk_size=len(rows))
-            for i, h in zip(tied, full, strict=True):
-                hits[i] = h
-        width = max(len(h) for h in hits)
-        s = np.full((nq, width), -np.inf, np.float32)
-        r = np.full((nq, width), -1, np.int64)
-        for i, h in enumerate(hits):
-            s[i, :len(h)] = [x["score"] for x in h]
-            r[i, :len(h)] = rows[[x["corpus_id"] for x in h]]
+        # One more than needed, to see whether equal scores straddle the cut: the search cuts
+        # them in row order, sentence-transformers by id. Those (rare) queries are settled
+        # against the whole chunk by id (`_cut_ties_by_id`).
+        s, i = top_k_arrays(q_emb, chunk, top_k=min(max_k + 1, len(rows)),
+                            corpus_chunk_size=len(rows))
+        if s.shape[1] > max_k:
+            tied = np.flatnonzero(np.isfinite(s[:, max_k]) & (s[:, max_k] == s[:, max_k - 1]))
+            if tied.size:
+                _cut_ties_by_id(q_emb, chunk, s, i, tied, max_k, id_rank[rows])
+        r = np.where(i >= 0, rows[np.maximum(i, 0)], -1)
         s = np.concatenate([best_s, s], axis=1)
         r = np.concatenate([best_r, r], axis=1)
         # Score descending, then document id ascending (empty slots last, by an out-of-range key).
@@ -335,6 +330,30 @@ def evaluate_retrieval(encoder: Any, folder: str | BeirFolder, split: str = "tes
     ranked = [[f.corpus_ids[j] for j in row if j >= 0] for row in best_r.tolist()]
     out = retrieval_metrics(ranked, f.query_ids, f.relevant, **ks)
     return out | {"queries": nq, "corpus": len(f.corpus_ids)}
+
+
+def _cut_ties_by_id(q_emb: np.ndarray, chunk: np.ndarray, s: np.ndarray, i: np.ndarray,
+                    tied: np.ndarray, max_k: int, chunk_rank: np.ndarray) -> None:
+    """Rewrites the rows `tied` of (s, i) in place: their top max_k against the whole chunk,
+    equal scores by document id (`chunk_rank`: id rank of each chunk row), the extra slot empty.
+
+    Only the candidates scoring at least the tied value can make the cut; they are found by a
+    full ranking of TIE_GROUP queries at a time, as arrays, so a corpus full of duplicates (each
+    tie ranks a whole chunk) stays within a few chunk-sized arrays.
+    """
+    from sbert_flax.search import top_k_arrays
+
+    n = len(chunk)
+    for g in range(0, len(tied), TIE_GROUP):
+        sel = tied[g:g + TIE_GROUP]
+        fs, fi = top_k_arrays(q_emb[sel], chunk, top_k=n, corpus_chunk_size=n)
+        cut = s[sel, max_k]
+        for j, q in enumerate(sel):
+            m = int(np.sum(fs[j] >= cut[j]))  # sorted descending: a prefix
+            cs, ci = fs[j, :m], fi[j, :m]
+            order = np.lexsort((chunk_rank[ci], -cs))[:max_k]
+            s[q], i[q] = -np.inf, -1
+            s[q, :len(order)], i[q, :len(order)] = cs[order], ci[order]
 
 
 def retrieval_table(encoder: Any, folders: Sequence[str | BeirFolder], split: str = "test",

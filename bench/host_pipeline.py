@@ -9,11 +9,16 @@ splits, repeated to `--sentences`), each measure interleaved with the others in 
       once, truncating at the model's length (no strip, no numpy, no packing);
   (c) `SentenceEncoder.encode` end to end with a tiny random model (default 1 layer, hidden 32:
       the host pipeline and the dispatch are what is measured), preparing windows on the
-      caller's thread (host_workers=0) and on 2 background threads (the default);
+      caller's thread (host_workers=0) and on the default background thread;
   (d) the device side alone: the same packed batches, prepared beforehand, dispatched and
       copied back. On this CPU-only machine the "device" computes on the same two cores as the
       tokenizer, so (c) cannot beat 1 / (1/(a) + 1/(d)) (printed as "shared-core bound"); on an
       accelerator the two would not compete.
+  (e) encode with a simulated accelerator: `_dispatch` replaced by a device queue that takes a
+      fixed time per batch and no host CPU (results are zeros, ready when the queue reaches
+      them; waiting sleeps, as waiting on a device does). Its time per batch is set so that the
+      device alone would run at the bare tokenizer's rate (b), measured once before the repeats:
+      host work run serially with the device gives ~0.5x (b), overlapped ~min((a), (b)).
 
 Prints sentences/s of each (best of the repeats) and the ratios (a)/(b), (c)/(b) (the median
 of the per-repeat ratios, so a noisy repeat moves neither side alone). Against an older checkout
@@ -63,6 +68,31 @@ def host_side(enc, sents: list[str], workers: int) -> int:
     return sum(len(w.batches) for w in enc.prepared_windows(sents, workers=workers))
 
 
+class SimulatedDevice:
+    """A device queue that takes `seconds` per batch and no host CPU (for measure (e))."""
+
+    def __init__(self, dim: int, seconds: float):
+        self.dim, self.seconds, self.free_at = dim, seconds, 0.0
+
+    def dispatch(self, batch, dtype, output) -> Result:
+        self.free_at = max(time.perf_counter(), self.free_at) + self.seconds
+        rows, length = batch.shape
+        return Result(self.free_at, (rows, max(1, length // 4), self.dim))
+
+
+class Result:
+    """A batch result that is ready at `ready` (perf_counter time)."""
+
+    def __init__(self, ready: float, shape: tuple[int, ...]):
+        self.ready, self.shape = ready, shape
+
+    def __array__(self, dtype=None, copy=None):
+        import numpy as np
+
+        time.sleep(max(0.0, self.ready - time.perf_counter()))
+        return np.zeros(self.shape, np.float32)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sentences", type=int, default=54_000)
@@ -100,13 +130,27 @@ def main() -> None:
         for _ in enc._run(batches, enc.dtype, "sentence"):
             pass
 
+    t0 = time.perf_counter()
+    bare.encode_batch(sents)
+    per_batch = (time.perf_counter() - t0) / len(batches)  # the device alone runs at rate (b)
+    print(f"{len(batches)} batches; simulated accelerator: {per_batch * 1e3:.2f} ms a batch")
+    simulated = {}
+    for workers in (0, 1, 2):
+        sim = SentenceEncoder(enc.model, devices=enc.devices, max_batch_tokens=args.max_batch_tokens,
+                              **({"host_workers": workers} if new else {}))
+        sim._dispatch = SimulatedDevice(enc.dim, per_batch).dispatch
+        simulated[workers] = sim
+
     measures = {
         "(b) bare encode_batch": lambda: bare.encode_batch(sents),
         "(a) host side, 1 worker": lambda: host_side(enc, sents, 1),
         "(a) host side, 2 workers": lambda: host_side(enc, sents, 2),
         "(d) device side alone": device_side,
         "(c) encode, host_workers=0": lambda: serial.encode(sents),
-        "(c) encode, host_workers=2": lambda: enc.encode(sents),
+        f"(c) encode, host_workers={getattr(enc, 'host_workers', 0)} (default)": lambda: enc.encode(sents),
+        "(e) simulated accelerator, host_workers=0": lambda: simulated[0].encode(sents),
+        "(e) simulated accelerator, host_workers=1": lambda: simulated[1].encode(sents),
+        "(e) simulated accelerator, host_workers=2": lambda: simulated[2].encode(sents),
     }
     rates: dict[str, list[float]] = {k: [] for k in measures}
     for r in range(args.repeats):

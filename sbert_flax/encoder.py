@@ -48,10 +48,11 @@ ROW_UNIT = 64  # `encode(batch_size=N)` means a budget of N rows of this many to
 IN_FLIGHT = 2  # batches dispatched but not yet copied back: bounds device memory
 WINDOW_BATCHES = 64  # sentences are sorted and packed within a window of about this many batches
 MIN_WINDOW = 1024  # sentences a window holds at least (fewer leave packing little to choose from)
-# Threads preparing windows (tokenize, pack) ahead of the devices. Each `encode_batch` call
-# already spreads over the cores (the tokenizers library's own pool); a second thread packs one
-# window while the next is tokenized. Windows prepared ahead: workers + 1 (bounded memory).
-HOST_WORKERS = 2
+# Threads preparing windows (tokenize, pack) ahead of the devices; windows prepared or waiting:
+# workers + 1 (bounded memory). One is the default: each `encode_batch` call already spreads over
+# every core (the tokenizers library's own pool), so a second thread preparing the window after
+# next only takes CPU from the next one (measured in bench/host_pipeline.py, (e)).
+HOST_WORKERS = 1
 
 
 class InputTooLong(ValueError):

@@ -129,7 +129,7 @@ def test_background_preparation_is_bit_identical_and_streams(enc, base, monkeypa
         return prepare(self, *a, **k)
 
     monkeypatch.setattr(SentenceEncoder, "_prepare_window", recording_prepare)
-    assert enc.host_workers == 2
+    assert enc.host_workers >= 1
     chunks = []
     for rows, part in enc.encode_chunks(gen(), chunk_size=100):
         chunks.append((read[0], int(rows[-1]) + 1, part))

@@ -106,6 +106,8 @@ def _libtpu_start_quiet() -> Iterator[None]:
 
 def run(args: argparse.Namespace) -> int:
     """Runs `sbert-flax compile`; returns the exit code (0 fits, 3 does not fit)."""
+    import jax
+
     from sbert_flax.aot.measure import advice, compile_for_topology, format_report
     from sbert_flax.aot.topology import GiB, compile_only_topology
     from sbert_flax.encoder import DEFAULT_MAX_BATCH_TOKENS
@@ -125,9 +127,18 @@ def run(args: argparse.Namespace) -> int:
     if args.seq_length > model.max_position_embeddings:
         raise ValueError(f"--seq_length {args.seq_length} exceeds the model's "
                          f"max_position_embeddings ({model.max_position_embeddings})")
-    report = compile_for_topology(cfg, model, pooling, topology, encode=args.encode,
-                                  negatives=args.negatives,
-                                  max_batch_tokens=args.max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS)
+    # A compile-only executable goes into the persistent compilation cache but cannot be read
+    # back ("PjRtCompiler must be constructed with a Client to call
+    # DeserializeLoadedExecutable": a warning on the next run, and a full compile anyway), so
+    # none is written: the minimum compile time to cache is lifted for these compiles only.
+    min_secs = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1e9)
+    try:
+        report = compile_for_topology(
+            cfg, model, pooling, topology, encode=args.encode, negatives=args.negatives,
+            max_batch_tokens=args.max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS)
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_secs)
     if args.json:
         print(json.dumps(report.to_json()))
     else:

@@ -208,7 +208,7 @@ def cmd_mine_negatives(args: argparse.Namespace) -> int:
         sampling_strategy=args.sampling_strategy, output_format=args.output_format,
         seed=args.seed, batch_size=args.batch_size, query_prompt=args.query_prompt,
         query_prompt_name=args.query_prompt_name, corpus_prompt=args.corpus_prompt,
-        corpus_prompt_name=args.corpus_prompt_name)
+        corpus_prompt_name=args.corpus_prompt_name, scratch_dir=args.scratch_dir or out_dir)
     rows = write_tsv(args.output, blocks)
     print(f"wrote {rows} {args.output_format} rows for {len(anchors)} pairs to {args.output} "
           f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
@@ -433,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
                    default="triplet")
     p.add_argument("--seed", type=int, default=12, help="random sampling seed")
     p.add_argument("--batch-size", type=int, default=None, help="encode batch (rows of 64 tokens)")
+    p.add_argument("--scratch-dir", help="where the embeddings of a corpus over 100,000 texts "
+                   "are kept while mining (removed at the end; default: the output's folder)")
     add_prompt_args(p, "the anchors", "the corpus (the candidate negatives)")
     p.set_defaults(func=cmd_mine_negatives)
 

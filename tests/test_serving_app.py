@@ -9,6 +9,7 @@ import time
 
 import httpx
 import numpy as np
+import pytest
 
 from sbert_flax.serving import create_app
 from sbert_flax.serving.backend import EncoderBackend
@@ -95,3 +96,14 @@ def test_draining_answers_503_with_retry_after():
     for r in answers:
         _assert_503(r, "draining")
     _assert_503(health, "draining")
+
+
+def test_settings_refuse_bad_timeouts_and_worker_counts():
+    for kw, needle in [({"request_timeout": 0}, "request_timeout"),
+                       ({"request_timeout": float("nan")}, "request_timeout"),
+                       ({"tokenization_workers": 0}, "tokenization_workers"),
+                       ({"max_consecutive_failures": 0}, "max_consecutive_failures")]:
+        with pytest.raises(ValueError, match=needle):
+            ServeSettings(**kw)
+    assert 1 <= ServeSettings().tokenizer_threads <= 4
+    assert ServeSettings(tokenization_workers=7).tokenizer_threads == 7

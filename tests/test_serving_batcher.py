@@ -209,11 +209,11 @@ def test_faults_outside_the_device_call_fail_only_their_requests():
         batcher.start()
         unsized = batcher.submit([np.int32(5)])  # len() raises inside _take
         with pytest.raises(BatchFailed, match="TypeError"):
-            await unsized.future
+            await asyncio.wait_for(unsized.future, 10)  # the old worker died here: no answer
         garbage = batcher.submit([seq(70, 2)])
         with pytest.raises(BatchFailed, match="ValueError"):
-            await garbage.future
-        return await batcher.submit([seq(4, 2)]).future
+            await asyncio.wait_for(garbage.future, 10)
+        return await asyncio.wait_for(batcher.submit([seq(4, 2)]).future, 10)
 
     assert asyncio.run(run())[:, 0].tolist() == [4]
     assert batcher.fatal is None and batcher.queued_inputs == 0

@@ -53,11 +53,7 @@ def sentences(n: int) -> list[str]:
 
 def host_side(enc, sents: list[str], workers: int) -> int:
     """Every packed batch of `encode(sents)`, arrays ready, without the device; returns batches."""
-    try:
-        from sbert_flax import stream
-    except ImportError:
-        stream = None
-    if stream is None:  # the serial loop of `encode` before sbert_flax.stream
+    if not hasattr(enc, "prepared_windows"):  # the serial loop of `encode` before sbert_flax.stream
         packer = enc.packer()
         window = max(1024, 64 * packer.max_batch_tokens // 32)
         count = 0

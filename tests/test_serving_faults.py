@@ -3,8 +3,8 @@
 On a fault-injecting fake backend (tests/serve_fault_driver.py), served by uvicorn in a thread or
 in a subprocess: a failing device batch, packing or write-back fails only its requests (503) and
 the worker carries on; a dead worker turns /health 503, answers every waiting request and, under
-`serve`, exits 70; a request past --request-timeout gets 503 with its queued inputs dropped;
-/tokenize holds a concurrency slot.
+`serve`, exits 70; a request past --request-timeout gets 503 with its queued inputs dropped; a
+device call that never returns is noticed; /tokenize holds a concurrency slot.
 
 On a tiny random model behind `sbert-flax serve` (one subprocess for the module): clients that
 stall their body hold no slot and get 408; a mixed burst at concurrency 48 of good and bad
@@ -158,6 +158,27 @@ def test_request_timeout_drops_queued_inputs_and_tokenize_holds_a_slot():
         assert too_many.status_code in (413, 422), too_many.text
         assert "max-client-batch-size" in too_many.json()["error"], too_many.text
         assert srv.app.state.server.in_flight == 0
+
+
+def test_stuck_device_turns_health_503():
+    """A device call that never returns: its request gets 503 at --request-timeout, and after
+    3 timeouts the watchdog declares the worker dead (/health 503, new requests 503 at once)."""
+    srv, backend = fake_server(request_timeout=0.4)
+    with srv:
+        backend.gate.clear()
+        try:
+            assert_503(embed(srv.url, "hold"), "timeout", "--request-timeout")
+            assert httpx.get(srv.url + "/health").status_code == 200  # slow is not stuck yet
+            deadline = time.monotonic() + 10
+            while (health := httpx.get(srv.url + "/health")).status_code == 200:
+                assert time.monotonic() < deadline, "the stuck device was never noticed"
+                time.sleep(0.05)
+            assert_503(health, "unhealthy", "device is stuck")
+            t0 = time.monotonic()
+            assert_503(embed(srv.url, "fine"), "unhealthy", "worker died")
+            assert time.monotonic() - t0 < 1
+        finally:
+            backend.gate.set()
 
 
 def test_dead_worker_under_serve_exits_70():

@@ -38,6 +38,10 @@ OPEN_PATHS = ("/health", "/metrics")
 # away, so the retry should land on another one behind the balancer; a few seconds lets the
 # balancer's health check take this one out first.
 RETRY_AFTER_S = 5
+# A device call running this many request timeouts counts as hung: no request in it can be
+# answered in time, so the replica turns unhealthy (and `serve` exits) rather than stay up as a
+# black hole. The margin keeps a merely slow round (a cold cache, a busy host) from tripping it.
+STUCK_AFTER_TIMEOUTS = 3
 
 
 class ClientGone(Exception):
@@ -74,7 +78,8 @@ class Server:
                                     max_input_length=self.backend.max_seq_length)
         self.batcher = Batcher(self.backend, self.max_batch_tokens, self.metrics,
                                warmup=settings.warmup,
-                               max_failures=settings.max_consecutive_failures)
+                               max_failures=settings.max_consecutive_failures,
+                               stuck_after=STUCK_AFTER_TIMEOUTS * settings.request_timeout)
         # Tokenization has threads of its own, as TEI has tokenization workers: the backend's
         # tokenizers are safe to call from several threads (per-setting Rust copies, never the
         # HF object's mutable one), and a bounded pool keeps the event loop free.

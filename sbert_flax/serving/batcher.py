@@ -9,9 +9,10 @@ The asyncio event loop never waits on the device: it only hands work over and is
 Supervision: an exception anywhere in one round of the worker (taking from the queue, the device
 call, writing the rows back) fails only the requests that round touched, with `BatchFailed`, and
 the worker carries on. `max_failures` rounds failing in a row (the device is broken, not one bad
-request), or the thread ending any other way, make the batcher *dead*: every waiting request
-fails with `Unavailable`, nothing new is taken, `fatal` says why and `on_fatal` is called, so
-the server can report 503 on /health and exit for its supervisor to restart it.
+request), the thread ending any other way, or one device call running past `stuck_after` seconds
+(a hung device; a watchdog thread notices) make the batcher *dead*: every waiting request fails
+with `Unavailable`, nothing new is taken, `fatal` says why and `on_fatal` is called, so the
+server can report 503 on /health and exit for its supervisor to restart it.
 """
 
 from __future__ import annotations
@@ -103,13 +104,15 @@ class Batcher:
       metrics: where batch sizes and timings go.
       warmup: compile every shape and run a test batch before `ready` is set.
       max_failures: failed rounds in a row after which the worker gives up (the batcher is dead).
-      on_fatal: called once, from the worker thread, when the batcher dies (the serve command
-        shuts the server down from there).
+      on_fatal: called once, from the worker or the watchdog thread, when the batcher dies (the
+        serve command shuts the server down from there).
+      stuck_after: seconds one round may run before the worker counts as hung (None: never).
     """
 
     def __init__(self, backend: EncoderBackend, max_batch_tokens: int, metrics: ServeMetrics,
                  warmup: bool = True, max_failures: int = MAX_CONSECUTIVE_FAILURES,
-                 on_fatal: Callable[[BaseException], None] | None = None):
+                 on_fatal: Callable[[BaseException], None] | None = None,
+                 stuck_after: float | None = None):
         if max_failures < 1:
             raise ValueError(f"max_failures={max_failures} must be >= 1")
         # The test batch is tokenized here, on the caller's thread, before any request can be.
@@ -127,6 +130,9 @@ class Batcher:
         self._queued_inputs = 0
         self._fatal: BaseException | None = None
         self._in_hand: list[Job] = []  # the jobs of the round on the device (worker thread only)
+        self._round_started: float | None = None  # time.monotonic() of the round on the device
+        self.stuck_after = stuck_after
+        self._dying = threading.Lock()
         self.ready = threading.Event()
         self.error: BaseException | None = None  # the warm-up's
         self.warmup_shapes = 0
@@ -137,6 +143,9 @@ class Batcher:
     def start(self) -> None:
         self._started = True
         self._thread.start()
+        if self.stuck_after is not None:
+            threading.Thread(target=self._watch, name="sbert-flax-batcher-watchdog",
+                             daemon=True).start()
 
     @property
     def queued_inputs(self) -> int:
@@ -188,7 +197,7 @@ class Batcher:
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        if self._thread.is_alive():
+        if self._thread.is_alive() and self._fatal is None:  # a hung worker is not waited for
             self._thread.join(timeout)
 
     # ---- the worker thread ----------------------------------------------------------------------
@@ -225,7 +234,7 @@ class Batcher:
             with self._cond:
                 while not self._queue and not self._stopping:
                     self._cond.wait()
-                if not self._queue:
+                if not self._queue or self._fatal is not None:  # the watchdog gave up on us
                     return
                 try:
                     self._take(items)
@@ -239,6 +248,7 @@ class Batcher:
                     failures += 1
             if items:
                 self._in_hand = [job for job, _ in items]
+                self._round_started = time.monotonic()
                 try:
                     self._process(items)
                     failures = 0
@@ -246,6 +256,7 @@ class Batcher:
                     self._fail(self._in_hand, e)
                     # A failed warm-up fails requests without being the worker's failure.
                     failures += not isinstance(e, Unavailable)
+                self._round_started = None
                 self._in_hand = []
             if failures >= self.max_failures:
                 raise RuntimeError(f"{failures} rounds failed in a row (--max-consecutive-failures)"
@@ -316,11 +327,28 @@ class Batcher:
             job.cancelled = True  # its other inputs need not run
             _post(job, error=failure)
 
+    def _watch(self) -> None:
+        """The watchdog: a round on the device for longer than `stuck_after` kills the batcher."""
+        period = min(1.0, self.stuck_after / 4)
+        while not self._stopping and self._fatal is None:
+            time.sleep(period)
+            started = self._round_started
+            if started is not None and time.monotonic() - started > self.stuck_after:
+                self._die(RuntimeError(f"a device call has run for more than {self.stuck_after:g}"
+                                       " s: the device is stuck"))
+                return
+
     def _die(self, error: BaseException) -> None:
-        """The worker ends for good: record why, fail every waiting request, tell the owner."""
+        """The worker ends for good: record why, fail every waiting request, tell the owner.
+
+        Runs once, from the worker thread or the watchdog.
+        """
+        with self._dying:
+            if self._fatal is not None:
+                return
+            self._fatal = error
         log.critical("the batcher's worker died; this replica cannot serve any more",
                      exc_info=error)
-        self._fatal = error
         self.ready.clear()
         failure = Unavailable(f"the batcher's worker died ({_describe(error)}); this replica is "
                               "restarting, retry on another one")

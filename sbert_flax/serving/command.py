@@ -79,7 +79,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-timeout", type=float, default=60.0, metavar="SECONDS",
                    help="most seconds from a request's arrival to its answer (body read, queue, "
                    "compute): a body that has not arrived by then gets 408, anything else 503, "
-                   "its queued inputs dropped (default 60)")
+                   "its queued inputs dropped; a device call running 3 timeouts counts as a "
+                   f"stuck device (exit {EXIT_WORKER_DIED}) (default 60)")
     p.add_argument("--tokenization-workers", type=int, default=None, metavar="N",
                    help="threads that tokenize (default: min(4, CPU cores))")
     p.add_argument("--max-consecutive-failures", type=int, default=5, metavar="N",

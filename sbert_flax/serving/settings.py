@@ -27,7 +27,8 @@ class ServeSettings:
       version: reported by /info.
       request_timeout: seconds from a request's arrival to its answer (body read, queue,
         compute). A body that has not arrived by then gets 408, anything else 503; its queued
-        inputs are dropped.
+        inputs are dropped. A device call running 3 timeouts counts as a stuck device (the
+        worker is declared dead).
       tokenization_workers: threads that tokenize (None: min(4, CPU cores)).
       max_consecutive_failures: worker rounds failing in a row after which the worker gives up:
         /health turns 503 and the serve command exits (code 70) for its supervisor to restart it.

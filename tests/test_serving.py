@@ -83,9 +83,10 @@ class ServerProcess:
 
 
 def metric(url: str, name: str) -> float:
-    """One unlabelled sample of the server's Prometheus text."""
+    """One sample of the server's Prometheus text: `name` bare (the first series of that name) or
+    with its labels as written, e.g. 'te_request_failure{err="dropped"}'."""
     for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
+        if line.startswith(name + " ") or ("{" not in name and line.startswith(name + "{")):
             return float(line.rsplit(" ", 1)[1])
     raise KeyError(name)
 
@@ -332,7 +333,9 @@ def test_sigterm_finishes_requests_in_flight(server, direct, sentences):
     refused, exit code 0. (Last test of the module: it stops the server.)"""
     n = 12
     requests = [sentences[i * 3:i * 3 + 3] for i in range(n)]
-    started = metric(server.url, "te_requests_in_flight")
+    # Their bodies stall half-way, so they wait in `te_requests_receiving` (a request takes its
+    # concurrency slot only once its body arrived): accepted requests a drain must finish.
+    started = metric(server.url, "te_requests_receiving")
 
     async def run():
         release = asyncio.Event()
@@ -353,7 +356,7 @@ def test_sigterm_finishes_requests_in_flight(server, direct, sentences):
                                      limits=httpx.Limits(max_connections=n)) as client:
             tasks = [asyncio.ensure_future(one(client, t)) for t in requests]
             deadline = time.monotonic() + 30
-            while metric(server.url, "te_requests_in_flight") < started + n:
+            while metric(server.url, "te_requests_receiving") < started + n:
                 assert time.monotonic() < deadline, "requests never got in flight"
                 await asyncio.sleep(0.05)
             server.proc.send_signal(signal.SIGTERM)

@@ -167,6 +167,7 @@ class Server:
             # The body before the slot: a client that stalls its body holds no slot, and gets
             # 408 at the deadline.
             reading = asyncio.timeout_at(deadline)
+            self.metrics.receiving.inc()
             try:
                 async with reading:
                     await self.read_body(request)
@@ -175,6 +176,8 @@ class Server:
                     raise
                 raise ApiError(408, f"the request body did not arrive within {timeout:g} s "
                                "(--request-timeout)", "timeout") from None
+            finally:
+                self.metrics.receiving.dec()
             if limited:
                 if self.in_flight >= self.settings.max_concurrent_requests:
                     raise ApiError(429, f"{self.in_flight} requests in flight, the limit is "

@@ -28,6 +28,7 @@ core/src/infer.rs, core/src/queue.rs, core/src/tokenization.rs):
 
 sbert-flax's own, beside TEI's: `te_request_input_count` (inputs per request),
 `te_batch_inference_duration` (device time per batch), `te_compile_count`,
+`te_requests_receiving` (requests whose body is still arriving: they hold no slot yet),
 `te_requests_in_flight`, `te_ready` (gauges).
 
 Each app has its own `ServeMetrics`: two apps in one process never share a series.
@@ -272,6 +273,7 @@ class ServeMetrics:
         self.batch_duration = Histogram("te_batch_inference_duration", d)
         self.compile_count = Gauge("te_compile_count")
         self.compile_count.set_function(compile_count)
+        self.receiving = Gauge("te_requests_receiving")
         self.in_flight = Gauge("te_requests_in_flight")
         self.ready = Gauge("te_ready")
         self.families: list[_Family] = [v for v in vars(self).values() if isinstance(v, _Family)

@@ -10,10 +10,10 @@ be a false in-batch negative).
 
 `grain.MapDataset.range(total_steps).map(BatchBuilder)` turns step k into its batch: read the
 global batch's texts by offset, tokenize them on the host, lay them out, and keep this process's
-contiguous rows. With `pack` (the embedding losses' default) the texts of all columns are packed
-into shared rows (`packing.TrainPacking`: several texts a row, block-diagonal attention).
-Without it (the softmax classifier, or `--no_pack`) each text column is padded to the smallest
-bucket holding that column's longest text (one bucket for all columns with `joint_length`). A
+contiguous rows. With `pack` (every loss's default) the texts of all columns are packed into
+shared rows (`packing.TrainPacking`: several texts a row, block-diagonal attention). Without it
+(`--no_pack`) each text column is padded to the smallest bucket holding that column's longest
+text (one bucket for all columns with `joint_length`: the softmax classifier's [a; b]). A
 thread pool prefetches ahead of the device; those threads tokenize in parallel
 (`Tokenizer.encode` is thread-safe). The iterator state is the next step index, saved in the
 orbax checkpoint, so a resumed run continues from exactly the next batch without replaying any.

@@ -108,3 +108,19 @@ def test_missing_model(capsys, tmp_path):
     rc, _, err = run(capsys, "compile", "--topology", TOPOLOGY, "--model",
                      os.path.join(tmp_path, "absent"))
     assert rc == 2 and "Traceback" not in err
+
+
+def test_advice_puts_fsdp_first_when_the_state_outweighs_activations():
+    from sbert_flax.aot.measure import ProgramReport, advice
+
+    settings = {"loss": "mnrl", "batch_size": 64, "param_sharding": "replicated"}
+    state_heavy = ProgramReport("train_step", None, arguments=10, output=1, alias=1, temp=5,
+                                flops=None, compile_seconds=1.0)
+    act_heavy = ProgramReport("train_step", None, arguments=5, output=1, alias=1, temp=10,
+                              flops=None, compile_seconds=1.0)
+    assert advice(settings, False, state_heavy)[0].startswith("--param-sharding fsdp")
+    first = advice(settings, False, act_heavy)
+    assert first[0].startswith("--remat") and "--loss cached-mnrl --mini_batch_size 8" in first[1]
+    # Already remat and fsdp: neither is offered again.
+    done = advice({**settings, "remat": True, "param_sharding": "fsdp"}, False, act_heavy)
+    assert not any(a.startswith(("--remat", "--param-sharding")) for a in done)

@@ -151,6 +151,6 @@ def run(args: argparse.Namespace) -> int:
     amount = (f"XLA ran out of memory: {bad.error[:300]}" if bad.error
               else f"needs {bad.total / GiB:.2f} GiB per chip")
     print(f"sbert-flax compile: {what} does not fit on {topology.name} ({amount}; HBM "
-          f"{report.hbm / GiB:.2f} GiB per chip); try: " + "; ".join(advice(report.settings, train_fits)),
+          f"{report.hbm / GiB:.2f} GiB per chip); try: " + "; ".join(advice(report.settings, train_fits, report.train)),
           file=sys.stderr)
     return EXIT_DOES_NOT_FIT

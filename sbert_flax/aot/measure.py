@@ -146,11 +146,18 @@ def gib(n: int | None) -> str:
     return "-" if n is None else f"{n / GiB:.2f} GiB"
 
 
-def advice(settings: dict[str, Any], train_fits: bool) -> list[str]:
-    """What to change so that the step fits, from the run's settings (most effective first)."""
+def advice(settings: dict[str, Any], train_fits: bool,
+           train: ProgramReport | None = None) -> list[str]:
+    """What to change so that the step fits, from the run's settings: for activations (remat,
+    GradCache) first, unless the state outweighs the temporaries (then fsdp first)."""
     if train_fits:
         return ["encode: a smaller --max_batch_tokens (fewer rows per packed batch)"]
     out = []
+    fsdp = "--param-sharding fsdp (params and optimizer state split over the chips)"
+    state_heavy = (train is not None and train.error is None
+                   and train.arguments > train.temp)  # type: ignore[operator]
+    if state_heavy and settings.get("param_sharding") != "fsdp":
+        out.append(fsdp)
     if not settings.get("remat"):
         out.append("--remat (recompute each layer's activations in the backward pass)")
     if settings.get("loss") == "mnrl":
@@ -160,8 +167,8 @@ def advice(settings: dict[str, Any], train_fits: bool) -> list[str]:
                    "activations of one mini-batch at a time)")
     elif settings.get("loss") == "cached-mnrl" and settings.get("mini_batch_size"):
         out.append(f"a smaller --mini_batch_size (now {settings['mini_batch_size']})")
-    if settings.get("param_sharding") != "fsdp":
-        out.append("--param-sharding fsdp (params and optimizer state split over the chips)")
+    if settings.get("param_sharding") != "fsdp" and not state_heavy:
+        out.append(fsdp)
     if settings.get("batch_size"):
         out.append(f"a smaller --batch_size (now {settings['batch_size']})")
     out.append("more chips (a larger --topology)")

@@ -124,3 +124,13 @@ def test_advice_puts_fsdp_first_when_the_state_outweighs_activations():
     # Already remat and fsdp: neither is offered again.
     done = advice({**settings, "remat": True, "param_sharding": "fsdp"}, False, act_heavy)
     assert not any(a.startswith(("--remat", "--param-sharding")) for a in done)
+
+
+def test_without_libtpu_says_how_to_install(capsys, tiny_config, monkeypatch):
+    from sbert_flax.aot import topology
+
+    real = topology.importlib.util.find_spec
+    monkeypatch.setattr(topology.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "libtpu" else real(name, *a))
+    rc, _, err = run(capsys, "compile", "--topology", TOPOLOGY, "--model", tiny_config)
+    assert rc == 2 and 'pip install "sbert-flax[tpu]"' in err and "Traceback" not in err

@@ -56,9 +56,8 @@ def seq(marker: int, length: int) -> np.ndarray:
 
 
 def counted(counter) -> float:
-    """A counter's value, from sbert-flax's own metric objects or prometheus_client's."""
-    value = getattr(counter, "value", None)
-    return counter._value.get() if value is None else value
+    """A counter's value (sbert_flax.serving.metrics' own metric objects)."""
+    return counter.value
 
 
 def make(backend: FakeBackend, budget: int = 10) -> tuple[Batcher, ServeMetrics]:

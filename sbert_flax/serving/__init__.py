@@ -5,7 +5,7 @@
 
 The names are resolved on first use (PEP 562): the main CLI imports `sbert_flax.serving.command`
 for the `serve` options, and that must work in an install without the serve extra (FastAPI,
-uvicorn, prometheus_client), which only `create_app` needs.
+uvicorn), which only `create_app` needs.
 """
 
 from __future__ import annotations

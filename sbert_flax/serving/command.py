@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 EXIT_WORKER_DIED = 70
 
 # Top-level modules of the `serve` extra (pyproject.toml) that the server imports.
-SERVE_EXTRA_MODULES = frozenset({"fastapi", "starlette", "uvicorn", "prometheus_client", "orjson",
+SERVE_EXTRA_MODULES = frozenset({"fastapi", "starlette", "uvicorn", "orjson",
                                  "httptools", "uvloop"})
 
 

@@ -18,6 +18,7 @@ import concurrent.futures
 import datetime
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -38,11 +39,11 @@ SEQ_LENGTH = 128
 GiB = 1024**3
 
 
-def rows(only: list[str] | None) -> list[dict]:
+def rows(only: list[str] | None, batches: list[int] | None = None) -> list[dict]:
     """Every row, ordered so that an interrupted run has covered every slice: batch, then remat,
     then params, then the slice."""
     out = []
-    for batch in BATCHES:
+    for batch in batches or BATCHES:
         for remat in REMAT:
             for shard in SHARDINGS:
                 for slice_name, topo in TOPOLOGIES.items():
@@ -88,9 +89,13 @@ def markdown(results: list[dict]) -> str:
                          "| | | | | |")
             continue
         b = rep["bytes_per_chip"]
-        fits = "yes" if rep["fits"] else ("no (XLA: out of HBM)" if rep.get("error") else "no")
+        fits = "yes" if rep["fits"] else ("no (XLA refused)" if rep.get("error") else "no")
         sizes = (f"{_gib(b['arguments'])} / {_gib(b['temp'])} / {_gib(b['total'])}"
                  if b["total"] is not None else "-")
+        oom = re.search(r"temporaries \(([\d.]+G)\) exceeds available HBM \(([\d.]+G)\)",
+                        rep.get("error") or "")
+        if oom:  # XLA's own words: its temporaries alone against the HBM it may use
+            sizes = f"XLA: temporaries {oom.group(1)} > {oom.group(2)} usable"
         tflops = "-" if rep["flops_per_step"] is None else f"{rep['flops_per_step'] / 1e12:.1f}"
         lines.append(f"| {r['slice']} ({r['topology']}) | {r['batch_size']} | {r['param_sharding']} | "
                      f"{'yes' if r['remat'] else 'no'} | {sizes} | {_gib(rep['hbm_bytes_per_chip'])} "
@@ -122,16 +127,22 @@ def main() -> int:
     ap.add_argument("--only", action="append", choices=tuple(TOPOLOGIES), help="these slices only")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per row")
     ap.add_argument("--jobs", type=int, default=2, help="rows compiled at once")
-    ap.add_argument("--render", metavar="JSON", help="only rewrite the markdown of this JSON")
+    ap.add_argument("--batch", action="append", type=int, choices=BATCHES, help="these batches only")
+    ap.add_argument("--render", metavar="JSON", nargs="+",
+                    help="only write --out's markdown (and JSON) from these results, merged in plan order")
     args = ap.parse_args()
     if args.render:
         from sbert_flax.files import read_json
 
-        data = read_json(args.render)
-        save(args.render, data["date"], data["rows"], data["rows_planned"])
-        print(markdown(data["rows"]))
+        parts = [read_json(p) for p in args.render]
+        key = {(r["slice"], r["batch_size"], r["param_sharding"], r["remat"]): i
+               for i, r in enumerate(rows(None))}
+        merged = {key[(r["slice"], r["batch_size"], r["param_sharding"], r["remat"])]: r
+                  for part in parts for r in part["rows"]}
+        save(args.out, parts[0]["date"], [merged[k] for k in sorted(merged)], len(key))
+        print(markdown([merged[k] for k in sorted(merged)]))
         return 0
-    todo = rows(args.only)
+    todo = rows(args.only, args.batch)
     results: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         model = os.path.join(tmp, "config.json")  # BertConfig's defaults are BERT-base Chinese

@@ -39,26 +39,32 @@ SEQ_LENGTH = 128
 GiB = 1024**3
 
 
-def rows(only: list[str] | None, batches: list[int] | None = None) -> list[dict]:
+def rows(only: list[str] | None, batches: list[int] | None = None,
+         remat: tuple[bool, ...] = REMAT) -> list[dict]:
     """Every row, ordered so that an interrupted run has covered every slice: batch, then remat,
     then params, then the slice."""
     out = []
     for batch in batches or BATCHES:
-        for remat in REMAT:
+        for with_remat in remat:
             for shard in SHARDINGS:
                 for slice_name, topo in TOPOLOGIES.items():
                     if only and slice_name not in only:
                         continue
                     out.append({"slice": slice_name, "topology": topo, "batch_size": batch,
-                                "param_sharding": shard, "remat": remat})
+                                "param_sharding": shard, "remat": with_remat})
     return out
 
 
-def run_row(row: dict, model: str, timeout: float) -> dict:
+def run_row(row: dict, model: str, timeout: float, scan_with_remat: bool = False) -> dict:
     argv = [sys.executable, "-m", "sbert_flax.cli", "compile", "--topology", row["topology"],
             "--model", model, "--loss", "mnrl", "--batch_size", str(row["batch_size"]),
             "--seq_length", str(SEQ_LENGTH), "--bf16", "--param-sharding", row["param_sharding"],
             "--json"] + (["--remat"] if row["remat"] else [])
+    if row["remat"] and scan_with_remat:
+        # `--remat` alone does not trace (TraceContextError: nnx.remat of a layer under the
+        # rows' vmap); under `--scan_layers` the layer body is jax.checkpoint-ed instead.
+        argv.append("--scan_layers")
+        row = {**row, "scan_layers": True}
     # No persistent cache: a compile-only TPU executable is written but cannot be read back.
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "SBERT_FLAX_COMPILATION_CACHE": "0"}
     t0 = time.perf_counter()
@@ -89,6 +95,7 @@ def markdown(results: list[dict]) -> str:
                          "| | | | | |")
             continue
         b = rep["bytes_per_chip"]
+        remat = ("yes (with --scan_layers)" if r.get("scan_layers") else "yes") if r["remat"] else "no"
         fits = "yes" if rep["fits"] else ("no (XLA refused)" if rep.get("error") else "no")
         sizes = (f"{_gib(b['arguments'])} / {_gib(b['temp'])} / {_gib(b['total'])}"
                  if b["total"] is not None else "-")
@@ -97,8 +104,10 @@ def markdown(results: list[dict]) -> str:
         if oom:  # XLA's own words: its temporaries alone against the HBM it may use
             sizes = f"XLA: temporaries {oom.group(1)} > {oom.group(2)} usable"
         tflops = "-" if rep["flops_per_step"] is None else f"{rep['flops_per_step'] / 1e12:.1f}"
+        if r.get("scan_layers") and rep["flops_per_step"] is not None:
+            tflops += " (scan: a layer counted once)"
         lines.append(f"| {r['slice']} ({r['topology']}) | {r['batch_size']} | {r['param_sharding']} | "
-                     f"{'yes' if r['remat'] else 'no'} | {sizes} | {_gib(rep['hbm_bytes_per_chip'])} "
+                     f"{remat} | {sizes} | {_gib(rep['hbm_bytes_per_chip'])} "
                      f"| {fits} | {tflops} | {model_tflops(r['batch_size']):.1f} | {rep['compile_seconds']:.0f} |")
     return head + "\n".join(lines) + "\n"
 
@@ -127,6 +136,9 @@ def main() -> int:
     ap.add_argument("--only", action="append", choices=tuple(TOPOLOGIES), help="these slices only")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per row")
     ap.add_argument("--jobs", type=int, default=2, help="rows compiled at once")
+    ap.add_argument("--remat-only", action="store_true", help="only the remat rows")
+    ap.add_argument("--scan-with-remat", action="store_true",
+                    help="remat rows also pass --scan_layers (plain --remat does not trace)")
     ap.add_argument("--batch", action="append", type=int, choices=BATCHES, help="these batches only")
     ap.add_argument("--render", metavar="JSON", nargs="+",
                     help="only write --out's markdown (and JSON) from these results, merged in plan order")
@@ -142,7 +154,7 @@ def main() -> int:
         save(args.out, parts[0]["date"], [merged[k] for k in sorted(merged)], len(key))
         print(markdown([merged[k] for k in sorted(merged)]))
         return 0
-    todo = rows(args.only, args.batch)
+    todo = rows(args.only, args.batch, (True,) if args.remat_only else REMAT)
     results: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         model = os.path.join(tmp, "config.json")  # BertConfig's defaults are BERT-base Chinese
@@ -151,7 +163,7 @@ def main() -> int:
         # Rows run `--jobs` at a time (each a process of its own); results are kept in plan order.
         done: dict[int, dict] = {}
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-            futures = {pool.submit(run_row, row, model, args.timeout): i for i, row in enumerate(todo)}
+            futures = {pool.submit(run_row, row, model, args.timeout, args.scan_with_remat): i for i, row in enumerate(todo)}
             for fut in concurrent.futures.as_completed(futures):
                 i = futures[fut]
                 row = todo[i]

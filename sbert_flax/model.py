@@ -241,8 +241,13 @@ class BertModel(nnx.Module):
             return self._scan_layers(x, mask, None if dropout_key is None else jnp.stack(keys[1:]))
         for layer, key in zip(self.layers, keys[1:], strict=True):
             if self.config.remat:
-                # Keep only each layer's input for the backward pass; recompute the rest.
-                x = nnx.remat(lambda lyr, h, m, k: lyr(h, m, k))(layer, x, mask, key)
+                # Keep only each layer's input for the backward pass; recompute the rest. A pure
+                # function of the layer's split state under jax.checkpoint (as _scan_layers does):
+                # nnx.remat over the module itself raises TraceContextError when the model is
+                # called under jax.vmap, as the train step calls it over rows.
+                graphdef, state = nnx.split(layer)
+                x = jax.checkpoint(
+                    lambda st, h, m, k, g=graphdef: nnx.merge(g, st)(h, m, k))(state, x, mask, key)
             else:
                 x = layer(x, mask, key)
         return x

@@ -232,6 +232,33 @@ def test_remat_and_scan_layers_same_values_and_gradients(flags):
     assert not {"remat", "scan_layers"} & set(cfg.to_hf_dict())
 
 
+def test_remat_under_vmap_as_the_train_step_calls_it():
+    # The train step calls the backbone under jax.vmap over rows: --remat must trace there (it
+    # raised flax's TraceContextError when the layer itself went through nnx.remat) and give the
+    # plain model's gradients.
+    import dataclasses
+
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64)
+    ids = jax.random.randint(jax.random.key(1), (3, 16), 1, VOCAB)
+    mask = jnp.ones((3, 16), jnp.int32).at[1, 9:].set(0)
+    proj = jax.random.normal(jax.random.key(3), (3, 16, 32))
+
+    def grads(c):
+        graphdef, state = nnx.split(BertModel(c, rngs=nnx.Rngs(0)))
+
+        def loss(p):
+            model = nnx.merge(graphdef, p)
+            out = jax.vmap(lambda i, m: model(i[None], m[None])[0])(ids, mask)
+            return jnp.sum(out * proj)
+
+        return jax.jit(jax.grad(loss))(state)
+
+    g0, g1 = grads(cfg), grads(dataclasses.replace(cfg, remat=True))
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
+        assert np.max(np.abs(np.asarray(b) - np.asarray(a))) <= 1e-5 * np.max(np.abs(np.asarray(a)))
+
+
 def test_scan_layers_traces_one_layer_whatever_the_depth():
     def equations(layers, scan):
         cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers,

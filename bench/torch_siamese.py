@@ -54,8 +54,8 @@ class SoftmaxRecipe:
             for m in self.model.modules():
                 if isinstance(m, torch.nn.Dropout):
                     m.p = 0.0
-        self.loss = SoftmaxLoss(self.model, self.model.get_sentence_embedding_dimension(), num_labels,
-                                concatenation_sent_multiplication=True)
+        dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.loss = SoftmaxLoss(self.model, dim(), num_labels, concatenation_sent_multiplication=True)
         # The Trainer's own rule (it reads no instance state): decay all but biases and LayerNorm.
         decay = set(SentenceTransformerTrainer.get_decay_parameter_names(None, self.loss))
         named = list(self.loss.named_parameters())

@@ -61,8 +61,8 @@ def run_row(row: dict, model: str, timeout: float, scan_with_remat: bool = False
             "--seq_length", str(SEQ_LENGTH), "--bf16", "--param-sharding", row["param_sharding"],
             "--json"] + (["--remat"] if row["remat"] else [])
     if row["remat"] and scan_with_remat:
-        # `--remat` alone does not trace (TraceContextError: nnx.remat of a layer under the
-        # rows' vmap); under `--scan_layers` the layer body is jax.checkpoint-ed instead.
+        # Before 3fd9530 `--remat` alone did not trace (TraceContextError: nnx.remat of a layer
+        # under the rows' vmap); under `--scan_layers` the layer body was jax.checkpoint-ed.
         argv.append("--scan_layers")
         row = {**row, "scan_layers": True}
     # No persistent cache: a compile-only TPU executable is written but cannot be read back.
@@ -90,8 +90,10 @@ def markdown(results: list[dict]) -> str:
     for r in results:
         rep = r.get("report")
         if rep is None:
+            why = ("--remat did not trace then (TraceContextError; fixed in 3fd9530)"
+                   if "TraceContextError" in r.get("error", "") else "failed: see the JSON")
             lines.append(f"| {r['slice']} ({r['topology']}) | {r['batch_size']} | "
-                         f"{r['param_sharding']} | {'yes' if r['remat'] else 'no'} | failed: see JSON "
+                         f"{r['param_sharding']} | {'yes' if r['remat'] else 'no'} | {why} "
                          "| | | | | |")
             continue
         b = rep["bytes_per_chip"]
@@ -138,7 +140,7 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=2, help="rows compiled at once")
     ap.add_argument("--remat-only", action="store_true", help="only the remat rows")
     ap.add_argument("--scan-with-remat", action="store_true",
-                    help="remat rows also pass --scan_layers (plain --remat does not trace)")
+                    help="remat rows also pass --scan_layers (compiles one layer: faster)")
     ap.add_argument("--batch", action="append", type=int, choices=BATCHES, help="these batches only")
     ap.add_argument("--render", metavar="JSON", nargs="+",
                     help="only write --out's markdown (and JSON) from these results, merged in plan order")

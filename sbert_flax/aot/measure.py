@@ -159,10 +159,8 @@ def advice(settings: dict[str, Any], train_fits: bool,
     if state_heavy and settings.get("param_sharding") != "fsdp":
         out.append(fsdp)
     if not settings.get("remat"):
-        # With --scan_layers: that is the remat that traces today (nnx.remat of a layer under
-        # the rows' vmap raises TraceContextError), and it compiles one layer, not twelve.
-        out.append("--remat --scan_layers (recompute each layer's activations in the backward "
-                   "pass)")
+        out.append("--remat (recompute each layer's activations in the backward pass; with "
+                   "--scan_layers the layer is compiled once)")
     if settings.get("loss") == "mnrl":
         b = int(settings.get("batch_size") or 0)
         mini = max(b // 8, 1)

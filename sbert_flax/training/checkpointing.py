@@ -56,6 +56,7 @@ class RunCheckpoints:
         step = int(meta["step"])
         if step in self.latest.all_steps():
             return False
+        self.best.wait_until_finished()  # one manager saving at a time: see save_best
         return self.latest.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta), data=data))
 
@@ -84,6 +85,11 @@ class RunCheckpoints:
         step = int(meta["step"])
         if step in self.best.all_steps():
             return
+        # Multi-host, each manager's background finalize meets the other processes at a barrier
+        # whose key orbax does not scope by manager ("ThreadSaveMultiHostValueHolder:..."): two
+        # managers finalizing at once fail with "Barrier ... is already ongoing" and the run hangs
+        # at the next wait. So the other manager's save is finished before this one starts.
+        self.latest.wait_until_finished()
         self.best.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
-import socket
 import threading
 import time
 
 import httpx
 import numpy as np
 import pytest
+from test_serving import free_port
 
 # From TEI's source (huggingface/text-embeddings-inference: router/src/http/server.rs,
 # router/src/lib.rs `ResponseMetadata::record_metrics`, core/src/infer.rs, core/src/queue.rs,
@@ -45,12 +45,6 @@ MAX_LEN = 32
 DIM = 32
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def encoder(tiny_bert, one_device):
     from sbert_flax import SentenceEncoder
@@ -71,7 +65,7 @@ def url(encoder):
 
     app = create_app(encoder, ServeSettings(model_id="tiny", served_model_name="tiny-zh",
                                             max_client_batch_size=8))
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -140,11 +140,11 @@ class SelfAttention(nnx.Module):
         if k_attn is None or self.attn_dropout_rate <= 0.0:
             # Inference: the fused attention op (cuDNN flash attention on GPU when
             # `attention_impl="cudnn"`, XLA elsewhere); f32 logits and softmax either way.
-            if self.attention_impl == "cudnn" and mask.shape[1] != self.num_heads:
+            if self.attention_impl == "cudnn" and mask.shape[1:] != (self.num_heads, seq, seq):
                 # cuDNN's batching rule reshapes a vmapped mask to [B, heads, L, L] and fails on
                 # a head-broadcast one (the train step vmaps the model over rows): spell the
                 # heads out. A bool [B, H, L, L] is small next to the activations.
-                mask = jnp.broadcast_to(mask, (b, self.num_heads, mask.shape[2], mask.shape[3]))
+                mask = jnp.broadcast_to(mask, (b, self.num_heads, seq, seq))
             ctx = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.head_dim ** -0.5,
                                                implementation=self.attention_impl)
         else:

@@ -54,27 +54,34 @@ PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "ml_d
             "transformers", "torch", "sentence-transformers", "jax-cuda13-plugin", "jax-cuda13-pjrt",
             "jax-cuda12-plugin", "jax-cuda12-pjrt", "grain")
 
+# Train configurations, most wanted first (a part short of time skips from the end): batch 1024
+# first (the MFU target's batch; the last lease's best, 31.9%, was xla there), then what could beat
+# it; within a batch the GEMM shapes repeat, so XLA's in-process autotuning results make later
+# compilations cheaper. (name, attention_impl, attention dropout or None for the model's 0.1 --
+# cuDNN's fused attention has no dropout --, index into train_batches, dropout keys' PRNG:
+# None is threefry, "unsafe_rbg" the hardware-friendly generator MaxText trains with).
+TRAIN_CONFIGS = (
+    ("xla", "xla", 0.0, 1, None), ("xla-rbg", "xla", 0.0, 1, "unsafe_rbg"),
+    ("cudnn-rbg", "cudnn", 0.0, 1, "unsafe_rbg"), ("default-rbg", None, None, 1, "unsafe_rbg"),
+    ("xla-rbg", "xla", 0.0, 0, "unsafe_rbg"), ("cudnn", "cudnn", 0.0, 1, None),
+    ("default", None, None, 0, None), ("cudnn-rbg", "cudnn", 0.0, 0, "unsafe_rbg"),
+)
+
 # What each mode measures. GPU: the issue's sizes; dry run: small enough for a CPU in CI.
 SIZES = {
     False: dict(layers=12, hidden=768, heads=12, intermediate=3072, sentences=200_000,
-                budgets=(4096, 16384, 65536), passes=1, profile_sentences=30_000, profile_batches=150,
+                budgets=(16384, 65536, 4096), passes=1, profile_sentences=30_000, profile_batches=150,
+                profile_max=60_000, host_workers=((0, 1, 2, 4), (1,)), encode_workers=(1, 2),
                 extra_encode=(("cudnn", 16384),), train_batches=(256, 1024), seq_length=128,
                 warmup_steps=2, steps=10, profile_steps=3, candidates=24, st_batch=256,
-                st_sentences=None, train_configs=6),
+                st_sentences=None, train_configs=len(TRAIN_CONFIGS)),
     True: dict(layers=2, hidden=64, heads=4, intermediate=128, sentences=3000,
                budgets=(512, 1024, 2048), passes=1, profile_sentences=600, profile_batches=20,
+               profile_max=1500, host_workers=((0, 1, 2), (1,)), encode_workers=(1, 2),
                extra_encode=(("cudnn", 1024),), train_batches=(16, 32), seq_length=32,
                warmup_steps=1, steps=3, profile_steps=2, candidates=6, st_batch=32,
                st_sentences=800, train_configs=4),
 }
-# Train configurations, most wanted first (a part short of time skips from the end): the issue's
-# batch 256 first; within a batch the GEMM shapes repeat, so XLA's in-process autotuning results
-# make the 2nd and 3rd compilations cheaper. (name, attention_impl, attention dropout or None for
-# the model's 0.1 -- cuDNN's fused attention has no dropout --, index into train_batches).
-TRAIN_CONFIGS = (
-    ("default", None, None, 0), ("xla", "xla", 0.0, 0), ("cudnn", "cudnn", 0.0, 0),
-    ("default", None, None, 1), ("xla", "xla", 0.0, 1), ("cudnn", "cudnn", 0.0, 1),
-)
 
 
 # ---- the JSON file ------------------------------------------------------------------------------
@@ -292,35 +299,52 @@ def preflight(args, sizes: dict) -> None:
 
 # ---- encode ------------------------------------------------------------------------------------------
 
-def host_side(enc, sentences: list[str], budget: int) -> dict:
-    """Tokenize + pack exactly as `encode_chunks` does (same windows), with no device call."""
-    import itertools
+def host_side(enc, sentences: list[str], budget: int, workers: tuple[int, ...]) -> dict:
+    """The host side alone, no device call: windows tokenized and packed as `encode_chunks` makes
+    them (`prepared_windows`), at each number of preparation threads (0: the caller's thread,
+    where tokenize and pack are also timed apart)."""
+    from sbert_flax.stream import Window
 
-    from sbert_flax.encoder import WINDOW_BATCHES
-
-    msl = enc.max_seq_length
-    packer = enc.packer(budget, msl)
-    window = max(1024, WINDOW_BATCHES * budget // 32)
+    out: dict = {"by_workers": {}}
+    tokenize, pack = enc.tokenizer.encode_ids, enc.packer(budget).pack
     t_tok = t_pack = 0.0
-    tokens = batches = 0
-    it = iter(sentences)
-    t0 = time.perf_counter()
-    while True:
-        texts = list(itertools.islice(it, window))
-        if not texts:
-            break
+
+    def timed_prepare(item):  # the serial breakdown: `_prepare_window` with a clock in it
+        nonlocal t_tok, t_pack
+        _, texts = item
         t = time.perf_counter()
-        ids = enc.tokenizer.encode(texts, msl)
+        ids = tokenize(texts, enc.max_seq_length)
         t_tok += time.perf_counter() - t
         t = time.perf_counter()
-        packed = packer.pack(ids, pad_id=enc.tokenizer.pad_id)
+        batches = pack(ids, pad_id=enc.tokenizer.pad_id)
         t_pack += time.perf_counter() - t
-        tokens += sum(b.real_tokens for b in packed)
-        batches += len(packed)
-    wall = time.perf_counter() - t0
-    return {"wall_s": wall, "tokenize_s": t_tok, "pack_s": t_pack, "batches": batches,
-            "sentences_per_s": len(sentences) / wall, "tokens_per_s": tokens / wall,
-            "tokenize_sentences_per_s": len(sentences) / t_tok if t_tok else None}
+        return Window(0, len(texts), batches, None)
+
+    for w in workers:
+        tokens = batches = 0
+        t0 = time.perf_counter()
+        if w == 0:
+            from sbert_flax.encoder import MIN_WINDOW, WINDOW_BATCHES
+
+            window = max(MIN_WINDOW, WINDOW_BATCHES * budget // 32)
+            windows = map(timed_prepare, enc._windows(sentences, window))
+        else:
+            windows = enc.prepared_windows(sentences, workers=w)
+        for win in windows:
+            tokens += sum(b.real_tokens for b in win.batches)
+            batches += len(win.batches)
+        wall = time.perf_counter() - t0
+        out["by_workers"][str(w)] = {"wall_s": wall, "batches": batches,
+                                     "sentences_per_s": len(sentences) / wall,
+                                     "tokens_per_s": tokens / wall}
+        if w == 0:
+            out.update(tokenize_s=t_tok, pack_s=t_pack,
+                       tokenize_sentences_per_s=len(sentences) / t_tok if t_tok else None,
+                       pack_sentences_per_s=len(sentences) / t_pack if t_pack else None)
+    best = max(out["by_workers"], key=lambda k: out["by_workers"][k]["sentences_per_s"])
+    out.update(best_workers=int(best), **{k: out["by_workers"][best][k] for k in
+                                          ("wall_s", "batches", "sentences_per_s", "tokens_per_s")})
+    return out
 
 
 @contextlib.contextmanager
@@ -379,11 +403,22 @@ def encode(args, sizes: dict) -> None:
                 enc.encode(sents)
             rec["compiles"] = enc.num_compiles
             walls = []
-            for i in range(sizes["passes"] if where == "budgets" else 1):
-                with clock.step(f"encode {key}: timed pass {i + 1}", rec["steps_s"], f"pass{i + 1}"):
-                    t = time.perf_counter()
-                    enc.encode(sents)
-                    walls.append(time.perf_counter() - t)
+            first = where == "budgets" and budget == todo[0][1]
+            # Timed passes at each number of window-preparation threads (the first budget only).
+            workers = sizes["encode_workers"] if first else (enc.host_workers,)
+            by_workers: dict = {}
+            for w in workers:
+                enc.host_workers = w
+                for i in range(sizes["passes"] if where == "budgets" else 1):
+                    with clock.step(f"encode {key}: timed pass {i + 1}, {w} host worker(s)",
+                                    rec["steps_s"], f"pass{i + 1}-w{w}"):
+                        t = time.perf_counter()
+                        enc.encode(sents)
+                        wall = time.perf_counter() - t
+                        walls.append(wall)
+                        by_workers[str(w)] = max(by_workers.get(str(w), 0.0), len(sents) / wall)
+            rec["sentences_per_s_by_host_workers"] = by_workers
+            enc.host_workers = int(max(by_workers, key=by_workers.get))  # for the profiled pass
             s = enc.last_stats
             best = min(walls)
             rec.update(pass_s=walls, sentences_per_s=len(sents) / best,
@@ -393,14 +428,15 @@ def encode(args, sizes: dict) -> None:
             update_json(args.json, "encode", section)
             if where == "budgets":
                 with clock.step(f"encode {key}: host side alone (tokenize + pack)", rec["steps_s"], "host"):
-                    rec["host"] = host_side(enc, sents, budget)
+                    rec["host"] = host_side(enc, sents, budget,
+                                            sizes["host_workers"][0 if first else 1])
                 rec["encode_over_host_rate"] = rec["sentences_per_s"] / rec["host"]["sentences_per_s"]
                 update_json(args.json, "encode", section)
             # The trace's size goes with the number of batches, not sentences: a big budget's
             # slice is longer (and spans more than its first window where the run allows).
             per_sentence = max(1.0, s.real_tokens / len(sents))
-            part = sents[:max(sizes["profile_sentences"],
-                              int(sizes["profile_batches"] * budget / per_sentence))]
+            part = sents[:min(sizes["profile_max"], max(sizes["profile_sentences"],
+                              int(sizes["profile_batches"] * budget / per_sentence)))]
             with clock.step(f"encode {key}: profiled pass of {len(part)} sentences", rec["steps_s"], "profile"):
                 with traced(f"encode-{key}") as info:
                     t = time.perf_counter()
@@ -508,12 +544,13 @@ def train(args, sizes: dict) -> None:
     worst = None  # the longest config so far (seconds): what the next one may take
     # GPU_CHECK_TRAIN="xla:1" (a rerun): only the configs named "name:batch index".
     only_train = {x for x in os.environ.get("GPU_CHECK_TRAIN", "").split(",") if x}
-    for name, impl, attn_dropout, bi in TRAIN_CONFIGS:
+    for name, impl, attn_dropout, bi, prng in TRAIN_CONFIGS:
         if only_train and f"{name}:{bi}" not in only_train:
             continue
         batch = sizes["train_batches"][bi]
         rec: dict = {"name": name, "attention_impl": impl or "einsum (dropout path)",
                      "attention_dropout": 0.1 if attn_dropout is None else attn_dropout,
+                     "prng_impl": prng or "threefry",
                      "global_batch": batch, "steps_s": {}}
         section["configs"].append(rec)
         if len(section["configs"]) > sizes["train_configs"]:
@@ -548,7 +585,8 @@ def train(args, sizes: dict) -> None:
                                       params_for_mask=mdef.abstract_params)
             layout = state_layout(mdef, tx, mesh, sharding.rules_for("replicated"))
             counter = TraceCounter()
-            step_fn = make_train_step(mdef.graphdef, loss, tx, layout, seed=7, counter=counter)
+            step_fn = make_train_step(mdef.graphdef, loss, tx, layout, seed=7, prng_impl=prng,
+                                      counter=counter)
             st = create_train_state(loss.initial_params(pre.params, cfg, 7), tx, layout)
             n = len(device_batches)
             with clock.step(f"train {name} b{batch}: first step (compiles)", rec["steps_s"], "compile"):
@@ -657,11 +695,12 @@ def summary(args) -> None:
     for key, r in {**enc.get("budgets", {}), **enc.get("extra", {})}.items():
         p = r.get("profile", {})
         print(f"encode {key}: " + (f"{r['sentences_per_s']:,.0f} sent/s, {r['tokens_per_s']:,.0f} tok/s, "
-                                    f"host {r.get('host', {}).get('sentences_per_s', 0):,.0f} sent/s, "
+                                    f"host {r.get('host', {}).get('sentences_per_s', 0):,.0f} sent/s "
+                                    f"(by workers {r.get('sentences_per_s_by_host_workers')}), "
                                     f"busy {p.get('busy_fraction')} [{p.get('source')}]"
                                     if "sentences_per_s" in r else r.get("error") or r.get("skipped") or "?"))
     for r in d.get("train", {}).get("configs", []):
-        head = f"train {r['name']} ({r['attention_impl']}) b{r['global_batch']}: "
+        head = f"train {r['name']} ({r['attention_impl']}, {r.get('prng_impl')}) b{r['global_batch']}: "
         if "step_ms" in r:
             mfu = r.get("mfu")
             print(head + f"{r['step_ms']:.1f} ms, {r['sentences_per_s']:,.0f} sent/s, "

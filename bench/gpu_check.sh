@@ -29,7 +29,7 @@ else
   MODEL=${MODEL:-/tmp/gpu_check_model}
   # A rerun on the same (still warm) machine loads the compiled programs instead of recompiling.
   export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/gpu_check_jax_cache}
-  : "${PREFLIGHT_TIMEOUT:=45}" "${ENCODE_TIMEOUT:=125}" "${TRAIN_TIMEOUT:=170}" "${ST_TIMEOUT:=40}"
+  : "${PREFLIGHT_TIMEOUT:=50}" "${ENCODE_TIMEOUT:=160}" "${TRAIN_TIMEOUT:=220}" "${ST_TIMEOUT:=40}"
 fi
 J="$OUT/gpu-$(date -u +%F).json"
 rm -f "$J"

@@ -48,6 +48,9 @@ ROW_UNIT = 64  # `encode(batch_size=N)` means a budget of N rows of this many to
 IN_FLIGHT = 2  # batches dispatched but not yet copied back: bounds device memory
 WINDOW_BATCHES = 64  # sentences are sorted and packed within a window of about this many batches
 MIN_WINDOW = 1024  # sentences a window holds at least (fewer leave packing little to choose from)
+# The first window is this fraction of a full one (then doubling): at a 64k-token budget a full
+# window is 131k sentences, and the devices would wait for all of them to be tokenized and packed.
+WINDOW_RAMP = 8
 # Threads preparing windows (tokenize, pack) ahead of the devices; windows prepared or waiting:
 # workers + 1 (bounded memory). One is the default: each `encode_batch` call already spreads over
 # every core (the tokenizers library's own pool), so a second thread preparing the window after
@@ -297,10 +300,14 @@ class SentenceEncoder:
     # ---- encoding -----------------------------------------------------------------------------
 
     def _windows(self, sentences: Iterable[str], window: int) -> Iterator[tuple[int, list[str]]]:
+        """(start, texts) windows of the input: the first WINDOW_RAMP-th of `window` (at least
+        MIN_WINDOW), doubling up to `window`, so the devices start after a small window is
+        prepared rather than a full one, and later windows overlap their compute."""
         it = iter([sentences] if isinstance(sentences, str) else sentences)
         start = 0
+        size = min(window, max(MIN_WINDOW, window // WINDOW_RAMP))
         while True:
-            texts = list(itertools.islice(it, window))
+            texts = list(itertools.islice(it, size))
             if not texts:
                 return
             for j, s in enumerate(texts):
@@ -308,6 +315,7 @@ class SentenceEncoder:
                     raise TypeError(f"sentences[{start + j}] is {type(s).__name__}, expected str")
             yield start, texts
             start += len(texts)
+            size = min(window, 2 * size)
 
     def encode_chunks(self, sentences: Iterable[str], chunk_size: int = 100_000, *,
                       batch_size: int | None = None, normalize: bool = False,

@@ -61,15 +61,23 @@ def test_dry_run_writes_every_section(tmp_path):
         assert "error" not in b, b
         for rate in ("sentences_per_s", "tokens_per_s"):
             assert b[rate] > 0 and b["host"][rate] > 0, (key, b)
-        assert b["host"]["tokenize_s"] > 0 and b["steps_s"]["warmup"] > 0
+        assert b["steps_s"]["warmup"] > 0 and b["host"]["by_workers"], (key, b)
+        assert all(h["sentences_per_s"] > 0 for h in b["host"]["by_workers"].values()), (key, b)
         _check_profile(b["profile"], f"encode {key}")
+    # The first budget: the host side at 0 (tokenize and pack timed apart), 1 and 2 preparation
+    # threads, and encode timed at 1 and 2.
+    first = enc["budgets"]["512"]
+    assert set(first["host"]["by_workers"]) == {"0", "1", "2"}, first["host"]
+    assert first["host"]["tokenize_s"] > 0 and first["host"]["pack_s"] > 0, first["host"]
+    assert set(first["sentences_per_s_by_host_workers"]) == {"1", "2"}, first
     # cuDNN attention cannot run on a CPU: recorded as an error, not a crash.
     assert "error" in enc["extra"]["cudnn-1024"]
 
     tr = d["train"]
     ran = [c for c in tr["configs"] if "step_ms" in c]
-    assert {(c["name"], c["global_batch"]) for c in ran} >= {("default", 16), ("xla", 16),
-                                                             ("default", 32)}, tr["configs"]
+    assert {(c["name"], c["prng_impl"], c["global_batch"]) for c in ran} >= {
+        ("xla", "threefry", 32), ("xla-rbg", "unsafe_rbg", 32), ("default-rbg", "unsafe_rbg", 32)
+    }, tr["configs"]
     for c in ran:
         assert c["finite"] and c["compilations"] == 1, c
         for rate in ("step_ms", "sentences_per_s", "tokens_per_s", "model_tflops_per_s"):
@@ -77,8 +85,8 @@ def test_dry_run_writes_every_section(tmp_path):
         assert c["mfu"] is None  # no peak FLOP/s for a CPU
         _check_profile(c["profile"], f"train {c['name']} {c['global_batch']}")
     assert all(("error" in c) or ("skipped" in c) or ("step_ms" in c) for c in tr["configs"])
-    assert tr["batches"]["16"]["real_tokens_per_batch"] > 0
-    assert "error" in next(c for c in tr["configs"] if c["name"] == "cudnn"), tr["configs"]
+    assert tr["batches"]["32"]["real_tokens_per_batch"] > 0
+    assert "error" in next(c for c in tr["configs"] if c["name"] == "cudnn-rbg"), tr["configs"]
 
     st = d["st_encode"]
     assert st["sentences_per_s"] > 0 and st["sbert_flax_over_st"] > 0

@@ -15,8 +15,12 @@ Infinity lives in its own virtualenv (its pins must not touch ours); create it o
     ~/.cache/sbert_flax/infinity-venv/bin/pip install "infinity-emb[server,torch,optimum]==0.0.78" "torch==2.13.0"
 and pass `--infinity-venv` if it lives elsewhere; without it (b) is skipped with the reason.
 
+After each level the server's /metrics gives the device batches of that level
+(`te_batch_next_size`: how many, inputs per batch, their spread over the buckets).
+
     python bench/serve.py                              # m3e-small, 15 s per level
     python bench/serve.py --seconds 5 --concurrency 1,32 --no-infinity   # quicker
+    python bench/serve.py --model bert-base --concurrency 1,32 --no-infinity  # issue 16's case
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/common.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_VENV = os.path.join(os.path.expanduser("~"), ".cache", "sbert_flax", "infinity-venv")
@@ -139,13 +144,55 @@ async def _load(url: str, path: str, model: str, requests: list[list[str]], conc
             "p50_ms": 1e3 * lat[len(lat) // 2], "p99_ms": 1e3 * lat[min(len(lat) - 1, int(0.99 * len(lat)))]}
 
 
-def run_levels(name: str, url: str, path: str, model: str, requests, levels, seconds, pid) -> dict:
+def batch_histogram(url: str, name: str = "te_batch_next_size") -> dict | None:
+    """A histogram's cumulative buckets, sum and count from the server's /metrics (None: absent)."""
+    import httpx
+
+    try:
+        text = httpx.get(url + "/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return None
+    out: dict = {"buckets": {}}
+    for line in text.splitlines():
+        if line.startswith(name + "_bucket{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            out["buckets"][le] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith(name + "_sum"):
+            out["sum"] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith(name + "_count"):
+            out["count"] = float(line.rsplit(" ", 1)[1])
+    return out if "count" in out else None
+
+
+def batch_delta(before: dict | None, after: dict | None) -> dict | None:
+    """The batches of one level: after - before, per bucket (not cumulative), mean size."""
+    if before is None or after is None:
+        return None
+    count = after["count"] - before["count"]
+    per, last = {}, 0.0
+    for le, c in after["buckets"].items():
+        cum = c - before["buckets"].get(le, 0.0)
+        if cum - last:
+            per[le] = int(cum - last)
+        last = cum
+    return {"batches": int(count), "mean_inputs": (after["sum"] - before["sum"]) / count if count
+            else None, "per_bucket": per}
+
+
+def run_levels(name: str, url: str, path: str, model: str, requests, levels, seconds, pid,
+               metrics: bool = False) -> dict:
     out = {}
     for c in levels:
+        hist0 = batch_histogram(url) if metrics else None
         r = asyncio.run(_load(url, path, model, requests, c, seconds, pid))
+        r["batches"] = batch_delta(hist0, batch_histogram(url)) if metrics else None
+        b = r["batches"]
         print(f"  {name} c={c}: {r['sent_per_s']:.1f} sent/s, p50 {r['p50_ms']:.0f} ms, "
               f"p99 {r['p99_ms']:.0f} ms ({r['requests']} requests), "
-              f"{r['sent_per_cpu_s'] or 0:.1f} sent per server CPU-s", flush=True)
+              f"{r['sent_per_cpu_s'] or 0:.1f} sent per server CPU-s"
+              + (f"; {b['batches']} device batches, {b['mean_inputs'] or 0:.1f} inputs each, "
+                 f"by te_batch_next_size bucket (le: count) {b['per_bucket']}" if b else ""),
+              flush=True)
         out[c] = r
     return out
 
@@ -179,7 +226,7 @@ def bench_sbert_flax(model, requests, levels, seconds, extra_args, logdir) -> tu
         ready = wait_healthy(f"http://127.0.0.1:{port}", proc, 900, log)
         print(f"(a) sbert-flax serve ready in {ready:.0f} s", flush=True)
         return run_levels("(a) sbert-flax", f"http://127.0.0.1:{port}", "/v1/embeddings", "bench",
-                          requests, levels, seconds, proc.pid), ready
+                          requests, levels, seconds, proc.pid, metrics=True), ready
     finally:
         stop(proc)
 
@@ -209,7 +256,8 @@ def bench_infinity(venv, model, requests, levels, seconds, batch_size, logdir) -
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="model folder (default: m3e-small from the reference models)")
+    p.add_argument("--model", help="model folder (default: m3e-small from the reference models); "
+                   "`bert-base`: a random BERT-base-sized Chinese BERT (bench/common.py)")
     p.add_argument("--concurrency", default="1,8,32,128")
     p.add_argument("--seconds", type=float, default=15.0, help="measured seconds per level")
     p.add_argument("--repeats", type=int, default=2, help="timed passes of the direct encode")
@@ -221,9 +269,16 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
+    # The server runs on the CPU (JAX_PLATFORMS=cpu below); so does the direct encode beside it.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from sbert_flax.devdata import reference_model
 
-    model = args.model or reference_model("m3e-small")
+    if args.model == "bert-base":
+        from common import bert_base_dir
+
+        model = bert_base_dir()
+    else:
+        model = args.model or reference_model("m3e-small")
     levels = [int(x) for x in args.concurrency.split(",")]
     sentences = load_sentences()
     rng = random.Random(args.seed)

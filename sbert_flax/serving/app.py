@@ -79,7 +79,8 @@ class Server:
         self.batcher = Batcher(self.backend, self.max_batch_tokens, self.metrics,
                                warmup=settings.warmup,
                                max_failures=settings.max_consecutive_failures,
-                               stuck_after=STUCK_AFTER_TIMEOUTS * settings.request_timeout)
+                               stuck_after=STUCK_AFTER_TIMEOUTS * settings.request_timeout,
+                               max_wait=settings.max_batch_wait)
         # Tokenization has threads of its own, as TEI has tokenization workers: the backend's
         # tokenizers are safe to call from several threads (per-setting Rust copies, never the
         # HF object's mutable one), and a bounded pool keeps the event loop free.
@@ -129,6 +130,9 @@ class Server:
     async def tokenize(self, texts: list[str], truncate: bool, direction: str) -> list[np.ndarray]:
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
+        # The batcher may hold a partial batch for this request while it is tokenized. `arrived`
+        # runs on the loop's next turn: after the caller, in this same turn, has submitted.
+        self.batcher.expect()
         try:
             ids = await loop.run_in_executor(self.tokenizer_pool, lambda: self.backend.tokenize(
                 texts, truncate=truncate, direction=direction))
@@ -136,6 +140,8 @@ class Server:
             raise ApiError(422, f"input {e.index} has {e.length} tokens, more than the maximum "
                            f"input length of {e.limit} tokens; shorten it or send "
                            "\"truncate\": true", "validation", err="tokenization") from None
+        finally:
+            loop.call_soon(self.batcher.arrived)
         self.metrics.tokenized(ids, time.perf_counter() - t0)
         return ids
 

@@ -1,17 +1,27 @@
-"""Dynamic batching: one queue, one supervised worker thread that owns the encoder.
+"""Dynamic batching: one queue, a supervised worker thread that owns the encoder, a collector.
 
 Requests put their tokenized inputs on the queue and await a future; the worker takes inputs in
 arrival order until the token budget is full (so concurrent requests share a device batch, and a
-big request is split over several), runs them on the precompiled shapes, writes each row into its
-request's output at its own position, and resolves a request's future once all its rows are in.
-The asyncio event loop never waits on the device: it only hands work over and is called back.
+big request is split over several), packs them and launches them on the precompiled shapes without
+waiting (JAX dispatch is asynchronous); the collector thread waits for each round's rows, writes
+each row into its request's output at its own position, and resolves a request's future once all
+its rows are in. The asyncio event loop never waits on the device: it only hands work over and is
+called back.
 
-Supervision: an exception anywhere in one round of the worker (taking from the queue, the device
-call, writing the rows back) fails only the requests that round touched, with `BatchFailed`, and
-the worker carries on. `max_failures` rounds failing in a row (the device is broken, not one bad
-request), the thread ending any other way, or one device call running past `stuck_after` seconds
-(a hung device; a watchdog thread notices) make the batcher *dead*: every waiting request fails
-with `Unavailable`, nothing new is taken, `fatal` says why and `on_fatal` is called, so the
+The pipeline: while one round computes, the worker takes and packs the next as soon as the queue
+holds a full budget (it waits behind the first on the device), and the previous round's rows are
+written back by the collector meanwhile. A partial queue waits for the device instead: what
+arrives meanwhile joins it. With the device idle and the queue below the budget, the worker waits
+up to `max_wait` seconds while requests are still being tokenized (`expect` / `arrived`, called by
+the app), so that concurrent requests share one batch rather than the first of them running alone;
+a lone request is never held (nothing else is arriving), nor a queue at the budget.
+
+Supervision: an exception anywhere in one round (taking from the queue, packing, the device call,
+writing the rows back) fails only the requests that round touched, with `BatchFailed`, and the
+worker carries on. `max_failures` rounds failing in a row (the device is broken, not one bad
+request), either thread ending any other way, or one device call running past `stuck_after`
+seconds (a hung device; a watchdog thread notices) make the batcher *dead*: every waiting request
+fails with `Unavailable`, nothing new is taken, `fatal` says why and `on_fatal` is called, so the
 server can report 503 on /health and exit for its supervisor to restart it.
 """
 
@@ -26,7 +36,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
-from sbert_flax.serving.backend import EncoderBackend
+from sbert_flax.serving.backend import EncoderBackend, Launched
 from sbert_flax.serving.metrics import ServeMetrics
 
 log = logging.getLogger(__name__)
@@ -36,6 +46,12 @@ WARMUP_TEXT = "sbert-flax warm-up 句子"
 # next good one resets the count; five in a row means the device (or the program on it) is
 # broken, and a fresh process is the likeliest cure.
 MAX_CONSECUTIVE_FAILURES = 5
+# Seconds the worker may hold a partial batch for requests still being tokenized (--max-batch-wait).
+# Long enough for a burst of concurrent requests to reach the queue, short beside any device call
+# worth batching; a lone request is never held.
+MAX_WAIT = 0.002
+# Rounds launched and not yet written back: one computing, one packed and queued behind it.
+MAX_ROUNDS = 2
 
 
 class Job:
@@ -95,32 +111,48 @@ def _post(job: Job, result=None, error: BaseException | None = None) -> None:
         pass
 
 
+class _Round:
+    """One device batch on its way: its inputs, the launched work, when it was launched."""
+
+    __slots__ = ("items", "launched", "t_launch")
+
+    def __init__(self, items: list[tuple[Job, int]], launched: Launched, t_launch: float):
+        self.items = items
+        self.launched = launched
+        self.t_launch = t_launch
+
+
 class Batcher:
-    """The queue and the worker thread.
+    """The queue, the worker thread and the collector thread.
 
     Args:
-      backend: the encoder adapter; only the worker thread calls its device methods.
-      max_batch_tokens: real tokens gathered per `embed_ids` call.
+      backend: the encoder adapter; only the worker thread calls its device methods (`launch`, or
+        `embed_ids` for a backend without it), only the collector waits for results.
+      max_batch_tokens: real tokens gathered per round.
       metrics: where batch sizes and timings go.
       warmup: compile every shape and run a test batch before `ready` is set.
       max_failures: failed rounds in a row after which the worker gives up (the batcher is dead).
-      on_fatal: called once, from the worker or the watchdog thread, when the batcher dies (the
-        serve command shuts the server down from there).
+      on_fatal: called once, from the worker, collector or watchdog thread, when the batcher dies
+        (the serve command shuts the server down from there).
       stuck_after: seconds one round may run before the worker counts as hung (None: never).
+      max_wait: seconds a partial batch may wait for requests still being tokenized (0: never).
     """
 
     def __init__(self, backend: EncoderBackend, max_batch_tokens: int, metrics: ServeMetrics,
                  warmup: bool = True, max_failures: int = MAX_CONSECUTIVE_FAILURES,
                  on_fatal: Callable[[BaseException], None] | None = None,
-                 stuck_after: float | None = None):
+                 stuck_after: float | None = None, max_wait: float = MAX_WAIT):
         if max_failures < 1:
             raise ValueError(f"max_failures={max_failures} must be >= 1")
+        if not max_wait >= 0:  # also refuses NaN
+            raise ValueError(f"max_wait={max_wait} must be >= 0 seconds")
         # The test batch is tokenized here, on the caller's thread, before any request can be.
         self._warmup_ids = backend.tokenize([WARMUP_TEXT], truncate=True, direction="right")
         self.backend = backend
         self.max_batch_tokens = int(max_batch_tokens)
         self.metrics = metrics
         self.max_failures = int(max_failures)
+        self.max_wait = float(max_wait)
         self.on_fatal = on_fatal
         self._warmup = warmup
         self._queue: collections.deque[Job] = collections.deque()
@@ -128,21 +160,30 @@ class Batcher:
         self._stopping = False
         self._started = False
         self._queued_inputs = 0
+        self._arriving = 0  # requests being tokenized, on their way to `submit`
         self._fatal: BaseException | None = None
-        self._in_hand: list[Job] = []  # the jobs of the round on the device (worker thread only)
-        self._round_started: float | None = None  # time.monotonic() of the round on the device
+        self._failures = 0  # rounds failed in a row (under `_cond`)
+        self._taking: list[Job] = []  # the jobs of the round the worker is packing/launching
+        self._rounds: collections.deque[_Round] = collections.deque()  # launched, not written back
+        self._computing = 0  # rounds launched whose rows have not come back yet
+        self._worker_done = False
+        self._launch_started: float | None = None  # time.monotonic() of the launch under way
+        self._round_started: float | None = None  # ... of the round the collector waits for
         self.stuck_after = stuck_after
         self._dying = threading.Lock()
         self.ready = threading.Event()
         self.error: BaseException | None = None  # the warm-up's
         self.warmup_shapes = 0
         self._thread = threading.Thread(target=self._run, name="sbert-flax-batcher", daemon=True)
+        self._collector = threading.Thread(target=self._run_collector,
+                                           name="sbert-flax-batcher-collect", daemon=True)
 
     # ---- called from the event loop -------------------------------------------------------------
 
     def start(self) -> None:
         self._started = True
         self._thread.start()
+        self._collector.start()
         if self.stuck_after is not None:
             threading.Thread(target=self._watch, name="sbert-flax-batcher-watchdog",
                              daemon=True).start()
@@ -155,10 +196,24 @@ class Batcher:
     def fatal(self) -> BaseException | None:
         """Why the worker is gone for good (None while it serves, warms up or drains)."""
         if self._fatal is None and self._started and not self._stopping \
-                and not self._thread.is_alive():
-            # Only `_run` ends the thread and it records why; this is the belt to its braces.
+                and not (self._thread.is_alive() and self._collector.is_alive()):
+            # Only `_run` / `_run_collector` end the threads and they record why; this is the belt
+            # to their braces.
             return RuntimeError("the batcher thread ended")
         return self._fatal
+
+    def expect(self) -> None:
+        """A request is being tokenized and will `submit` soon: a partial batch may wait for it.
+
+        Pair each call with one `arrived`, after the request's `submit` (or its failure)."""
+        with self._cond:
+            self._arriving += 1
+
+    def arrived(self) -> None:
+        """The request `expect` announced is queued (or will not be)."""
+        with self._cond:
+            self._arriving -= 1
+            self._cond.notify_all()
 
     def submit(self, ids: Sequence[np.ndarray]) -> Job:
         """Queues one request's inputs; await `job.future` for the [n, dim] embeddings."""
@@ -179,7 +234,7 @@ class Batcher:
                 return job
             self._queue.append(job)
             self._queued_inputs += job.n
-            self._cond.notify()
+            self._cond.notify_all()
         return job
 
     @property
@@ -193,14 +248,16 @@ class Batcher:
         job.future.cancel()
 
     def stop(self, timeout: float | None = None) -> None:
-        """Finishes everything queued, then ends the worker thread."""
+        """Finishes everything queued, then ends the worker and collector threads."""
         with self._cond:
             self._stopping = True
-            self._cond.notify()
-        if self._thread.is_alive() and self._fatal is None:  # a hung worker is not waited for
-            self._thread.join(timeout)
+            self._cond.notify_all()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in (self._thread, self._collector):
+            if thread.is_alive() and self._fatal is None:  # a hung worker is not waited for
+                thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
-    # ---- the worker thread ----------------------------------------------------------------------
+    # ---- the worker thread: take, pack, launch --------------------------------------------------
 
     def _run(self) -> None:
         try:
@@ -208,6 +265,10 @@ class Batcher:
             self._serve()
         except BaseException as e:  # noqa: BLE001 -- the thread's last word: report, fail, die
             self._die(e)
+        finally:
+            with self._cond:
+                self._worker_done = True
+                self._cond.notify_all()
 
     def _warm(self) -> None:
         try:
@@ -228,13 +289,10 @@ class Batcher:
             self.metrics.ready.set(1)
 
     def _serve(self) -> None:
-        failures = 0
         while True:
             items: list[tuple[Job, int]] = []
             with self._cond:
-                while not self._queue and not self._stopping:
-                    self._cond.wait()
-                if not self._queue or self._fatal is not None:  # the watchdog gave up on us
+                if not self._wait_for_work():
                     return
                 try:
                     self._take(items)
@@ -244,23 +302,67 @@ class Batcher:
                         bad.append(head := self._queue.popleft())
                         self._queued_inputs -= head.n - head.taken
                     self._fail(bad, e)
-                    items = []
-                    failures += 1
-            if items:
-                self._in_hand = [job for job, _ in items]
-                self._round_started = time.monotonic()
-                try:
-                    self._process(items)
-                    failures = 0
-                except Exception as e:  # noqa: BLE001 -- fail these requests, keep serving
-                    self._fail(self._in_hand, e)
+                    self._failed()
+                    continue
+                if not items:  # every queued request was cancelled
+                    continue
+                self._taking = [job for job, _ in items]
+            try:
+                launched = self._launch(items)
+            except Exception as e:  # noqa: BLE001 -- fail these requests, keep serving
+                self._fail(self._taking, e)
+                with self._cond:
+                    self._taking = []
                     # A failed warm-up fails requests without being the worker's failure.
-                    failures += not isinstance(e, Unavailable)
-                self._round_started = None
-                self._in_hand = []
-            if failures >= self.max_failures:
-                raise RuntimeError(f"{failures} rounds failed in a row (--max-consecutive-failures)"
-                                   "; the last error is logged above")
+                    if not isinstance(e, Unavailable):
+                        self._failed()
+                continue
+            with self._cond:
+                self._rounds.append(_Round(items, launched, time.monotonic()))
+                self._computing += 1
+                self._taking = []
+                self._cond.notify_all()
+
+    def _wait_for_work(self) -> bool:
+        """Holds the lock; returns once a round should be taken (False: the worker ends).
+
+        A round is taken when the device is idle, or when one round computes and the queue holds
+        a full budget (packed now, it is ready the moment the device is). With the device idle
+        and a partial queue, waits up to `max_wait` for requests still being tokenized.
+        """
+        while True:
+            if self._fatal is not None:  # the watchdog or the collector gave up on us
+                return False
+            if not self._queue:
+                if self._stopping:
+                    return False
+            elif len(self._rounds) < MAX_ROUNDS and (self._computing == 0 or self._queue_full()):
+                break
+            self._cond.wait()
+        if self._computing == 0 and self.max_wait > 0 and self._arriving > 0:
+            deadline = time.monotonic() + self.max_wait
+            while (self._arriving > 0 and not self._stopping and self._fatal is None
+                   and not self._queue_full()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+        return self._fatal is None and bool(self._queue)
+
+    def _queue_full(self) -> bool:
+        """The queue holds at least a budget of tokens (holds the lock; stops counting there)."""
+        tokens = 0
+        for job in self._queue:
+            if job.cancelled:
+                continue
+            for i in range(job.taken, job.n):
+                try:
+                    tokens += len(job.ids[i])
+                except TypeError:  # unusable input: take it now, `_take` fails its request
+                    return True
+                if tokens >= self.max_batch_tokens:
+                    return True
+        return False
 
     def _take(self, items: list[tuple[Job, int]]) -> None:
         """Inputs in arrival order until the token budget is full (at least one) into `items`.
@@ -287,7 +389,8 @@ class Batcher:
                 self._queued_inputs -= 1
             self._queue.popleft()
 
-    def _process(self, items: list[tuple[Job, int]]) -> None:
+    def _launch(self, items: list[tuple[Job, int]]) -> Launched:
+        """Packs the round and starts it on the device (a backend without `launch`: runs it)."""
         now = time.perf_counter()
         jobs = {id(job): job for job, _ in items}.values()
         for job in jobs:
@@ -296,14 +399,63 @@ class Batcher:
                 self.metrics.queue_duration.observe(now - job.t_submit)
         ids = [job.ids[i] for job, i in items]
         self.metrics.batch_size.observe(len(ids))
-        self.metrics.batch_tokens.observe(sum(len(x) for x in ids))
+        tokens = sum(len(x) for x in ids)
+        self.metrics.batch_tokens.observe(tokens)
+        log.debug("round: %d inputs of %d requests, %d tokens", len(ids), len(jobs), tokens)
         if self.error is not None:  # queued while the warm-up was still running
             raise Unavailable(f"the model failed to warm up: {self.error}")
-        emb = self.backend.embed_ids(ids)
-        if emb.shape != (len(ids), self.backend.dim):
-            raise RuntimeError(f"the backend returned {emb.shape} for {len(ids)} inputs of dim "
+        self._launch_started = time.monotonic()
+        try:
+            launch = getattr(self.backend, "launch", None)
+            return launch(ids) if launch is not None else Launched.done(
+                np.asarray(self.backend.embed_ids(ids)))
+        finally:
+            self._launch_started = None
+
+    # ---- the collector thread: wait for rows, write them back ----------------------------------
+
+    def _run_collector(self) -> None:
+        try:
+            self._collect()
+        except BaseException as e:  # noqa: BLE001 -- the thread's last word: report, fail, die
+            self._die(e)
+
+    def _collect(self) -> None:
+        while True:
+            with self._cond:
+                while not self._rounds and self._fatal is None and not self._worker_done:
+                    self._cond.wait()
+                if self._fatal is not None or not self._rounds:  # dead, or drained and stopped
+                    return
+                rnd = self._rounds[0]
+            t0 = time.perf_counter()
+            self._round_started = time.monotonic()
+            try:
+                try:
+                    emb = rnd.launched.result()
+                finally:
+                    self._round_started = None
+                    with self._cond:  # the device is free: the worker may launch the next round
+                        self._computing -= 1
+                        self._cond.notify_all()
+                self.metrics.batch_duration.observe(time.perf_counter() - t0)
+                self._write_back(rnd.items, emb)
+            except Exception as e:  # noqa: BLE001 -- fail these requests, keep serving
+                self._fail([job for job, _ in rnd.items], e)
+                with self._cond:
+                    self._rounds.popleft()
+                    self._cond.notify_all()
+                    self._failed()
+                continue
+            with self._cond:
+                self._rounds.popleft()
+                self._failures = 0
+                self._cond.notify_all()
+
+    def _write_back(self, items: list[tuple[Job, int]], emb: np.ndarray) -> None:
+        if emb.shape != (len(items), self.backend.dim):
+            raise RuntimeError(f"the backend returned {emb.shape} for {len(items)} inputs of dim "
                                f"{self.backend.dim}")
-        self.metrics.batch_duration.observe(time.perf_counter() - now)
         finished = []
         for k, (job, i) in enumerate(items):
             job.out[i] = emb[k]
@@ -314,6 +466,15 @@ class Batcher:
         for job in finished:
             self.metrics.inference_duration.observe(time.perf_counter() - job.t_first)
             _post(job, job.out)
+
+    # ---- failures --------------------------------------------------------------------------------
+
+    def _failed(self) -> None:
+        """Counts one failed round (holds the lock); too many in a row end the calling thread."""
+        self._failures += 1
+        if self._failures >= self.max_failures:
+            raise RuntimeError(f"{self._failures} rounds failed in a row "
+                               "(--max-consecutive-failures); the last error is logged above")
 
     def _fail(self, jobs: Iterable[Job], error: BaseException) -> None:
         """Fails `jobs` with 503 and drops their inputs still queued."""
@@ -328,20 +489,21 @@ class Batcher:
             _post(job, error=failure)
 
     def _watch(self) -> None:
-        """The watchdog: a round on the device for longer than `stuck_after` kills the batcher."""
+        """The watchdog: a device call running longer than `stuck_after` kills the batcher."""
         period = min(1.0, self.stuck_after / 4)
         while not self._stopping and self._fatal is None:
             time.sleep(period)
-            started = self._round_started
-            if started is not None and time.monotonic() - started > self.stuck_after:
-                self._die(RuntimeError(f"a device call has run for more than {self.stuck_after:g}"
-                                       " s: the device is stuck"))
-                return
+            now = time.monotonic()
+            for started in (self._launch_started, self._round_started):
+                if started is not None and now - started > self.stuck_after:
+                    self._die(RuntimeError(f"a device call has run for more than "
+                                           f"{self.stuck_after:g} s: the device is stuck"))
+                    return
 
     def _die(self, error: BaseException) -> None:
         """The worker ends for good: record why, fail every waiting request, tell the owner.
 
-        Runs once, from the worker thread or the watchdog.
+        Runs once, from the worker, the collector or the watchdog thread.
         """
         with self._dying:
             if self._fatal is not None:
@@ -353,11 +515,13 @@ class Batcher:
         failure = Unavailable(f"the batcher's worker died ({_describe(error)}); this replica is "
                               "restarting, retry on another one")
         with self._cond:
-            jobs, self._queue = [*self._in_hand, *self._queue], collections.deque()
+            in_hand = [*self._taking, *(job for rnd in self._rounds for job, _ in rnd.items)]
+            jobs, self._queue = [*in_hand, *self._queue], collections.deque()
             self._queued_inputs = 0
+            self._cond.notify_all()  # the other thread sees `_fatal` and ends
         try:
             self.metrics.ready.set(0)
-            for job in jobs:
+            for job in {id(job): job for job in jobs}.values():
                 _post(job, error=failure)
         finally:
             if self.on_fatal is not None:

@@ -81,6 +81,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "compute): a body that has not arrived by then gets 408, anything else 503, "
                    "its queued inputs dropped; a device call running 3 timeouts counts as a "
                    f"stuck device (exit {EXIT_WORKER_DIED}) (default 60)")
+    p.add_argument("--max-batch-wait", type=float, default=0.002, metavar="SECONDS",
+                   help="most seconds the device may wait for requests still being tokenized "
+                   "before it runs a batch below --max-batch-tokens, so concurrent requests "
+                   "share one; a lone request never waits (default 0.002; 0: never)")
     p.add_argument("--tokenization-workers", type=int, default=None, metavar="N",
                    help="threads that tokenize (default: min(4, CPU cores))")
     p.add_argument("--max-consecutive-failures", type=int, default=5, metavar="N",
@@ -134,7 +138,8 @@ def settings_from_args(args: argparse.Namespace):
         api_key=args.api_key or None, auto_truncate=args.auto_truncate,
         version=getattr(sbert_flax, "__version__", ""), request_timeout=args.request_timeout,
         tokenization_workers=args.tokenization_workers,
-        max_consecutive_failures=args.max_consecutive_failures)
+        max_consecutive_failures=args.max_consecutive_failures,
+        max_batch_wait=args.max_batch_wait)
 
 
 def run(args: argparse.Namespace) -> int:

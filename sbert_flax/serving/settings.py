@@ -32,6 +32,9 @@ class ServeSettings:
       tokenization_workers: threads that tokenize (None: min(4, CPU cores)).
       max_consecutive_failures: worker rounds failing in a row after which the worker gives up:
         /health turns 503 and the serve command exits (code 70) for its supervisor to restart it.
+      max_batch_wait: most seconds the worker, with the device idle, holds a batch below the
+        token budget for requests still being tokenized, so that concurrent requests share one
+        device batch; a lone request is never held (0: never wait).
     """
 
     model_id: str = "model"
@@ -48,6 +51,7 @@ class ServeSettings:
     request_timeout: float = 60.0
     tokenization_workers: int | None = None
     max_consecutive_failures: int = 5
+    max_batch_wait: float = 0.002
 
     def __post_init__(self):
         for name in ("max_client_batch_size", "max_concurrent_requests", "payload_limit",
@@ -58,6 +62,8 @@ class ServeSettings:
             raise ValueError(f"request_timeout={self.request_timeout} must be > 0 seconds")
         if self.tokenization_workers is not None and self.tokenization_workers < 1:
             raise ValueError(f"tokenization_workers={self.tokenization_workers} must be >= 1")
+        if not 0 <= self.max_batch_wait <= 1:  # also refuses NaN
+            raise ValueError(f"max_batch_wait={self.max_batch_wait} must be in [0, 1] seconds")
         if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens={self.max_batch_tokens} must be >= 1")
 

@@ -15,10 +15,13 @@ parameters, which keeps the jitted train step a pure function of (params, batch,
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sbert_flax import splash
 from sbert_flax.config import BertConfig
 
 Array = jax.Array
@@ -113,6 +116,15 @@ class Embeddings(nnx.Module):
         return dropout(x, self.dropout_rate, dropout_key)
 
 
+class AttentionMask(NamedTuple):
+    """What attention masks by: the dense boolean mask ([B, 1, 1, L] over keys, or [B, 1, L, L]
+    block-diagonal for packed rows) and, for packed rows, their segment ids [B, L] (the splash
+    kernel's form of the same mask). A pytree, so it passes through remat and scan as an array."""
+
+    dense: Array
+    segment_ids: Array | None = None
+
+
 class SelfAttention(nnx.Module):
     """Multi-head self-attention with one fused QKV projection (one GEMM instead of three)."""
 
@@ -126,9 +138,11 @@ class SelfAttention(nnx.Module):
         self.out_bias = _param(None, (d,), ("embed",), "zeros")
         self.attn_dropout_rate = cfg.attention_probs_dropout_prob
         self.dropout_rate = cfg.hidden_dropout_prob
-        self.attention_impl: str | None = None  # None/"xla" or "cudnn"; set by BertModel
+        # None (XLA; splash on TPU for packed rows, see splash.use_splash), "xla", "cudnn",
+        # "splash" or "splash-interpret"; set by BertModel.
+        self.attention_impl: str | None = None
 
-    def __call__(self, x: Array, mask: Array, dropout_key: Array | None) -> Array:
+    def __call__(self, x: Array, mask: AttentionMask, dropout_key: Array | None) -> Array:
         b, seq, d = x.shape
         dtype = x.dtype
         k_attn, k_out = _split(dropout_key, 2)
@@ -137,21 +151,28 @@ class SelfAttention(nnx.Module):
         qkv = (qkv + self.qkv_bias[...].reshape(3 * d).astype(dtype))
         qkv = qkv.reshape(b, seq, 3, self.num_heads, self.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, L, H, Dh]
-        if k_attn is None or self.attn_dropout_rate <= 0.0:
+        impl = self.attention_impl
+        if (k_attn is None or self.attn_dropout_rate <= 0.0) and splash.use_splash(
+                impl, seq, mask.segment_ids is not None):
+            # Packed rows on TPU: the Pallas splash kernel, segment ids instead of a dense mask.
+            ctx = splash.splash_attention(q, k, v, mask.segment_ids,
+                                          interpret=impl == "splash-interpret")
+        elif k_attn is None or self.attn_dropout_rate <= 0.0:
             # Inference: the fused attention op (cuDNN flash attention on GPU when
             # `attention_impl="cudnn"`, XLA elsewhere); f32 logits and softmax either way.
-            if self.attention_impl == "cudnn" and mask.shape[1:] != (self.num_heads, seq, seq):
+            dense = mask.dense
+            if impl == "cudnn" and dense.shape[1:] != (self.num_heads, seq, seq):
                 # cuDNN's batching rule reshapes a vmapped mask to [B, heads, L, L] and fails on
                 # a head-broadcast one (the train step vmaps the model over rows): spell the
                 # heads out. A bool [B, H, L, L] is small next to the activations.
-                mask = jnp.broadcast_to(mask, (b, self.num_heads, seq, seq))
-            ctx = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.head_dim ** -0.5,
-                                               implementation=self.attention_impl)
+                dense = jnp.broadcast_to(dense, (b, self.num_heads, seq, seq))
+            ctx = jax.nn.dot_product_attention(q, k, v, mask=dense, scale=self.head_dim ** -0.5,
+                                               implementation=None if impl in splash.IMPLS else impl)
         else:
             # Training with attention dropout, which jax.nn.dot_product_attention does not do.
             q = q * jnp.asarray(self.head_dim ** -0.5, dtype)
             scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-            scores = jnp.where(mask, scores, _MASK_VALUE)
+            scores = jnp.where(mask.dense, scores, _MASK_VALUE)
             probs = jax.nn.softmax(scores, axis=-1)  # f32 softmax, [B, H, L, L]
             probs = dropout(probs, self.attn_dropout_rate, k_attn).astype(dtype)
             ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
@@ -237,10 +258,11 @@ class BertModel(nnx.Module):
             token_type_ids = jnp.zeros_like(input_ids)
         keys = _split(dropout_key, len(self.layers) + 1)
         if segment_ids is None:
-            mask = attention_mask[:, None, None, :] > 0  # [B, 1, 1, L] over keys
+            mask = AttentionMask(attention_mask[:, None, None, :] > 0)  # [B, 1, 1, L] over keys
         else:
             same = segment_ids[:, :, None] == segment_ids[:, None, :]
-            mask = (same & (segment_ids[:, None, :] > 0))[:, None]  # [B, 1, L, L]
+            mask = AttentionMask((same & (segment_ids[:, None, :] > 0))[:, None],  # [B, 1, L, L]
+                                 segment_ids)
         x = self.embeddings(input_ids, token_type_ids, positions, self.dtype, keys[0])
         if self.config.scan_layers and len(self.layers) > 1:
             return self._scan_layers(x, mask, None if dropout_key is None else jnp.stack(keys[1:]))
@@ -257,7 +279,7 @@ class BertModel(nnx.Module):
                 x = layer(x, mask, key)
         return x
 
-    def _scan_layers(self, x: Array, mask: Array, keys: Array | None) -> Array:
+    def _scan_layers(self, x: Array, mask: AttentionMask, keys: Array | None) -> Array:
         """The layers as one `lax.scan` over their params stacked on a leading axis.
 
         The params stay one entry per layer (the checkpoint and weight-map layout); the stack is

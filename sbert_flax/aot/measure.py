@@ -25,6 +25,9 @@ from sbert_flax.config import BertConfig, PoolingConfig
 from sbert_flax.encoder import DEFAULT_MAX_BATCH_TOKENS
 from sbert_flax.training.train_config import TrainConfig
 
+# The custom-call target of a Pallas TPU (Mosaic) kernel in compiled HLO: the splash attention
+# kernel is the only one the programs contain.
+_MOSAIC_CALL = "tpu_custom_call"
 _OOM = re.compile(r"RESOURCE_EXHAUSTED|[Rr]an out of memory|[Oo]ut of memory")
 
 
@@ -44,6 +47,8 @@ class ProgramReport:
       flops: the whole program over all chips (XLA's cost analysis), None when refused.
       compile_seconds: wall time of the compile.
       error: XLA's out-of-memory message, when it refused.
+      splash: the compiled program runs the Pallas splash attention kernel (a Mosaic custom
+        call in its HLO), None when refused.
     """
 
     name: str
@@ -55,6 +60,7 @@ class ProgramReport:
     flops: float | None
     compile_seconds: float
     error: str | None = None
+    splash: bool | None = None
 
     @property
     def total(self) -> int | None:
@@ -100,7 +106,8 @@ def compile_program(lowering: Lowering, chips: int) -> ProgramReport:
     return ProgramReport(
         lowering.name, lowering.shape, int(mem.argument_size_in_bytes),
         int(mem.output_size_in_bytes), int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes),
-        None if flops is None else flops * chips, secs)
+        None if flops is None else flops * chips, secs,
+        splash=_MOSAIC_CALL in compiled.as_text())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +138,7 @@ class CompileReport:
             "bytes_per_chip": self.train.bytes_json(), "fits": self.fits,
             "train_step_fits": self.train.fits(self.hbm), "flops_per_step": self.train.flops,
             "compile_seconds": round(self.compile_seconds, 2), "settings": self.settings,
+            "splash_attention": self.train.splash,
         }
         if self.train.error:
             out["error"] = self.train.error
@@ -138,6 +146,7 @@ class CompileReport:
             out["encode"] = [{"shape": list(p.shape or ()), "bytes_per_chip": p.bytes_json(),
                               "fits": p.fits(self.hbm), "flops": p.flops,
                               "compile_seconds": round(p.compile_seconds, 2),
+                              "splash_attention": p.splash,
                               **({"error": p.error} if p.error else {})} for p in self.encode]
         return out
 
@@ -193,7 +202,7 @@ def format_report(report: CompileReport) -> str:
         return (f"  {p.name}: per chip {gib(p.total)} (arguments {gib(p.arguments)}, output "
                 f"{gib(p.output)}, aliased {gib(p.alias)}, temp {gib(p.temp)}); "
                 f"{'fits' if p.fits(report.hbm) else 'DOES NOT FIT'}; FLOPs {flops}; "
-                f"compiled in {p.compile_seconds:.1f} s")
+                f"attention {'splash' if p.splash else 'XLA'}; compiled in {p.compile_seconds:.1f} s")
 
     lines.append(describe(report.train))
     lines += [describe(p) for p in report.encode]

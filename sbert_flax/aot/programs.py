@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sbert_flax import sharding
@@ -52,6 +52,13 @@ class Lowering:
     name: str
     lowered: Any
     shape: tuple[int, ...] | None = None  # encode: (rows, length)
+
+
+def declared_mesh(mesh: Mesh):
+    """Traces under `mesh` as the context mesh: the model then takes the splash attention kernel
+    for packed rows on TPU, split over the mesh by `shard_map` (see `sbert_flax.splash`). Only the
+    abstract mesh: compile-only devices cannot hold the kernel's small constant tables."""
+    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
 # ---- the largest batch -----------------------------------------------------------------------
@@ -148,7 +155,8 @@ def train_step_lowering(cfg: TrainConfig, model: BertConfig, pooling: PoolingCon
     step = make_train_step(mdef.graphdef, loss, tx, layout, seed=cfg.seed)
     batch = largest_batch(cfg, loss, len(devices), negatives=negatives, pad_id=model.pad_token_id)
     abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
-    return Lowering("train_step", step.lower(layout.abstract, abstract))
+    with declared_mesh(mesh):
+        return Lowering("train_step", step.lower(layout.abstract, abstract))
 
 
 # ---- the encode programs ---------------------------------------------------------------------
@@ -162,7 +170,7 @@ def encode_lowerings(model: BertConfig, pooling: PoolingConfig, devices: Sequenc
     graphdef, abstract = abstract_embedder(model, pooling)
     embedder = nnx.merge(graphdef, abstract)
     embedder.backbone.dtype = jnp.dtype(jnp.bfloat16 if bf16 else jnp.float32)
-    embedder.backbone.attention_impl = None  # XLA's attention: what runs on TPU
+    embedder.backbone.attention_impl = None  # the default: splash for packed rows on TPU
     program = encode_program(nnx.graphdef(embedder), "sentence", devices)
     rep = NamedSharding(program.mesh, P())
     params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), abstract)
@@ -170,6 +178,7 @@ def encode_lowerings(model: BertConfig, pooling: PoolingConfig, devices: Sequenc
     out = []
     for rows, length in packer.shapes():
         x = jax.ShapeDtypeStruct((rows, length), jnp.int32)
-        out.append(Lowering(f"encode {rows}x{length}", program.fn.lower(params, x, x, x),
-                            (rows, length)))
+        with declared_mesh(program.mesh):
+            lowered = program.fn.lower(params, x, x, x)
+        out.append(Lowering(f"encode {rows}x{length}", lowered, (rows, length)))
     return out

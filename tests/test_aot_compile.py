@@ -1,9 +1,11 @@
 """`sbert-flax compile`: the real train step and encode programs, compiled for a v5e:2x2 slice on
 this CPU host (libtpu's compile-only devices), in-process beside the 8 CPU devices of the tests.
 
-Kept cheap: a 2-layer hidden-32 model. XLA refuses the plain-mnrl batch of 4096 pairs x 512 tokens
-early (its temporaries alone are ~25 GiB a chip), and the same batch under cached-mnrl compiles in
+Kept cheap: a 2-layer hidden-32 model. XLA refuses the plain-mnrl batch of 8192 pairs x 512 tokens
+early (its temporaries alone are ~31 GiB a chip), and the same batch under cached-mnrl compiles in
 seconds; the models of the big batch have no dropout, which otherwise multiplies the compile time.
+(4096 pairs, the batch this test used before the splash attention kernel, now fit: 14.7 GiB a chip
+instead of ~25, the kernel keeps no [B, H, L, L] scores.)
 """
 
 from __future__ import annotations
@@ -63,12 +65,15 @@ def test_train_step_and_encode_fit(capsys, tiny_bert):
     assert [tuple(e["shape"]) for e in rep["encode"]] == shapes
     assert all(e["fits"] and e["bytes_per_chip"]["total"] > 0 and e["flops"] > 0
                for e in rep["encode"])
+    # 32-token rows: too short for the splash kernel (128-token tiles), so XLA's attention.
+    assert rep["splash_attention"] is False
+    assert not any(e["splash_attention"] for e in rep["encode"])
     # The process's own backend is untouched.
     assert jax.default_backend() == "cpu" and len(jax.devices()) == 8
 
 
 def test_does_not_fit_then_cached_mnrl_fits(capsys, tiny_config):
-    big = ["compile", "--topology", TOPOLOGY, "--model", tiny_config, "--batch_size", "4096",
+    big = ["compile", "--topology", TOPOLOGY, "--model", tiny_config, "--batch_size", "8192",
            "--seq_length", "512", "--bf16", "--json"]
     rc, out, err = run(capsys, *big, "--loss", "mnrl")
     assert rc == 3
@@ -84,6 +89,9 @@ def test_does_not_fit_then_cached_mnrl_fits(capsys, tiny_config):
     assert rc == 0, err
     rep = json.loads(out)
     assert rep["fits"] is True and 0 < rep["bytes_per_chip"]["total"] <= V5E_HBM
+    # Packed 512-token rows and no attention dropout: the Pallas splash kernel (a Mosaic custom
+    # call in the compiled HLO), split over the 4 chips under the train step's vmap and GradCache.
+    assert rep["splash_attention"] is True
 
 
 def test_over_the_given_hbm_exits_3_with_the_size(capsys, tiny_config):

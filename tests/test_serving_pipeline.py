@@ -225,18 +225,20 @@ def test_overlapped_trimmed_rounds_equal_a_direct_encode(tiny_bert, one_device, 
     monkeypatch.setattr(backend_module, "trim_rows", spy)
 
     enc = SentenceEncoder.from_pretrained(tiny_bert(pooling="mean"), max_seq_length=64,
-                                          devices=one_device, max_batch_tokens=1024)
+                                          devices=one_device, max_batch_tokens=256)
     texts = helpers.random_zh_sentences(23, min_len=3, max_len=40, seed=3, vocab_file=zh_vocab)
     want = enc.encode(texts)
     backend = EncoderBackend(enc)
     metrics = ServeMetrics(compile_count=lambda: 0, queue_size=lambda: 0)
-    batcher = Batcher(backend, 1024, metrics, warmup=False)
+    batcher = Batcher(backend, 256, metrics, warmup=False)
     groups = [texts[:1], texts[1:9], texts[9:10], texts[10:23]]
 
     async def run():
-        batcher.start()
+        # All queued before the worker starts: the rounds (256-token budget, as test_serving's
+        # server: the same 1, 2 and 4-row shapes) do not depend on timing.
         jobs = [batcher.submit(backend.tokenize(g, truncate=True, direction="right"))
                 for g in groups]
+        batcher.start()
         return await asyncio.wait_for(asyncio.gather(*(j.future for j in jobs)), 60)
 
     outs = asyncio.run(run())
@@ -245,3 +247,20 @@ def test_overlapped_trimmed_rounds_equal_a_direct_encode(tiny_bert, one_device, 
     assert max(cut) > 0, cut  # some round ran on fewer rows than the packer padded it to
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_max_batch_wait_flag_and_limits():
+    import argparse
+
+    from sbert_flax.serving.command import add_arguments, settings_from_args
+    from sbert_flax.serving.settings import ServeSettings
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert settings_from_args(p.parse_args([])).max_batch_wait == 0.002
+    assert settings_from_args(p.parse_args(["--max-batch-wait", "0"])).max_batch_wait == 0
+    for bad in (-0.001, float("nan"), 2.0):
+        with pytest.raises(ValueError, match="max_batch_wait"):
+            ServeSettings(max_batch_wait=bad)
+    with pytest.raises(ValueError, match="max_wait"):
+        make(FakeBackend(), max_wait=float("nan"))

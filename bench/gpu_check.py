@@ -367,6 +367,26 @@ def profile_summary(info: dict, wall_s: float) -> dict:
     return out
 
 
+def encode_variants(enc, sents: list[str], clock: Clock, steps: dict) -> dict:
+    """One timed pass per dispatch-side setting, the others as `enc` has them (sentences/s):
+    the tokenizer's GIL-bounded pieces off (one encode_batch call a window), and more batches
+    in flight (more queued device work to ride out host stalls)."""
+    out = {"base": {"in_flight": enc.in_flight, "tokenize_chunk": enc.tokenizer.chunk,
+                    "host_workers": enc.host_workers}}
+    for name, attr, value in (("one_call_a_window", "chunk", 1 << 30), ("in_flight_8", "in_flight", 8)):
+        owner = enc.tokenizer if attr == "chunk" else enc
+        old = getattr(owner, attr)
+        setattr(owner, attr, value)
+        try:
+            with clock.step(f"encode variant {name}", steps, f"variant-{name}"):
+                t = time.perf_counter()
+                enc.encode(sents)
+                out[name] = len(sents) / (time.perf_counter() - t)
+        finally:
+            setattr(owner, attr, old)
+    return out
+
+
 def encode(args, sizes: dict) -> None:
     clock = Clock(args.budget_s)
     import jax
@@ -379,7 +399,7 @@ def encode(args, sizes: dict) -> None:
     section: dict = {"model_dir": args.model, "dtype": "bfloat16", "sentences": len(sents),
                      "distinct": distinct, "max_seq_length": model.max_seq_length,
                      "device": str(jax.devices()[0]), "budgets": {}, "extra": {}, "steps_s": {}}
-    update_json(args.json, "encode", section)
+    update_json(args.json, args.section, section)
     # GPU_CHECK_BUDGETS="16384,65536" (a rerun in a second lease): only those budgets, no extras.
     only = [int(x) for x in os.environ.get("GPU_CHECK_BUDGETS", "").split(",") if x]
     todo = [("xla", b, "budgets") for b in (only or sizes["budgets"])]
@@ -390,7 +410,7 @@ def encode(args, sizes: dict) -> None:
         if worst is not None and clock.left() < worst * 1.2:
             section[where][key] = {"skipped": f"time: {clock.left():.0f} s left, a budget took "
                                               f"{worst:.0f} s"}
-            update_json(args.json, "encode", section)
+            update_json(args.json, args.section, section)
             continue
         t_item = time.perf_counter()
         rec: dict = {"max_batch_tokens": budget, "attention_impl": impl, "steps_s": {}}
@@ -419,24 +439,27 @@ def encode(args, sizes: dict) -> None:
                         by_workers[str(w)] = max(by_workers.get(str(w), 0.0), len(sents) / wall)
             rec["sentences_per_s_by_host_workers"] = by_workers
             enc.host_workers = int(max(by_workers, key=by_workers.get))  # for the profiled pass
+            if first:
+                rec["variants"] = encode_variants(enc, sents, clock, rec["steps_s"])
             s = enc.last_stats
             best = min(walls)
             rec.update(pass_s=walls, sentences_per_s=len(sents) / best,
                        tokens_per_s=s.real_tokens / best, padded_tokens_per_s=s.padded_slots / best,
                        real_tokens=s.real_tokens, padding_waste=s.padding_waste, batches=s.batches,
                        shapes=[list(x) for x in s.shapes], compiles_after=enc.num_compiles)
-            update_json(args.json, "encode", section)
+            update_json(args.json, args.section, section)
             if where == "budgets":
                 with clock.step(f"encode {key}: host side alone (tokenize + pack)", rec["steps_s"], "host"):
                     rec["host"] = host_side(enc, sents, budget,
                                             sizes["host_workers"][0 if first else 1])
                 rec["encode_over_host_rate"] = rec["sentences_per_s"] / rec["host"]["sentences_per_s"]
-                update_json(args.json, "encode", section)
+                update_json(args.json, args.section, section)
             # The trace's size goes with the number of batches, not sentences: a big budget's
             # slice is longer (and spans more than its first window where the run allows).
             per_sentence = max(1.0, s.real_tokens / len(sents))
             part = sents[:min(sizes["profile_max"], max(sizes["profile_sentences"],
                               int(sizes["profile_batches"] * budget / per_sentence)))]
+            enc.encode(part)  # the slice's own last batch may be a shape the passes never ran
             with clock.step(f"encode {key}: profiled pass of {len(part)} sentences", rec["steps_s"], "profile"):
                 with traced(f"encode-{key}") as info:
                     t = time.perf_counter()
@@ -451,7 +474,7 @@ def encode(args, sizes: dict) -> None:
         except Exception as e:  # one failed budget must not cost the others
             traceback.print_exc()
             rec["error"] = _error(e)
-        worst = _close_item(rec, t_item, worst, args.json, "encode", section)
+        worst = _close_item(rec, t_item, worst, args.json, args.section, section)
 
 
 # ---- train -------------------------------------------------------------------------------------------
@@ -719,6 +742,8 @@ def main() -> None:
     ap.add_argument("--json", required=True, help="the result file (sections merged in)")
     ap.add_argument("--model", help="random model folder (written by preflight)")
     ap.add_argument("--dry-run", action="store_true", help="tiny sizes, for a CPU")
+    ap.add_argument("--section", default="encode",
+                    help="encode: the JSON section it writes (a rerun under other settings)")
     ap.add_argument("--budget-s", type=float, default=1e9,
                     help="seconds this part may take: it skips what no longer fits")
     ap.add_argument("--part", dest="step_part", help="record-step: the part's name")

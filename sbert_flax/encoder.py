@@ -136,6 +136,7 @@ class SentenceEncoder:
         if host_workers < 0:
             raise ValueError(f"host_workers={host_workers} must be >= 0")
         self.host_workers = int(host_workers)
+        self.in_flight = IN_FLIGHT
         self.model = model
         self.config: BertConfig = model.config
         self.tokenizer: Tokenizer = model.tokenizer
@@ -242,14 +243,14 @@ class SentenceEncoder:
 
     def _run(self, batches: Iterable[PackedBatch], dtype: str, output: str
              ) -> Iterator[tuple[PackedBatch, np.ndarray]]:
-        """Runs batches with at most IN_FLIGHT on the devices; yields (batch, host result) in order.
+        """Runs batches with at most `in_flight` on the devices; yields (batch, host result) in order.
 
         The `batches` iterator is advanced (tokenizing, packing) while earlier batches compute.
         """
         queue: collections.deque = collections.deque()
         for batch in batches:
             queue.append((batch, self._dispatch(batch, dtype, output)))
-            if len(queue) >= IN_FLIGHT:
+            if len(queue) >= self.in_flight:
                 b, out = queue.popleft()
                 yield b, np.asarray(out)
         while queue:

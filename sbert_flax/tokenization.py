@@ -74,6 +74,9 @@ class TokenIds:
 
 
 _IDS = operator.attrgetter("ids")
+# Texts per `encode_batch` call in `encode_ids`: enough to spread over the tokenizers library's
+# thread pool, few enough that the GIL-holding conversions around each call take a few ms.
+TOKENIZE_CHUNK = 2048
 
 
 class Tokenizer:
@@ -100,6 +103,7 @@ class Tokenizer:
         self.hf = hf_tokenizer
         self.lowercase_text = lowercase_text
         self.pad_id = int(hf_tokenizer.pad_token_id or 0)
+        self.chunk = TOKENIZE_CHUNK  # texts per encode_batch call in `encode_ids`
         self._spec = hf_tokenizer.backend_tokenizer.to_str()
         self._backends: dict[tuple[int | None, str], tokenizers.Tokenizer] = {}
         self._backends_lock = threading.Lock()
@@ -161,6 +165,16 @@ class Tokenizer:
         What the packed encode path reads: no per-text numpy array is built, and packing
         gathers from the flat buffer in a few vectorised calls.
         """
+        if len(texts) > self.chunk:
+            # In pieces: each piece's conversions to and from Python objects (encode_batch's
+            # arguments and results, the id lists) hold the GIL in one stretch, and a whole
+            # window's (tens of ms) would stall the thread dispatching to the devices.
+            parts = [self.encode_ids(texts[i:i + self.chunk], max_length, truncation_side)
+                     for i in range(0, len(texts), self.chunk)]
+            sizes = np.concatenate([np.diff(p.offsets) for p in parts])
+            offsets = np.zeros(len(sizes) + 1, np.int64)
+            np.cumsum(sizes, out=offsets[1:])
+            return TokenIds(np.concatenate([p.flat for p in parts]), offsets)
         encodings = self._encodings(texts, max_length, truncation_side)
         lists = list(map(_IDS, encodings))  # the one conversion the Rust side leaves to Python
         offsets = np.zeros(len(lists) + 1, np.int64)

@@ -51,10 +51,13 @@ def test_encode_ids_is_encode_in_one_buffer(tokenizer):
     texts = TEXTS + random_zh_sentences(40, 0, 200, seed=3)
     for max_length, side in ((None, "right"), (8, "left"), (64, "right")):
         want = tokenizer.encode(texts, max_length, side)
-        got = tokenizer.encode_ids(texts, max_length, side)
-        assert len(got) == len(want) and got.flat.dtype == np.int32
-        assert got.lengths.tolist() == [len(w) for w in want]
-        assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
+        for chunk in (tokenizer.chunk, 7, 1):  # one encode_batch call, pieces of 7 (and a rest), 1
+            tokenizer.chunk = chunk
+            got = tokenizer.encode_ids(texts, max_length, side)
+            assert len(got) == len(want) and got.flat.dtype == np.int32, chunk
+            assert got.offsets.dtype == np.int64 and got.offsets[0] == 0, chunk
+            assert got.lengths.tolist() == [len(w) for w in want], chunk
+            assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True)), chunk
     assert len(tokenizer.encode_ids([], 8)) == 0
 
 

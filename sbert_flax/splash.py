@@ -99,12 +99,14 @@ def _kernel(heads: int, seq_len: int, interpret: bool) -> splash.SplashAttention
 
 
 def _by_rows(fn, outputs: int):
-    """`fn(*rows)` split over rows by `shard_map` on the context mesh (`jax.set_mesh`), if any.
+    """`fn(*rows)` split over rows by `shard_map` on the context mesh, if one is declared.
 
     Mosaic kernels cannot be partitioned automatically: under a sharded jit XLA refuses them
     ("Mosaic kernels cannot be automatically partitioned. Please wrap the call in a shard_map").
-    The model does not know the mesh, so the caller that does declares it (`jax.set_mesh(mesh)`
-    while tracing) and the kernel runs under `shard_map` over all its axes: attention is per row,
+    The model does not know the mesh, so the caller that does declares it while tracing
+    (`jax.sharding.use_abstract_mesh(mesh.abstract_mesh)`; the abstract mesh only: under a concrete
+    mesh of compile-only devices the kernel's small constant tables cannot be placed) and the
+    kernel runs under `shard_map` over all the mesh's axes: attention is per row,
     so each device attends its own rows and nothing is gathered. Rows are padded to a multiple
     of the devices (segment 0 everywhere: padding attends to padding) and cut back after.
     (`custom_partitioning` would need no context, but XLA:TPU does not run its callbacks:
@@ -129,7 +131,7 @@ def _by_rows(fn, outputs: int):
     return run
 
 
-def _rows_merged(fn, n_rows: int):
+def _rows_merged(fn):
     """`fn` under vmap: the mapped axis folds into the rows (the model runs under vmap over rows
     in training), so there is still one kernel call over all rows, split over the devices
     (vmapping a shard_map instead would leave the mapped axis whole on every device)."""
@@ -147,7 +149,6 @@ def _rows_merged(fn, n_rows: int):
         out = jax.tree.map(lambda o: o.reshape(axis_size, n, *o.shape[1:]), out)
         return out, jax.tree.map(lambda _: True, out)
 
-    del n_rows
     return call
 
 
@@ -170,11 +171,11 @@ def _attention(heads: int, seq_len: int, interpret: bool):
         _, vjp = jax.vjp(lambda a, b, c: local(a, b, c, s), q, k, v)
         return vjp(g)
 
-    fwd = _rows_merged(_by_rows(local, 1), 4)
-    bwd = _rows_merged(_by_rows(local_vjp, 3), 5)
+    fwd = _rows_merged(_by_rows(local, 1))
+    bwd = _rows_merged(_by_rows(local_vjp, 3))
 
-    # The kernel's own custom_vjp cannot be used across shard_map + custom_vmap (custom_vmap is
-    # not transposable), so the backward is a second op: it runs the forward again inside, one
+    # The kernel's own custom_vjp cannot reach through custom_vmap (which has a JVP rule but no
+    # transpose), so the backward is a second op: it runs the forward again inside, one
     # more attention forward per step (small beside the layer's matmuls), and keeps only q, k, v.
     @jax.custom_vjp
     def attend(q: Array, k: Array, v: Array, s: Array) -> Array:
@@ -195,7 +196,7 @@ def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array, *,
                      interpret: bool = False) -> Array:
     """Block-diagonal attention of packed rows on the splash kernel.
 
-    Differentiable, vmappable, and split over rows by XLA's partitioner (see `_partitioned`).
+    Differentiable, vmappable, and split over the rows of the declared mesh (see `_by_rows`).
 
     Args:
       q, k, v: [B, L, H, Dh] in the compute dtype (unscaled q).

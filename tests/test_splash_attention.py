@@ -153,3 +153,20 @@ def test_split_over_rows_under_a_mesh_and_vmap():
     want = jax.jit(grads(xla))(*args)
     for a, b in zip(got, want, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=2e-4)
+
+
+def test_rows_not_a_multiple_of_the_devices_are_padded():
+    """6 rows on 8 devices (replicated in, so the jit may take them): padded to 8 inside the
+    shard_map and cut back, the same attention as XLA's."""
+    mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+    rng = np.random.default_rng(3)
+    q, k, v = (jnp.asarray(rng.standard_normal((6, L, 2, 8)), jnp.float32) for _ in range(3))
+    _, seg, _ = packed_rows(6, L, seed=4)
+    fn = jax.jit(lambda *a: splash.splash_attention(*a, interpret=True),
+                 in_shardings=(NamedSharding(mesh, P()),) * 4)
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        got = fn(q, k, v, jnp.asarray(seg))
+    m = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)
+    want = jax.nn.dot_product_attention(q, k, v, mask=jnp.asarray(m)[:, None], scale=8 ** -0.5)
+    real = seg > 0
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=2e-5, rtol=2e-5)

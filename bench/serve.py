@@ -260,7 +260,8 @@ def main() -> None:
                    "`bert-base`: a random BERT-base-sized Chinese BERT (bench/common.py)")
     p.add_argument("--concurrency", default="1,8,32,128")
     p.add_argument("--seconds", type=float, default=15.0, help="measured seconds per level")
-    p.add_argument("--repeats", type=int, default=2, help="timed passes of the direct encode")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="timed passes of the direct encode (0: skip it)")
     p.add_argument("--infinity-venv", default=DEFAULT_VENV)
     p.add_argument("--no-infinity", action="store_true")
     p.add_argument("--infinity-batch-size", type=int, default=32)
@@ -288,8 +289,9 @@ def main() -> None:
     print(f"model {model}; {len(sentences)} STS-B-zh sentences; {os.cpu_count()} CPUs; "
           f"{args.seconds:.0f} s per level", flush=True)
 
-    direct, direct_cpu = bench_direct(model, sentences, args.repeats)
-    print(f"(c) direct encode: {direct:.1f} sent/s, {direct_cpu:.1f} sent per CPU-s", flush=True)
+    direct, direct_cpu = bench_direct(model, sentences, args.repeats) if args.repeats else (0.0, 0.0)
+    print(f"(c) direct encode: {direct:.1f} sent/s, {direct_cpu:.1f} sent per CPU-s"
+          if args.repeats else "(c) direct encode: skipped (--repeats 0)", flush=True)
     a, a_ready = bench_sbert_flax(model, requests, levels, args.seconds, args.serve_args.split(),
                                   logdir)
     b, b_note = (None, "skipped: --no-infinity") if args.no_infinity else bench_infinity(
@@ -307,7 +309,8 @@ def main() -> None:
         eff = " / ".join(f"{x:.1f}" if x else "-" for x in (
             ra["sent_per_cpu_s"], rb and rb["sent_per_cpu_s"], direct_cpu))
         print(f"| {c} | {ra['sent_per_s']:.1f} | {ra['p50_ms']:.0f} / {ra['p99_ms']:.0f} | {bcol} | "
-              f"{direct:.1f} | {ra['sent_per_s'] / direct:.2f} | {ratio_b} | {eff} |")
+              f"{direct:.1f} | {ra['sent_per_s'] / direct if direct else 0:.2f} | {ratio_b} | "
+              f"{eff} |")
     print(f"\n(b): {b_note}")
     if args.out:
         with open(args.out, "w") as f:

@@ -401,16 +401,20 @@ class Batcher:
         self.metrics.batch_size.observe(len(ids))
         tokens = sum(len(x) for x in ids)
         self.metrics.batch_tokens.observe(tokens)
-        log.debug("round: %d inputs of %d requests, %d tokens", len(ids), len(jobs), tokens)
         if self.error is not None:  # queued while the warm-up was still running
             raise Unavailable(f"the model failed to warm up: {self.error}")
         self._launch_started = time.monotonic()
         try:
             launch = getattr(self.backend, "launch", None)
-            return launch(ids) if launch is not None else Launched.done(
+            launched = launch(ids) if launch is not None else Launched.done(
                 np.asarray(self.backend.embed_ids(ids)))
         finally:
             self._launch_started = None
+        log.debug("round: %d inputs of %d requests, %d tokens, taken %.1f ms after the first "
+                  "was queued, packed and launched in %.1f ms", len(ids), len(jobs), tokens,
+                  1e3 * (now - min(job.t_submit for job in jobs)),
+                  1e3 * (time.perf_counter() - now))
+        return launched
 
     # ---- the collector thread: wait for rows, write them back ----------------------------------
 

@@ -367,6 +367,58 @@ def profile_summary(info: dict, wall_s: float) -> dict:
     return out
 
 
+_PREP: dict = {}  # a preparing process's tokenizer and packer (set once, by its initializer)
+
+
+def _prep_init(tokenizer, packer, max_seq_length: int) -> None:
+    _PREP.update(tokenizer=tokenizer, packer=packer, msl=max_seq_length)
+
+
+def _prep_in_process(item):
+    """`SentenceEncoder._prepare_window` in a worker process: no GIL shared with the dispatcher."""
+    from sbert_flax.stream import Window
+
+    start, texts = item
+    tok = _PREP["tokenizer"]
+    batches = _PREP["packer"].pack(tok.encode_ids(texts, _PREP["msl"]), pad_id=tok.pad_id)
+    return Window(start, len(texts), batches, None)
+
+
+def process_prep_pass(enc, sents: list[str], processes: int) -> float:
+    """A pass as `encode_chunks` runs it, but each window tokenized and packed in one of
+    `processes` spawned processes (sentences/s, pool start-up excluded): the experiment for the
+    lack of overlap between host and device work seen with preparing threads."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import numpy as np
+
+    from sbert_flax.encoder import MIN_WINDOW, WINDOW_BATCHES
+    from sbert_flax.stream import prefetch
+
+    window = max(MIN_WINDOW, WINDOW_BATCHES * enc.max_batch_tokens // 32)
+    with ProcessPoolExecutor(processes, multiprocessing.get_context("spawn"), _prep_init,
+                             (enc.tokenizer, enc.packer(), enc.max_seq_length)) as pool:
+        list(pool.map(_prep_in_process, [(0, sents[:64])] * processes))  # start-up, imports
+        t = time.perf_counter()
+        # Threads only wait on the processes' futures, so windows arrive in order, ahead.
+        windows = prefetch(lambda item: pool.submit(_prep_in_process, item).result(),
+                           enc._windows(sents, window), processes, processes + 1)
+        pending: collections.deque = collections.deque()
+
+        def batches():
+            for w in windows:
+                w.result = np.zeros((w.size, enc.dim), np.float32)
+                pending.append(w)
+                yield from w.batches
+
+        for batch, res in enc._run(batches(), enc.dtype, "sentence"):
+            while pending[0].done:
+                pending.popleft()
+            pending[0].store(batch, res)
+        return len(sents) / (time.perf_counter() - t)
+
+
 def encode_variants(enc, sents: list[str], clock: Clock, steps: dict) -> dict:
     """One timed pass per dispatch-side setting, the others as `enc` has them (sentences/s):
     the tokenizer's GIL-bounded pieces off (one encode_batch call a window), and more batches
@@ -395,6 +447,9 @@ def encode_variants(enc, sents: list[str], clock: Clock, steps: dict) -> dict:
             out["switch_interval_0.2ms"] = len(sents) / (time.perf_counter() - t)
     finally:
         sys.setswitchinterval(old_si)
+    with clock.step("encode variant process_prep (windows prepared in 2 processes)", steps,
+                    "variant-process"):
+        out["process_prep"] = process_prep_pass(enc, sents, processes=2)
     # The device side alone: every window prepared first, then only dispatch, copy back and
     # file the results, as encode_chunks does. Host-alone + this ~= a pass: nothing overlaps.
     windows = list(enc.prepared_windows(sents))

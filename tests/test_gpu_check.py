@@ -71,7 +71,8 @@ def test_dry_run_writes_every_section(tmp_path):
     assert first["host"]["tokenize_s"] > 0 and first["host"]["pack_s"] > 0, first["host"]
     assert set(first["sentences_per_s_by_host_workers"]) == {"1", "2"}, first
     assert all(first["variants"][k] > 0 for k in ("one_call_a_window", "in_flight_8",
-                                                  "switch_interval_0.2ms", "dispatch_only"))
+                                                  "switch_interval_0.2ms", "dispatch_only",
+                                                  "process_prep"))
     # cuDNN attention cannot run on a CPU: recorded as an error, not a crash.
     assert "error" in enc["extra"]["cudnn-1024"]
 

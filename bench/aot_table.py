@@ -40,13 +40,13 @@ GiB = 1024**3
 
 
 def rows(only: list[str] | None, batches: list[int] | None = None,
-         remat: tuple[bool, ...] = REMAT) -> list[dict]:
+         remat: tuple[bool, ...] = REMAT, shardings: tuple[str, ...] = SHARDINGS) -> list[dict]:
     """Every row, ordered so that an interrupted run has covered every slice: batch, then remat,
     then params, then the slice."""
     out = []
     for batch in batches or BATCHES:
         for with_remat in remat:
-            for shard in SHARDINGS:
+            for shard in shardings:
                 for slice_name, topo in TOPOLOGIES.items():
                     if only and slice_name not in only:
                         continue
@@ -139,6 +139,8 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per row")
     ap.add_argument("--jobs", type=int, default=2, help="rows compiled at once")
     ap.add_argument("--remat-only", action="store_true", help="only the remat rows")
+    ap.add_argument("--no-remat-only", action="store_true", help="only the rows without remat")
+    ap.add_argument("--sharding", action="append", choices=SHARDINGS, help="these params only")
     ap.add_argument("--scan-with-remat", action="store_true",
                     help="remat rows also pass --scan_layers (compiles one layer: faster)")
     ap.add_argument("--batch", action="append", type=int, choices=BATCHES, help="these batches only")
@@ -156,7 +158,8 @@ def main() -> int:
         save(args.out, parts[0]["date"], [merged[k] for k in sorted(merged)], len(key))
         print(markdown([merged[k] for k in sorted(merged)]))
         return 0
-    todo = rows(args.only, args.batch, (True,) if args.remat_only else REMAT)
+    remat = (True,) if args.remat_only else (False,) if args.no_remat_only else REMAT
+    todo = rows(args.only, args.batch, remat, tuple(args.sharding or SHARDINGS))
     results: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         model = os.path.join(tmp, "config.json")  # BertConfig's defaults are BERT-base Chinese

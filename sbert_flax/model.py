@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sbert_flax import splash
+from sbert_flax import sharding, splash
 from sbert_flax.config import BertConfig
 
 Array = jax.Array
@@ -196,7 +196,8 @@ class MLP(nnx.Module):
         b, seq, d = x.shape
         dtype = x.dtype
         h = x.reshape(b * seq, d) @ self.wi_kernel[...].astype(dtype) + self.wi_bias[...].astype(dtype)
-        h = self.act(h)
+        # The widest activation: rows split, its "mlp" dim whole (the weights' split is not its).
+        h = sharding.constrain_rows(self.act(h).reshape(b, seq, -1)).reshape(b * seq, -1)
         out = h @ self.wo_kernel[...].astype(dtype) + self.wo_bias[...].astype(dtype)
         return dropout(out.reshape(b, seq, d), self.dropout_rate, dropout_key)
 
@@ -210,10 +211,13 @@ class Layer(nnx.Module):
         self.mlp = MLP(cfg, rngs)
         self.output_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
 
-    def __call__(self, x: Array, mask: Array, dropout_key: Array | None) -> Array:
+    def __call__(self, x: Array, mask: AttentionMask, dropout_key: Array | None) -> Array:
         k_attn, k_mlp = _split(dropout_key, 2)
+        # Rows split over the batch axes, features whole, under a declared mesh (see
+        # sharding.constrain_rows: with fsdp params XLA may otherwise gather the batch).
+        x = sharding.constrain_rows(x)
         x = self.attention_norm(x + self.attention(x, mask, k_attn))
-        return self.output_norm(x + self.mlp(x, k_mlp))
+        return sharding.constrain_rows(self.output_norm(x + self.mlp(x, k_mlp)))
 
 
 class BertModel(nnx.Module):

@@ -22,6 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sbert_flax import sharding
 from sbert_flax.packing import Packer
 from sbert_flax.xla import compiler_options
 
@@ -63,10 +64,12 @@ def encode_program(graphdef: nnx.GraphDef, output: str, devices: Sequence[jax.De
         def forward(params, ids, segments, positions):
             program.traces += 1
             m = nnx.merge(graphdef, params)
-            if output == "token":
-                return m.tokens(ids, (segments > 0).astype(jnp.int32), segments=segments,
-                                positions=positions)
-            return m.embed_packed(ids, segments, positions, Packer.slots(ids.shape[1]))
+            # Traced under its mesh: on TPU, packed rows take the splash kernel (sbert_flax.splash).
+            with sharding.declared(mesh):
+                if output == "token":
+                    return m.tokens(ids, (segments > 0).astype(jnp.int32), segments=segments,
+                                    positions=positions)
+                return m.embed_packed(ids, segments, positions, Packer.slots(ids.shape[1]))
 
         data = NamedSharding(mesh, P("data"))
         program.fn = jax.jit(forward, in_shardings=(NamedSharding(mesh, P()), data, data, data),

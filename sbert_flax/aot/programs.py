@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sbert_flax import sharding
@@ -52,13 +52,6 @@ class Lowering:
     name: str
     lowered: Any
     shape: tuple[int, ...] | None = None  # encode: (rows, length)
-
-
-def declared_mesh(mesh: Mesh):
-    """Traces under `mesh` as the context mesh: the model then takes the splash attention kernel
-    for packed rows on TPU, split over the mesh by `shard_map` (see `sbert_flax.splash`). Only the
-    abstract mesh: compile-only devices cannot hold the kernel's small constant tables."""
-    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
 # ---- the largest batch -----------------------------------------------------------------------
@@ -155,7 +148,7 @@ def train_step_lowering(cfg: TrainConfig, model: BertConfig, pooling: PoolingCon
     step = make_train_step(mdef.graphdef, loss, tx, layout, seed=cfg.seed)
     batch = largest_batch(cfg, loss, len(devices), negatives=negatives, pad_id=model.pad_token_id)
     abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
-    with declared_mesh(mesh):
+    with sharding.declared(mesh):
         return Lowering("train_step", step.lower(layout.abstract, abstract))
 
 
@@ -178,7 +171,7 @@ def encode_lowerings(model: BertConfig, pooling: PoolingConfig, devices: Sequenc
     out = []
     for rows, length in packer.shapes():
         x = jax.ShapeDtypeStruct((rows, length), jnp.int32)
-        with declared_mesh(program.mesh):
+        with sharding.declared(program.mesh):
             lowered = program.fn.lower(params, x, x, x)
         out.append(Lowering(f"encode {rows}x{length}", lowered, (rows, length)))
     return out

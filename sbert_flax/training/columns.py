@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sbert_flax import sharding
 from sbert_flax.packing import Packer
 
 Array = jax.Array
@@ -66,8 +67,8 @@ def embed_rows(graphdef: nnx.GraphDef, params: Any, ids: Array, mask: Array,
     def one(i: Array, m: Array, k: Array) -> Array:
         return embedder(i[None], m[None], dropout_key=k)[0]
 
-    fn = one
-    for _ in lead:
+    fn = jax.vmap(one, spmd_axis_name=sharding.rows_axis_name())  # the rows (the last lead dim)
+    for _ in lead[1:]:
         fn = jax.vmap(fn)
     return fn(ids, mask, keys)
 
@@ -182,7 +183,7 @@ def embed_packed_rows(graphdef: nnx.GraphDef, params: Any, ids: Array, segments:
     def one(i: Array, s: Array, p: Array, k: Array) -> Array:
         return embedder.embed_packed(i[None], s[None], p[None], slots, dropout_key=k)[0]
 
-    return jax.vmap(one)(ids, segments, positions, keys)
+    return jax.vmap(one, spmd_axis_name=sharding.rows_axis_name())(ids, segments, positions, keys)
 
 
 def packed_value_and_grad(objective: Objective, graphdef: nnx.GraphDef, params: Any,

@@ -56,7 +56,10 @@ def make_train_step(graphdef: nnx.GraphDef, loss: Loss, tx: optax.GradientTransf
         if counter is not None:
             counter.count += 1
         dropout_key = jax.random.fold_in(base_key, state.step)
-        value, grads, extra = loss.value_and_grad(graphdef, state.params, batch, dropout_key)
+        # Traced under the mesh: the model's activations keep rows split over the batch axes
+        # (sharding.constrain_rows) and, on TPU, packed rows take the splash kernel.
+        with sharding.declared(layout.mesh):
+            value, grads, extra = loss.value_and_grad(graphdef, state.params, batch, dropout_key)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
@@ -83,8 +86,9 @@ def make_eval_step(graphdef: nnx.GraphDef, layout: StateLayout,
         if counter is not None:
             counter.count += 1
         model = nnx.merge(graphdef, params)
-        logits = model(batch["text_a_ids"], batch["text_a_mask"], batch["text_b_ids"],
-                       batch["text_b_mask"])
+        with sharding.declared(layout.mesh):  # as the train step: rows stay split
+            logits = model(batch["text_a_ids"], batch["text_a_mask"], batch["text_b_ids"],
+                           batch["text_b_mask"])
         return {"logits": logits, "index": batch["index"]}
 
     rep = sharding.replicated(layout.mesh)

@@ -57,6 +57,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--mesh_fsdp", type=int, help="fsdp axis size (default: all chips with fsdp)")
     p.add_argument("--remat", action="store_true", help="rematerialise each layer in the backward pass")
     p.add_argument("--scan_layers", action="store_true", help="the layers as one lax.scan")
+    p.add_argument("--no_windowed_einsum", action="store_true",
+                   help="no XLA windowed einsum (fsdp all-gathers overlapped with the matmuls): "
+                   "less memory, less overlap")
     p.add_argument("--no_pack", action="store_true", help="pad each text column instead of packing")
     p.add_argument("--encode", action="store_true",
                    help="also compile every packed encode shape (SentenceEncoder's programs)")
@@ -117,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
                       mini_batch_size=args.mini_batch_size, labels_num=args.labels_num,
                       bf16=args.bf16, param_sharding=args.param_sharding,
                       mesh_fsdp=args.mesh_fsdp, remat=args.remat, scan_layers=args.scan_layers,
-                      pack=not args.no_pack)
+                      windowed_einsum=not args.no_windowed_einsum, pack=not args.no_pack)
     if args.hbm_gib is not None and args.hbm_gib <= 0:
         raise ValueError(f"--hbm-gib {args.hbm_gib} must be > 0")
     with _libtpu_start_quiet():

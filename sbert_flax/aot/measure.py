@@ -167,6 +167,9 @@ def advice(settings: dict[str, Any], train_fits: bool,
                    and train.arguments > train.temp)  # type: ignore[operator]
     if state_heavy and settings.get("param_sharding") != "fsdp":
         out.append(fsdp)
+    if settings.get("param_sharding") == "fsdp" and settings.get("windowed_einsum", True):
+        out.append("--no_windowed_einsum (XLA then all-gathers fsdp's weights before each matmul "
+                   "instead of overlapping them, which holds more activations)")
     if not settings.get("remat"):
         out.append("--remat (recompute each layer's activations in the backward pass; with "
                    "--scan_layers the layer is compiled once)")
@@ -223,7 +226,7 @@ def compile_for_topology(cfg: TrainConfig, model: BertConfig, pooling: PoolingCo
     settings = {"loss": cfg.loss, "batch_size": cfg.batch_size, "seq_length": cfg.seq_length,
                 "bf16": cfg.bf16, "param_sharding": cfg.param_sharding, "remat": cfg.remat,
                 "scan_layers": cfg.scan_layers, "mini_batch_size": cfg.mini_batch_size,
-                "negatives": negatives, "pack": cfg.pack}
+                "negatives": negatives, "pack": cfg.pack, "windowed_einsum": cfg.windowed_einsum}
     if encode:
         settings["max_batch_tokens"] = max_batch_tokens
     chips = topology.chips

@@ -145,7 +145,8 @@ def train_step_lowering(cfg: TrainConfig, model: BertConfig, pooling: PoolingCon
                               uer_adamw=cfg.uer_adamw, params_for_mask=mdef.abstract_params,
                               max_grad_norm=cfg.max_grad_norm)
     layout = state_layout(mdef, tx, mesh, sharding.rules_for(cfg.param_sharding))
-    step = make_train_step(mdef.graphdef, loss, tx, layout, seed=cfg.seed)
+    step = make_train_step(mdef.graphdef, loss, tx, layout, seed=cfg.seed,
+                           windowed_einsum=cfg.windowed_einsum)
     batch = largest_batch(cfg, loss, len(devices), negatives=negatives, pad_id=model.pad_token_id)
     abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
     with sharding.declared(mesh):

@@ -91,6 +91,7 @@ RESUME_NEUTRAL: dict[str, str] = {
     "mesh_fsdp": "the layout of the same params; the restore reshards them",
     "remat": "recomputes the same activations in the backward pass",
     "scan_layers": "the same layers as one lax.scan; the params are stored the same way",
+    "windowed_einsum": "how XLA schedules the same computation's collectives",
     "peak_flops": "the MFU figure in the logs",
     "output_dir": "where the run is: the checkpoint is read from it",
     "save_every_steps": "how often the state is saved, not what it is",
@@ -185,6 +186,8 @@ class TrainConfig:
     bf16: bool = False  # bfloat16 compute; params and optimizer state stay float32
     remat: bool = False  # rematerialise each layer in the backward pass
     scan_layers: bool = False  # the layers as one lax.scan (compile time independent of depth)
+    windowed_einsum: bool = True  # TPU: XLA overlaps fsdp's weight all-gathers with the matmuls
+    #   ("windowed einsum"), holding more activations; off trades that overlap for memory
     peak_flops: float | None = None  # per-device peak FLOP/s for MFU; None: known TPU/GPU peaks
     # ---- output, checkpoints ----
     output_dir: str = "./runs/siamese"

@@ -197,7 +197,8 @@ class Trainer:
                                    sharding.rules_for(cfg.param_sharding))
         self.counter = TraceCounter()
         self.train_step = make_train_step(self.mdef.graphdef, self.loss, self.tx, self.layout,
-                                          seed=cfg.seed, counter=self.counter)
+                                          seed=cfg.seed, windowed_einsum=cfg.windowed_einsum,
+                                          counter=self.counter)
         self.evaluator = Evaluator(self.mdef.graphdef, self.layout, self.pre.tokenizer,
                                    seq_length=cfg.seq_length,
                                    batch_size=cfg.eval_batch_size or cfg.batch_size,

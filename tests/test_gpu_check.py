@@ -56,7 +56,7 @@ def test_dry_run_writes_every_section(tmp_path):
     assert all(s["rc"] == 0 and s["wall_s"] > 0 for s in d["steps"]), d["steps"]
 
     enc = d["encode"]
-    assert enc["sentences"] >= 2722 and set(enc["budgets"]) == {"512", "1024", "2048"}
+    assert enc["sentences"] >= 2722 and set(enc["budgets"]) == {"512", "2048"}
     for key, b in enc["budgets"].items():
         assert "error" not in b, b
         for rate in ("sentences_per_s", "tokens_per_s"):
@@ -78,9 +78,8 @@ def test_dry_run_writes_every_section(tmp_path):
 
     tr = d["train"]
     ran = [c for c in tr["configs"] if "step_ms" in c]
-    assert {(c["name"], c["prng_impl"], c["global_batch"]) for c in ran} >= {
-        ("xla", "threefry", 32), ("xla-rbg", "unsafe_rbg", 32), ("default-rbg", "unsafe_rbg", 32)
-    }, tr["configs"]
+    assert {(c["name"], c["prng_impl"], c["global_batch"]) for c in ran} == {
+        ("xla", "threefry", 32), ("xla-rbg", "unsafe_rbg", 32)}, tr["configs"]
     for c in ran:
         assert c["finite"] and c["compilations"] == 1, c
         for rate in ("step_ms", "sentences_per_s", "tokens_per_s", "model_tflops_per_s"):

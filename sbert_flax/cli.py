@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from sbert_flax import libtpu
 from sbert_flax.config import POOLING_MODES
 from sbert_flax.corpus import PRECISIONS
 from sbert_flax.distributed import add_distributed_flags
@@ -107,6 +108,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     if not os.path.isdir(out_dir):  # before the slow part, not after it
         raise FileNotFoundError(f"output directory does not exist: {out_dir}")
     init_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    libtpu.start_backends()
     import jax
 
     enc = _load_encoder(args, max_batch_tokens=args.max_batch_tokens)
@@ -516,6 +518,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if first == "train":
         return cmd_train(argv[argv.index("train") + 1:])
     args = build_parser().parse_args(argv)
+    from sbert_flax.aot import command as compile_command
+
+    # Backends start quietly now (libtpu's probe for a TPU), except where something must come
+    # first: encode's jax.distributed.initialize (it starts them after), compile's libtpu.
+    if args.func not in (compile_command.run, cmd_encode):
+        libtpu.start_backends()
     return _run(args.func, args, args.debug)
 
 

@@ -240,6 +240,22 @@ def test_default_model_offline_names_it_without_traceback(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def test_no_libtpu_noise_on_a_host_without_a_tpu(tiny, tmp_path):
+    """The `test` extra installs libtpu; without JAX_PLATFORMS, JAX then probes for a TPU and, on
+    a host without one, libtpu logs a screenful ("could not determine TPU accelerator type"...).
+    The CLI starts the backends with that held back: the command's output is all there is."""
+    from sbert_flax import libtpu
+
+    assert libtpu.installed(), "the test extra installs libtpu (jax[tpu])"
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    env.update(HF_HUB_OFFLINE="1", SBERT_FLAX_COMPILATION_CACHE="0")
+    r = subprocess.run(["sbert-flax", "similarity", "--model", tiny, "那个人很开心", "那个人非常开心"],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "TPU" not in r.stderr and "libtpu" not in r.stderr, r.stderr
+    assert r.stdout.strip().endswith("那个人非常开心"), r.stdout
+
+
 def test_search_prints_top_k(tiny, tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("那个人很开心\n那只猫很开心\n今天下雨了\n", encoding="utf-8")

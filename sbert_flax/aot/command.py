@@ -11,13 +11,11 @@ are defined at import time: the parser is built without importing JAX.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
-import tempfile
-from collections.abc import Iterator
 
+from sbert_flax import libtpu
 from sbert_flax.config import POOLING_MODES
 from sbert_flax.training.train_config import LOSSES
 
@@ -82,31 +80,6 @@ def _model(path: str, pooling: str | None):
     return loaded.config, loaded.pooling
 
 
-@contextlib.contextmanager
-def _libtpu_start_quiet() -> Iterator[None]:
-    """Holds back what libtpu writes to stderr (fd 2) while it starts, unless that fails.
-
-    On a host without a TPU it logs a screenful about the TPU it cannot find ("could not
-    determine TPU accelerator type", an INVALID_ARGUMENT about worker hostnames): irrelevant to
-    compiling only, and no environment variable silences it. If starting fails, the held-back
-    text is written out after all, so nothing that explains a failure is lost.
-    """
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as held:
-        os.dup2(held.fileno(), 2)
-        ok = False
-        try:
-            yield
-            ok = True
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            if not ok:
-                held.seek(0)
-                sys.stderr.write(held.read().decode("utf-8", "replace"))
-
-
 def run(args: argparse.Namespace) -> int:
     """Runs `sbert-flax compile`; returns the exit code (0 fits, 3 does not fit)."""
     import jax
@@ -123,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
                       windowed_einsum=not args.no_windowed_einsum, pack=not args.no_pack)
     if args.hbm_gib is not None and args.hbm_gib <= 0:
         raise ValueError(f"--hbm-gib {args.hbm_gib} must be > 0")
-    with _libtpu_start_quiet():
+    with libtpu.start_quiet():  # libtpu's complaints about the TPU it cannot find
         topology = compile_only_topology(
             args.topology, None if args.hbm_gib is None else int(args.hbm_gib * GiB))
     model, pooling = _model(args.model, args.pooling)

@@ -22,6 +22,7 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from sbert_flax import libtpu
 from sbert_flax.distributed import add_distributed_flags, init_distributed
 from sbert_flax.errors import EXIT_USER_ERROR, is_user_error, report_bug
 from sbert_flax.training.train_config import (
@@ -259,6 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 -- a message and an exit code, never a bare crash
         return _report(e)
     init_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    libtpu.start_backends()  # quietly, after jax.distributed (see sbert_flax.libtpu)
 
     from sbert_flax.training.trainer import TrainingDiverged, train_and_evaluate
 

@@ -87,6 +87,20 @@ def pytest_runtest_makereport(item, call):
         _fail_skip(outcome.get_result())
 
 
+# The files that take longest (roughly, from CI's --durations of 2026-11-30), longest first. Under
+# `-n 2 --dist loadfile` a worker takes whole files in collection order as it frees up, so starting
+# with the long ones keeps the last file to finish a short one (the suite's wall is the busier
+# worker's); the rest keep their order.
+SLOW_FILES = ("test_contrastive_step.py", "test_train_loop.py", "test_gpu_check.py",
+              "test_trainer.py", "test_multihost.py", "test_serving_faults.py",
+              "test_aot_compile.py", "test_parity_real.py", "test_model.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_make_collect_report(collector):
     # Module-level skips (`pytest.importorskip`, `pytest.skip(allow_module_level=True)`).

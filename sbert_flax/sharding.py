@@ -147,9 +147,10 @@ def tree_shardings_like(tree: Any, params: Any, shardings: Any, mesh: Mesh) -> A
 
 # ---- activations -------------------------------------------------------------------------------
 # Parameters say how they are split; activations do not, and left to itself XLA:TPU's partitioner
-# may follow the parameters' fsdp split into the activations and gather the batch instead: BERT-base
-# mnrl at global batch 1024 on v5e-16 kept every chip's [2048, 128, 3072] MLP activations, 15.9 GB
-# of temporaries a chip where replicated params need 0.9 GB. So, while the caller that knows the
+# may follow the parameters' fsdp split into the activations and gather the batch instead: a
+# 2-layer BERT-base-width model, mnrl at global batch 1024 on v5e-16, kept every chip's
+# [2048, 128, 3072] MLP activations, 15.9 GB of temporaries a chip where replicated params need
+# 0.9 GB (BERT-base itself was refused). So, while the caller that knows the
 # mesh declares it (`declared`), the model pins its activations to rows split over the batch axes
 # and every other dimension whole (`constrain_rows`), and the row-wise vmaps of the train step name
 # the batch axes (`rows_axis_name`). Without a declared mesh both are no-ops (the model itself

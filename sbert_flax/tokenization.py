@@ -171,7 +171,7 @@ class Tokenizer:
             # window's (tens of ms) would stall the thread dispatching to the devices.
             parts = [self.encode_ids(texts[i:i + self.chunk], max_length, truncation_side)
                      for i in range(0, len(texts), self.chunk)]
-            sizes = np.concatenate([np.diff(p.offsets) for p in parts])
+            sizes = np.concatenate([p.lengths for p in parts])
             offsets = np.zeros(len(sizes) + 1, np.int64)
             np.cumsum(sizes, out=offsets[1:])
             return TokenIds(np.concatenate([p.flat for p in parts]), offsets)

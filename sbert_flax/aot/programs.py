@@ -149,8 +149,8 @@ def train_step_lowering(cfg: TrainConfig, model: BertConfig, pooling: PoolingCon
                            windowed_einsum=cfg.windowed_einsum)
     batch = largest_batch(cfg, loss, len(devices), negatives=negatives, pad_id=model.pad_token_id)
     abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
-    with sharding.declared(mesh):
-        return Lowering("train_step", step.lower(layout.abstract, abstract))
+    # The step traces under its mesh itself (make_train_step): splash on TPU, rows kept split.
+    return Lowering("train_step", step.lower(layout.abstract, abstract))
 
 
 # ---- the encode programs ---------------------------------------------------------------------
@@ -165,6 +165,7 @@ def encode_lowerings(model: BertConfig, pooling: PoolingConfig, devices: Sequenc
     embedder = nnx.merge(graphdef, abstract)
     embedder.backbone.dtype = jnp.dtype(jnp.bfloat16 if bf16 else jnp.float32)
     embedder.backbone.attention_impl = None  # the default: splash for packed rows on TPU
+    # (the program traces under its mesh itself: `programs.encode_program`)
     program = encode_program(nnx.graphdef(embedder), "sentence", devices)
     rep = NamedSharding(program.mesh, P())
     params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), abstract)
@@ -172,7 +173,6 @@ def encode_lowerings(model: BertConfig, pooling: PoolingConfig, devices: Sequenc
     out = []
     for rows, length in packer.shapes():
         x = jax.ShapeDtypeStruct((rows, length), jnp.int32)
-        with sharding.declared(program.mesh):
-            lowered = program.fn.lower(params, x, x, x)
-        out.append(Lowering(f"encode {rows}x{length}", lowered, (rows, length)))
+        out.append(Lowering(f"encode {rows}x{length}", program.fn.lower(params, x, x, x),
+                            (rows, length)))
     return out

@@ -391,8 +391,6 @@ def process_prep_pass(enc, sents: list[str], processes: int) -> float:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    import numpy as np
-
     from sbert_flax.encoder import MIN_WINDOW, WINDOW_BATCHES
     from sbert_flax.stream import prefetch
 
@@ -402,21 +400,29 @@ def process_prep_pass(enc, sents: list[str], processes: int) -> float:
         list(pool.map(_prep_in_process, [(0, sents[:64])] * processes))  # start-up, imports
         t = time.perf_counter()
         # Threads only wait on the processes' futures, so windows arrive in order, ahead.
-        windows = prefetch(lambda item: pool.submit(_prep_in_process, item).result(),
-                           enc._windows(sents, window), processes, processes + 1)
-        pending: collections.deque = collections.deque()
-
-        def batches():
-            for w in windows:
-                w.result = np.zeros((w.size, enc.dim), np.float32)
-                pending.append(w)
-                yield from w.batches
-
-        for batch, res in enc._run(batches(), enc.dtype, "sentence"):
-            while pending[0].done:
-                pending.popleft()
-            pending[0].store(batch, res)
+        dispatch_windows(enc, prefetch(lambda item: pool.submit(_prep_in_process, item).result(),
+                                       enc._windows(sents, window), processes, processes + 1))
         return len(sents) / (time.perf_counter() - t)
+
+
+def dispatch_windows(enc, windows) -> None:
+    """`encode_chunks`' device side over prepared windows: their batches dispatched in order, each
+    result filed into its window (a window from a worker process gets its result buffer here)."""
+    import numpy as np
+
+    pending: collections.deque = collections.deque()
+
+    def batches():
+        for w in windows:
+            if w.result is None:
+                w.result = np.zeros((w.size, enc.dim), np.float32)
+            pending.append(w)
+            yield from w.batches
+
+    for batch, res in enc._run(batches(), enc.dtype, "sentence"):
+        while pending[0].done:
+            pending.popleft()
+        pending[0].store(batch, res)
 
 
 def encode_variants(enc, sents: list[str], clock: Clock, steps: dict) -> dict:
@@ -455,12 +461,7 @@ def encode_variants(enc, sents: list[str], clock: Clock, steps: dict) -> dict:
     windows = list(enc.prepared_windows(sents))
     with clock.step("encode variant dispatch_only (windows prepared before)", steps, "variant-dispatch"):
         t = time.perf_counter()
-        pending = collections.deque(windows)
-        batches = (b for w in windows for b in w.batches)
-        for batch, res in enc._run(batches, enc.dtype, "sentence"):
-            while pending[0].done:
-                pending.popleft()
-            pending[0].store(batch, res)
+        dispatch_windows(enc, windows)
         out["dispatch_only"] = len(sents) / (time.perf_counter() - t)
     return out
 

@@ -3,7 +3,7 @@
 Anchors and corpus are embedded once (L2-normalised), each block of unique anchors is ranked
 against the corpus with `search.semantic_search` (jitted, chunked over the corpus, sharded over the
 local devices), and the candidates go through sentence-transformers' filters in its order:
-own positives out, absolute / relative margin against the anchor's hardest positive, max_score,
+the anchor's own corpus entry and its positives out, absolute / relative margin against the anchor's hardest positive, max_score,
 min_score; then the first `range_max` survivors, minus the first `range_min`, and "top" or
 "random" sampling. The output columns are those of its `datasets.Dataset`, as plain lists.
 
@@ -28,6 +28,7 @@ from typing import Any, Literal
 import numpy as np
 
 from sbert_flax.arraylike import as_matrix
+from sbert_flax.prompts import side_prompt_kwargs
 from sbert_flax.search import top_k_arrays
 
 logger = logging.getLogger(__name__)
@@ -45,17 +46,14 @@ def default_range_max(range_min: int, num_negatives: int, max_positives: int, *,
     return range_min + num_negatives * (10 if filtered else 1) + max_positives
 
 
-def _encode(encoder: Any, texts: list[str], batch_size: int | None, prompt: str | None,
-            prompt_name: str | None) -> np.ndarray:
+def _encode(encoder: Any, texts: list[str], batch_size: int | None, side: str,
+            prompt: str | None, prompt_name: str | None) -> np.ndarray:
     kwargs: dict[str, Any] = {"normalize": True}
     if batch_size is not None:
         kwargs["batch_size"] = batch_size
-    # Passed only when set: the encoder's own default prompt (default_prompt_name) then applies,
-    # as sentence-transformers' encode does without a prompt argument.
-    if prompt is not None:
-        kwargs["prompt"] = prompt
-    if prompt_name is not None:
-        kwargs["prompt_name"] = prompt_name
+    # sentence-transformers mines with encode_query / encode_document: each side's own prompt,
+    # never default_prompt_name, unless one is given.
+    kwargs.update(side_prompt_kwargs(encoder, side, prompt, prompt_name))
     return as_matrix(encoder.encode(texts, **kwargs), "embeddings")
 
 
@@ -182,17 +180,22 @@ def iter_mined(encoder: Any, anchors: Sequence[str], positives: Sequence[str],
         ids = pos_ids[query_id[a]]
         if doc_id[p] not in ids:  # a repeated pair is one positive
             ids.append(doc_id[p])
+    # Each anchor's own corpus entry, where it has one (symmetric pairs, or a corpus holding the
+    # anchors): a text is never its own negative. -1: not in the corpus.
+    self_ids = np.asarray([doc_id.get(q, -1) for q in queries], np.int64)
     del anchors, positives, query_id, doc_id  # the ids above are all the rest needs
 
     rng = random.Random(seed)
-    width = range_max + max_positives
+    # Room for the positives and the anchor itself, which are dropped before range_max counts.
+    width = range_max + max_positives + 1
     skipped: collections.Counter[str] = collections.Counter()
     short = 0
     with _CorpusEmbeddings(encoder, docs, batch_size, corpus_prompt, corpus_prompt_name,
                            corpus_chunk_size, scratch_dir) as c_emb:
         for b0 in range(0, len(queries), anchors_per_block):
             b1 = min(b0 + anchors_per_block, len(queries))
-            q_emb = _encode(encoder, queries[b0:b1], batch_size, query_prompt, query_prompt_name)
+            q_emb = _encode(encoder, queries[b0:b1], batch_size, "query", query_prompt,
+                            query_prompt_name)
             block_pos = sorted({i for q in range(b0, b1) for i in pos_ids[q]})
             all_scores, all_ids, pos_emb = c_emb.search(q_emb, width, block_pos)
             pos_row = {d: r for r, d in enumerate(block_pos)}
@@ -203,7 +206,7 @@ def iter_mined(encoder: Any, anchors: Sequence[str], positives: Sequence[str],
                 pos = np.asarray(pos_ids[q])
                 # [n_pos], cosine of normalised embeddings
                 pos_scores = pos_emb[[pos_row[int(i)] for i in pos]] @ q_emb[r]
-                scores[np.isin(ids, pos)] = -np.inf
+                scores[np.isin(ids, pos) | ((ids == self_ids[q]) & (ids >= 0))] = -np.inf
                 hardest = float(pos_scores.min())
                 for name, drop in (
                         ("absolute_margin", None if absolute_margin is None
@@ -246,7 +249,7 @@ class _CorpusEmbeddings:
                  prompt: str | None, prompt_name: str | None, chunk: int,
                  scratch_dir: str | None):
         self.encoder, self.docs, self.chunk = encoder, docs, chunk
-        self.args = (batch_size, prompt, prompt_name)
+        self.args = (batch_size, "document", prompt, prompt_name)
         self.scratch_dir = scratch_dir
         self.memory: np.ndarray | None = None
         self.path: str | None = None

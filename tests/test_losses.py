@@ -1,7 +1,8 @@
 """losses.py on fixed embeddings == sentence-transformers' losses (values and gradients).
 
-sentence-transformers gets the same embeddings through a tiny torch module that returns them, and
-only the real rows; ours gets the padded batch (zero-weight rows scattered in it, as a global batch
+sentence-transformers gets the same embeddings through a real `SentenceTransformer` whose one module
+returns them (so every model method a pinned loss calls is the library's own), and only the real
+rows; ours gets the padded batch (zero-weight rows scattered in it, as a global batch
 assembled from several processes' padded local batches has them).
 """
 
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer import losses as st_losses
 
 from sbert_flax.config import BertConfig
@@ -20,14 +22,14 @@ PAD = np.array([3, 7, 11])  # zero-weight rows
 
 
 class _Fixed(torch.nn.Module):
-    """A "model" whose forward returns fixed embeddings: features {"column": k} -> column k."""
+    """A module whose forward returns fixed embeddings: features {"column": k} -> column k."""
 
     def __init__(self, embs):
         super().__init__()
         self.embs = [torch.tensor(e, dtype=torch.float32, requires_grad=True) for e in embs]
 
     def forward(self, features):
-        return {"sentence_embedding": self.embs[features["column"]]}
+        return {**features, "sentence_embedding": self.embs[features["column"]]}
 
     def get_embedding_dimension(self):
         return self.embs[0].shape[-1]
@@ -35,14 +37,18 @@ class _Fixed(torch.nn.Module):
 
 def _st(loss_cls, embs, labels=None, **kw):
     """(value, grads per column) of a sentence-transformers loss on fixed embeddings."""
-    model = _Fixed(embs)
+    fixed = _Fixed(embs)
+    # A real SentenceTransformer around the module: losses may call any of the model's methods
+    # (MatryoshkaLoss in 6.3 asks it for its untruncated dimension), and a stand-in model would
+    # have to follow every release's private interface.
+    model = SentenceTransformer(modules=[fixed], device="cpu")
     loss = loss_cls(model, **kw) if not isinstance(loss_cls, tuple) else \
         loss_cls[0](model, loss_cls[1](model, **kw), **loss_cls[2])
     features = [{"column": k} for k in range(len(embs))]
     labels = torch.zeros(len(embs[0])) if labels is None else torch.tensor(labels, dtype=torch.float32)
     value = loss(features, labels)
     value.backward()
-    return float(value.detach()), [e.grad.numpy() for e in model.embs]
+    return float(value.detach()), [e.grad.numpy() for e in fixed.embs]
 
 
 def _data(columns, seed=0):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import json
 import os
 import random
@@ -132,38 +133,67 @@ class _EmbeddingsModel:
         return pairwise_cos_sim(a, b)
 
 
-def test_same_negatives_as_sentence_transformers(m3e_dir):
-    """m3e-small embeddings of 200 nli-zh pairs (plus an anchor with two positives, a repeated
-    pair and, in one case, an extra corpus), mined by sentence-transformers' own function and by
-    ours: the same rows, in the same order, for every option (>= 99% of anchors is the issue's
-    bar; all are equal, "random" included under the same seed).
+def _agreement(got: dict, ref: dict) -> tuple[int, int]:
+    """(rows equal in every column, rows of the reference)."""
+    rows = len(ref["anchor"])
+    same = sum(all(got[c][r] == ref[c][r] for c in ref)
+               for r in range(min(rows, len(got["anchor"]))))
+    return same, rows
+
+
+# The pair sets each case runs on: ordinary pairs; symmetric pairs, where every (a, p) is also a
+# (p, a) row, so every anchor is in the corpus; and a corpus given with the anchors in it.
+PAIR_SETS = ("ordinary", "symmetric", "corpus-with-anchors")
+
+
+@pytest.mark.parametrize("pair_set", PAIR_SETS)
+def test_same_negatives_as_sentence_transformers(m3e_dir, pair_set):
+    """m3e-small embeddings of 200 nli-zh pairs (plus an anchor with two positives and a repeated
+    pair), mined by sentence-transformers' own function and by ours: the same rows, in the same
+    order, for every option, each sampling strategy and each output format ("random" included,
+    under the same seed). Where the anchors are in the corpus (symmetric pairs; a corpus holding
+    them) an anchor is never its own negative: sentence-transformers drops it and searches one
+    candidate wider.
 
     Both mine the same embeddings (ours), so the test pins the mining and not the encoders;
-    m3e-small's embeddings themselves equal sentence-transformers' (test_parity_real). Mined end to
-    end from each library's own embeddings, 400 pairs: every row equal for each "top" case here,
-    399 of 400 for "random" (a near-tie); sentence-transformers' torch encode alone takes ~10 s on
-    2 cores, too slow for this suite."""
+    m3e-small's embeddings themselves equal sentence-transformers' (test_parity_real)."""
     pytest.importorskip("sentence_transformers")
-    from sbert_flax.encoder import SentenceEncoder
 
     anchors, positives = _nli_pairs(200)
     # An anchor with two positives (and one pair twice): exercises the grouping and max_positives.
     anchors += [anchors[0], anchors[1], anchors[1]]
     positives += [positives[5], positives[7], positives[7]]
-    ours = _CachedEncoder(SentenceEncoder.from_pretrained(m3e_dir, devices=jax.devices()[:1]).encode)
+    extra: dict = {}
+    if pair_set == "symmetric":
+        anchors, positives = anchors + positives, positives + anchors
+    elif pair_set == "corpus-with-anchors":
+        extra = {"corpus": anchors[100:] + positives[:50]}
+    ours = _m3e_encoder(m3e_dir)
     st = _EmbeddingsModel(ours)
-    cases = [*ST_CASES, {"corpus": anchors[100:], "output_format": "n-tuple"}]
     with _fake_datasets() as st_mine:
-        for kw in cases:
+        for kw in ST_CASES:
+            kw = {**kw, **extra}
             random.seed(7)  # ST samples with the global `random`; ours with Random(seed)
             ref = st_mine(_Columns({"anchor": anchors, "positive": positives}), st, verbose=False,
                           **kw).cols
             got = mine_hard_negatives(ours, anchors, positives, seed=7, **kw)
             assert list(got) == list(ref), kw
-            rows = len(ref["anchor"])
-            same = sum(all(got[c][r] == ref[c][r] for c in ref) for r in range(min(
-                rows, len(got["anchor"]))))
+            same, rows = _agreement(got, ref)
             assert len(got["anchor"]) == rows and same == rows, (kw, same, rows)
+            for r, a in enumerate(got["anchor"]):  # never the anchor as its own negative
+                negs = [got[c][r] for c in got if c.startswith("negative")]
+                if "label" in got and got["label"][r] == 0:
+                    negs.append(got["positive"][r])
+                if "labels" in got:
+                    negs += got["positive"][r][1:]
+                assert a not in negs, (kw, r, a)
+
+
+@functools.cache
+def _m3e_encoder(m3e_dir: str) -> _CachedEncoder:
+    from sbert_flax.encoder import SentenceEncoder
+
+    return _CachedEncoder(SentenceEncoder.from_pretrained(m3e_dir, devices=jax.devices()[:1]).encode)
 
 
 # ---- the rules, on a toy encoder whose scores are known ------------------------------------------

@@ -132,13 +132,12 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     corpus, queries = read_lines(args.corpus), read_lines(args.queries)
     enc = _load_encoder(args)
-    qp, cp = _prompts(args, "query"), _prompts(args, "corpus")
-    if qp or cp:
-        hits = _search_prompted(enc, corpus, queries, args, qp, cp)
-    else:
-        hits = search_corpus(enc, corpus, queries, top_k=args.top_k,
-                             corpus_embeddings_path=args.corpus_embeddings,
-                             batch_size=args.batch_size)
+    hits = search_corpus(enc, corpus, queries, top_k=args.top_k,
+                         corpus_embeddings_path=args.corpus_embeddings,
+                         batch_size=args.batch_size, query_prompt=args.query_prompt,
+                         query_prompt_name=args.query_prompt_name,
+                         corpus_prompt=args.corpus_prompt,
+                         corpus_prompt_name=args.corpus_prompt_name)
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
     try:
         for q, qh in zip(queries, hits, strict=True):
@@ -153,42 +152,6 @@ def cmd_search(args: argparse.Namespace) -> int:
         if out is not sys.stdout:
             out.close()
     return 0
-
-
-def _prompts(args: argparse.Namespace, side: str) -> dict[str, str]:
-    """`prompt` / `prompt_name` of one side ("query" or "corpus"), only those given."""
-    return {k: v for k, v in (("prompt", getattr(args, f"{side}_prompt")),
-                              ("prompt_name", getattr(args, f"{side}_prompt_name")))
-            if v is not None}
-
-
-def _search_prompted(enc, corpus: list[str], queries: list[str], args: argparse.Namespace,
-                     qp: dict[str, str], cp: dict[str, str]) -> list[list[dict]]:
-    """`util.search_corpus` with a prompt per side: the queries and the corpus are encoded apart.
-
-    The --corpus-embeddings cache is checked by shape only, as search_corpus does: one written
-    with another --corpus-prompt is not detected (delete it when the prompt changes).
-    """
-    from sbert_flax.arraylike import as_matrix
-    from sbert_flax.util import load_embeddings, save_embeddings, semantic_search
-
-    q = as_matrix(enc.encode(queries, batch_size=args.batch_size, **qp), "query embeddings")
-    c = None
-    if args.corpus_embeddings:
-        try:
-            c = load_embeddings(args.corpus_embeddings)
-        except FileNotFoundError:
-            c = None
-        if c is not None and c.shape != (len(corpus), q.shape[1]):
-            print(f"{PROG}: warning: {args.corpus_embeddings} holds embeddings of shape "
-                  f"{c.shape}, not ({len(corpus)}, {q.shape[1]}); re-encoding the corpus",
-                  file=sys.stderr)
-            c = None
-    if c is None:
-        c = as_matrix(enc.encode(corpus, batch_size=args.batch_size, **cp), "corpus embeddings")
-        if args.corpus_embeddings:
-            save_embeddings(args.corpus_embeddings, c)
-    return semantic_search(q, c, top_k=args.top_k)
 
 
 def cmd_mine_negatives(args: argparse.Namespace) -> int:
@@ -268,8 +231,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     enc = _load_encoder(args)
     sts_rows = sts_table(enc, args.sts, batch_size=args.batch_size) if args.sts else []
     ir_rows = retrieval_table(enc, folders, batch_size=args.batch_size,
-                              **{f"query_{k}": v for k, v in _prompts(args, "query").items()},
-                              **{f"corpus_{k}": v for k, v in _prompts(args, "corpus").items()})
+                              query_prompt=args.query_prompt,
+                              query_prompt_name=args.query_prompt_name,
+                              corpus_prompt=args.corpus_prompt,
+                              corpus_prompt_name=args.corpus_prompt_name)
     if args.json:
         names = [r["name"] for r in ir_rows]
         # Two folders with the same basename would collide as keys; those keep their path.
@@ -335,10 +300,11 @@ def add_prompt_args(p: argparse.ArgumentParser, queries: str, corpus: str) -> No
                    help=f"text prepended to {queries}")
     g.add_argument("--query-prompt-name", "--prompt-name", dest="query_prompt_name",
                    help=f"a prompt of the model's config_sentence_transformers.json for {queries} "
-                   "(default: its default_prompt_name, if any)")
+                   "(default: its 'query' prompt, as sentence-transformers' encode_query)")
     g.add_argument("--corpus-prompt", dest="corpus_prompt", help=f"text prepended to {corpus}")
     g.add_argument("--corpus-prompt-name", dest="corpus_prompt_name",
-                   help=f"a named prompt for {corpus} (default: its default_prompt_name)")
+                   help=f"a named prompt for {corpus} (default: its 'document', 'passage' or "
+                   "'corpus' prompt, as sentence-transformers' encode_document)")
 
 
 def add_convert_args(p: argparse.ArgumentParser, to: str | None = None, uer: bool = False) -> None:

@@ -17,7 +17,7 @@ import functools
 import itertools
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +35,7 @@ from sbert_flax.loading import DEFAULT_MODEL, LoadedModel, load_model
 from sbert_flax.packing import ROW_LENGTHS, PackedBatch, Packer
 from sbert_flax.pooling import cosine_similarity
 from sbert_flax.programs import EncodeProgram, encode_program
-from sbert_flax.prompts import Prompts
+from sbert_flax.prompts import Prompts, side_prompt_kwargs
 from sbert_flax.st_format import write_st_folder
 from sbert_flax.stream import Reassembly, Window, prefetch
 from sbert_flax.tokenization import Tokenizer
@@ -454,6 +454,22 @@ class SentenceEncoder:
         if not parts:
             return np.zeros((0, truncate_dim or self.dim), np.float32)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def encode_query(self, sentences: str | Iterable[str], **kwargs: Any):
+        """`encode` for the query side of a search, as sentence-transformers' `encode_query`:
+        without `prompt` / `prompt_name` the model's "query" prompt (empty unless configured)
+        applies, never `default_prompt_name`."""
+        return self._encode_side("query", sentences, kwargs)
+
+    def encode_document(self, sentences: str | Iterable[str], **kwargs: Any):
+        """`encode` for the corpus side, as sentence-transformers' `encode_document`: without
+        `prompt` / `prompt_name` the first of the "document", "passage", "corpus" prompts."""
+        return self._encode_side("document", sentences, kwargs)
+
+    def _encode_side(self, side: str, sentences: str | Iterable[str], kwargs: dict[str, Any]):
+        kwargs.update(side_prompt_kwargs(self, side, kwargs.pop("prompt", None),
+                                         kwargs.pop("prompt_name", None)))
+        return self.encode(sentences, **kwargs)
 
     @staticmethod
     def similarity(a, b) -> np.ndarray:

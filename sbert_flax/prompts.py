@@ -24,6 +24,9 @@ ST_CONFIG_FILE = "config_sentence_transformers.json"
 # sentence-transformers >= 6 knows these names on every model (empty unless configured), so
 # `prompt_name="document"` works on a model without prompts; they resolve the same here.
 BUILTIN_PROMPT_NAMES = ("query", "document")
+# The prompt names `encode_query` / `encode_document` look for when a call names none, first found
+# wins (sentence-transformers 6: `SentenceTransformer.encode_query` / `encode_document`).
+SIDE_PROMPT_NAMES = {"query": ("query",), "document": ("document", "passage", "corpus")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +101,27 @@ class Prompts:
                              "1_Pooling/config.json), which sbert-flax does not implement; encode "
                              "without a prompt or use sentence-transformers for this model")
         return prompt
+
+
+def side_prompt_kwargs(encoder: Any, side: str, prompt: str | None = None,
+                       prompt_name: str | None = None) -> dict[str, str]:
+    """`encode` keyword arguments for one side of a search ("query" or "document").
+
+    sentence-transformers' `encode_query` / `encode_document` rule, which its retrieval evaluator
+    and hard-negative mining use: an explicit `prompt` or `prompt_name` wins; otherwise the first
+    of the side's names (query: "query"; document: "document", "passage", "corpus") among the
+    model's prompts, where "query" and "document" are always present (empty unless configured),
+    so `default_prompt_name` never applies to either side. An encoder without `prompts` (a
+    stand-in) gets only what was given.
+    """
+    if prompt is not None or prompt_name is not None:
+        return {k: v for k, v in (("prompt", prompt), ("prompt_name", prompt_name)) if v is not None}
+    prompts = getattr(encoder, "prompts", None)
+    if not isinstance(prompts, Prompts):
+        return {}
+    known = prompts.known
+    name = next((n for n in SIDE_PROMPT_NAMES[side] if n in known), None)
+    return {} if name is None else {"prompt_name": name}
 
 
 def read_st_prompts(folder: str, pooling_config: Mapping[str, Any] | None = None) -> Prompts:

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from sbert_flax.prompts import side_prompt_kwargs
+
 # sentence-transformers' defaults, with 100 added to precision/recall for recall@100.
 ACCURACY_AT_K = (1, 3, 5, 10)
 PRECISION_RECALL_AT_K = (1, 3, 5, 10, 100)
@@ -274,8 +276,9 @@ def evaluate_retrieval(encoder: Any, folder: str | BeirFolder, split: str = "tes
       split: the qrels split, `qrels/<split>.tsv` (ignored for a loaded folder).
       batch_size: passed to `encode` / `encode_chunks`.
       corpus_chunk_size: documents embedded and ranked at a time (bounds host memory).
-      query_prompt, query_prompt_name, corpus_prompt, corpus_prompt_name: passed to the encoder
-        when given.
+      query_prompt, query_prompt_name, corpus_prompt, corpus_prompt_name: the prompt of each
+        side; without them each side takes the model's own "query" / "document" prompt, as
+        sentence-transformers' `encode_query` / `encode_document` (`prompts.side_prompt_kwargs`).
       **k_values: `accuracy_at_k`, `precision_recall_at_k`, `mrr_at_k`, `ndcg_at_k`, `map_at_k`
         (as sentence-transformers; see `retrieval_metrics`).
 
@@ -297,11 +300,11 @@ def evaluate_retrieval(encoder: Any, folder: str | BeirFolder, split: str = "tes
     ks |= k_values
     max_k = max(max(v) for v in ks.values())
 
-    def prompts(prompt: str | None, name: str | None) -> dict[str, Any]:
-        return {k: v for k, v in (("prompt", prompt), ("prompt_name", name)) if v is not None}
-
+    # sentence-transformers' InformationRetrievalEvaluator encodes with encode_query /
+    # encode_document: each side's own prompt, never default_prompt_name, unless one is given.
     q_emb = np.asarray(encoder.encode(f.query_texts, batch_size=batch_size,
-                                      **prompts(query_prompt, query_prompt_name)))  # [Q, D]
+                                      **side_prompt_kwargs(encoder, "query", query_prompt,
+                                                           query_prompt_name)))  # [Q, D]
     nq = len(f.query_ids)
     id_rank = _id_ranks(f.corpus_ids)
     # Running top-k per query: scores and corpus rows, -inf / -1 for empty slots.
@@ -309,7 +312,9 @@ def evaluate_retrieval(encoder: Any, folder: str | BeirFolder, split: str = "tes
     best_r = np.full((nq, 0), -1, np.int64)
     for rows, chunk in encoder.encode_chunks(f.corpus_texts(), chunk_size=corpus_chunk_size,
                                              batch_size=batch_size,
-                                             **prompts(corpus_prompt, corpus_prompt_name)):
+                                             **side_prompt_kwargs(encoder, "document",
+                                                                  corpus_prompt,
+                                                                  corpus_prompt_name)):
         # One more than needed, to see whether equal scores straddle the cut: the search cuts
         # them in row order, sentence-transformers by id. Those (rare) queries are settled
         # against the whole chunk by id (`_cut_ties_by_id`).

@@ -28,6 +28,7 @@ from sbert_flax.embeddings_file import (  # noqa: F401  (re-exported)
     write_manifest,
 )
 from sbert_flax.mining import mine_hard_negatives  # noqa: F401  (re-exported)
+from sbert_flax.prompts import side_prompt_kwargs
 from sbert_flax.quantization import PRECISIONS, Precision, quantize_embeddings  # noqa: F401
 from sbert_flax.search import (  # noqa: F401  (re-exported)
     TRACE_COUNTS,
@@ -46,8 +47,10 @@ __all__ = ["MANIFEST_FORMAT", "MANIFEST_VERSION", "PRECISIONS", "TRACE_COUNTS", 
 
 
 def search_corpus(encoder: Any, corpus: Sequence[str], queries: Sequence[str], top_k: int = 10,
-                  corpus_embeddings_path: str | None = None, batch_size: int = 64,
-                  score_function: ScoreFunction = None) -> list[list[dict[str, int | float]]]:
+                  corpus_embeddings_path: str | None = None, batch_size: int | None = None,
+                  score_function: ScoreFunction = None, query_prompt: str | None = None,
+                  query_prompt_name: str | None = None, corpus_prompt: str | None = None,
+                  corpus_prompt_name: str | None = None) -> list[list[dict[str, int | float]]]:
     """Encodes (or loads) the corpus, encodes the queries and runs `semantic_search`.
 
     Args:
@@ -57,15 +60,21 @@ def search_corpus(encoder: Any, corpus: Sequence[str], queries: Sequence[str], t
       top_k: results per query.
       corpus_embeddings_path: a cache: when it (or its manifest) exists with one row per corpus
         line and the encoder's dim it is used, else the corpus is encoded and saved there
-        atomically (a stale cache is overwritten, with a warning).
-      batch_size: encode batch size.
+        atomically (a stale cache is overwritten, with a warning). It is checked by shape only:
+        one written under another corpus prompt is not detected (delete it when that changes).
+      batch_size: encode batch size (None: the encoder's default).
       score_function: as in `semantic_search`.
+      query_prompt, query_prompt_name, corpus_prompt, corpus_prompt_name: the prompt of each
+        side; without them each side takes the model's own "query" / "document" prompt, as
+        sentence-transformers' `encode_query` / `encode_document`.
 
     Returns:
       Per query, `[{"corpus_id": int, "score": float}, ...]` best first.
     """
     corpus, queries = list(corpus), list(queries)
-    q = as_matrix(encoder.encode(queries, batch_size=batch_size), "query embeddings")
+    size = {} if batch_size is None else {"batch_size": batch_size}
+    q = as_matrix(encoder.encode(queries, **size, **side_prompt_kwargs(
+        encoder, "query", query_prompt, query_prompt_name)), "query embeddings")
     c = None
     if corpus_embeddings_path is not None:
         try:
@@ -78,7 +87,8 @@ def search_corpus(encoder: Any, corpus: Sequence[str], queries: Sequence[str], t
                            len(corpus), q.shape[1])
             c = None
     if c is None:
-        c = as_matrix(encoder.encode(corpus, batch_size=batch_size), "corpus embeddings")
+        c = as_matrix(encoder.encode(corpus, **size, **side_prompt_kwargs(
+            encoder, "document", corpus_prompt, corpus_prompt_name)), "corpus embeddings")
         if corpus_embeddings_path is not None:
             save_embeddings(corpus_embeddings_path, c)
     return semantic_search(q, c, top_k=top_k, score_function=score_function)

@@ -214,3 +214,104 @@ def test_cli_eval_retrieval_prompts(folder, enc, tmp_path, capsys):
     plain = evaluate_retrieval(enc, str(root))
     assert got == pytest.approx({m: want[m] for m in SUMMARY_METRICS}, abs=1e-9)
     assert [want[m] for m in SUMMARY_METRICS] != [plain[m] for m in SUMMARY_METRICS]
+
+
+# ---- the two sides of a search follow encode_query / encode_document ---------------------------
+
+# Folders saved by sentence-transformers itself: query and document prompts with no default, and
+# a query prompt with a "passage" prompt and default_prompt_name="query" (the corpus must not
+# take the query prompt).
+SIDE_CASES = {"query+document": ({"query": "查询：", "document": "文档："}, None),
+              "query+passage, default query": ({"query": "查询：", "passage": "段落："}, "query")}
+
+
+@pytest.fixture(scope="module", params=list(SIDE_CASES))
+def side_folder(request, tiny_bert, tmp_path_factory, one_device):
+    from sentence_transformers import SentenceTransformer
+
+    prompts, default = SIDE_CASES[request.param]
+    src = tiny_bert(hidden=48, heads=3, layers=2, pooling="mean", max_position=64)
+    st = SentenceTransformer(src, device="cpu", prompts=prompts, default_prompt_name=default)
+    dest = str(tmp_path_factory.mktemp("side") / "model")
+    st.save(dest)
+    st = SentenceTransformer(dest, device="cpu")  # read back as a user would load it
+    return dest, st, SentenceEncoder.from_pretrained(dest, devices=one_device)
+
+
+def test_encode_query_and_document_equal_sentence_transformers(side_folder):
+    _, st, enc = side_folder
+    for side in ("encode_query", "encode_document"):
+        want = getattr(st, side)(ZH_SENTENCES, convert_to_numpy=True)
+        np.testing.assert_allclose(getattr(enc, side)(ZH_SENTENCES), want, rtol=0, atol=2e-5,
+                                   err_msg=side)
+    # An explicit prompt still wins on either side.
+    np.testing.assert_allclose(enc.encode_document(ZH_SENTENCES, prompt="问："),
+                               st.encode_document(ZH_SENTENCES, prompt="问："), rtol=0, atol=2e-5)
+
+
+def test_retrieval_equals_information_retrieval_evaluator(side_folder, tmp_path):
+    """The same metrics as sentence-transformers' evaluator on a folder whose prompts it saved:
+    both encode the queries with the "query" prompt and the documents with the document one."""
+    from sentence_transformers.sentence_transformer.evaluation import (
+        InformationRetrievalEvaluator,
+    )
+
+    from sbert_flax.retrieval import evaluate_retrieval
+
+    _, st, enc = side_folder
+    corpus = {f"d{i}": s for i, s in enumerate(ZH_SENTENCES)}
+    queries = {f"q{i}": s[: max(2, len(s) // 2)] for i, s in enumerate(ZH_SENTENCES)}
+    relevant = {f"q{i}": {f"d{i}"} for i in range(len(ZH_SENTENCES))}
+    from sentence_transformers.util import cos_sim
+
+    ev = InformationRetrievalEvaluator(queries, corpus, relevant, show_progress_bar=False,
+                                       score_functions={"cosine": cos_sim})
+    ref = ev.compute_all_metrics(st)["cosine"]
+    flat = {f"{name[:-2]}@{k}": float(v) for name, d in ref.items() for k, v in d.items()}
+    folder = _beir(tmp_path, queries, corpus, relevant)
+    ours = evaluate_retrieval(enc, folder)
+    diff = {m: abs(ours[m] - flat[m]) for m in flat}
+    assert max(diff.values()) <= 1e-6, diff
+    # The prompts matter here: without them (or with the default prompt on both sides) the
+    # metrics differ, so equality above is not an accident of prompts that change nothing.
+    plain = evaluate_retrieval(enc, folder, query_prompt="", corpus_prompt="")
+    assert any(abs(plain[m] - flat[m]) > 1e-6 for m in flat)
+
+
+def test_mining_and_search_use_each_sides_prompt(side_folder):
+    from sbert_flax.util import mine_hard_negatives, search_corpus, semantic_search
+
+    _, st, enc = side_folder
+    q = enc.encode(ZH_SENTENCES[:4], prompt_name="query")
+    d_name = "document" if "document" in st.prompts and st.prompts["document"] else None
+    d = enc.encode(ZH_SENTENCES, **({"prompt_name": d_name} if d_name else {"prompt": ""}))
+    want = semantic_search(q, d, top_k=3)
+    assert search_corpus(enc, ZH_SENTENCES, ZH_SENTENCES[:4], top_k=3) == want
+
+    seen: dict[str, list] = {"query": [], "document": []}
+
+    class Spy:
+        prompts = enc.prompts
+
+        def encode(self, texts, **kw):
+            seen["query" if texts == ZH_SENTENCES[:2] else "document"].append(kw)
+            return enc.encode(texts, **kw)
+
+    mine_hard_negatives(Spy(), ZH_SENTENCES[:2], ZH_SENTENCES[2:4], corpus=ZH_SENTENCES[4:],
+                        num_negatives=1)
+    assert [k.get("prompt_name") for k in seen["query"]] == ["query"]
+    assert [k.get("prompt_name") for k in seen["document"]] == ["document"]
+
+
+def _beir(root, queries: dict, corpus: dict, relevant: dict) -> str:
+    """A BEIR folder of these dicts (documents without titles)."""
+    (root / "qrels").mkdir(parents=True, exist_ok=True)
+    (root / "corpus.jsonl").write_text("".join(json.dumps(
+        {"_id": k, "title": "", "text": v}, ensure_ascii=False) + "\n" for k, v in corpus.items()),
+        encoding="utf-8")
+    (root / "queries.jsonl").write_text("".join(json.dumps(
+        {"_id": k, "text": v}, ensure_ascii=False) + "\n" for k, v in queries.items()),
+        encoding="utf-8")
+    (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"{q}\t{d}\t1\n" for q, ds in relevant.items() for d in ds), encoding="utf-8")
+    return str(root)

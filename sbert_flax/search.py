@@ -90,7 +90,10 @@ def _kernels(devices: tuple[jax.Device, ...], score: str | Callable, k: int, kc:
             q = _normalize(q)
 
         def local(q, c):  # q [Qc, D] whole, c [Cc / ndev, D] this device's rows
-            s = q @ c.T if isinstance(score, str) else score(q, c)  # [Qc, Cl]
+            # HIGHEST: TPU's default matmul is one bf16 pass (~3 significant digits), which makes
+            # ties of distinct scores and feeds mining's margin filters rounded candidates.
+            s = (jnp.matmul(q, c.T, precision=jax.lax.Precision.HIGHEST)
+                 if isinstance(score, str) else score(q, c))  # [Qc, Cl]
             cl = c.shape[0]
             row0 = jax.lax.axis_index(_AXIS) * cl
             ids = row0 + jnp.arange(cl, dtype=jnp.int32)

@@ -317,3 +317,20 @@ def test_search_corpus_caches_corpus_embeddings(tmp_path, umask022):
     hits = util.search_corpus(enc, corpus[:20], queries, top_k=4, corpus_embeddings_path=cache)
     assert enc.calls == 5 and util.load_embeddings(cache).shape == (20, 16)
     assert hits[0][0]["corpus_id"] == 3
+
+
+@pytest.mark.parametrize("score", ["cos", "dot"])
+def test_search_scores_are_computed_at_highest_precision(score):
+    """The score matmul asks for HIGHEST precision: on TPU the default is one bf16 pass, which
+    rounds scores to ~3 digits (ties where there are none; mining's margins on rounded scores).
+    The CPU computes float32 either way, so the lowered program is what shows it."""
+    import jax.numpy as jnp
+
+    from sbert_flax.search import _kernels
+
+    devices = tuple(jax.devices()[:2])
+    _, chunk_topk, *_ = _kernels(devices, score, 3, 3)
+    q, c = jnp.zeros((4, 8), jnp.float32), jnp.zeros((8, 8), jnp.float32)
+    text = chunk_topk.lower(q, c, 8, 0).as_text()
+    dots = [line for line in text.splitlines() if "dot_general" in line]
+    assert dots and all("HIGHEST" in line for line in dots), dots

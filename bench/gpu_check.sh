@@ -4,7 +4,7 @@
 # into $OUT/gpu-<date>.json, rewritten after every measurement. Whole run: about 6 minutes.
 #
 #   OUT=/tmp/out bash bench/gpu_check.sh            # on the GPU machine, from the repo root
-#   OUT=/tmp/out bash bench/gpu_check.sh --dry-run  # tiny sizes on a CPU (< 1 minute; CI runs it)
+#   OUT=/tmp/out bash bench/gpu_check.sh --dry-run  # tiny sizes on a CPU (CI runs it; no time limits)
 #
 # Data comes from $SBERT_FLAX_DATA (default ./.devdata: stsb-zh/test.tsv,
 # contrastive/nli-zh-pairs.tsv, vocab/google_zh_vocab.txt). Wheels, when carried in .whl/, are
@@ -24,7 +24,11 @@ case ":${PYTHONPATH:-}:" in *":$PWD:"*) ;; *) export PYTHONPATH=${PYTHONPATH:+$P
 if [ -n "$DRY" ]; then
   export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
   MODEL=${MODEL:-/tmp/gpu_check_model_dry}
-  : "${PREFLIGHT_TIMEOUT:=60}" "${ENCODE_TIMEOUT:=60}" "${TRAIN_TIMEOUT:=90}" "${ST_TIMEOUT:=60}"
+  # The dry run proves the script, not a lease's timing: every part runs whole however slow the
+  # machine (CI on a loaded 2-core host), so the limits are only ceilings against a hang, and
+  # nothing is skipped for time.
+  : "${PREFLIGHT_TIMEOUT:=900}" "${ENCODE_TIMEOUT:=900}" "${TRAIN_TIMEOUT:=900}" "${ST_TIMEOUT:=900}"
+  : "${ST_LATEST:=1000000}"
 else
   MODEL=${MODEL:-/tmp/gpu_check_model}
   # A rerun on the same (still warm) machine loads the compiled programs instead of recompiling.

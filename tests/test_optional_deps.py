@@ -117,13 +117,23 @@ def test_command_runs_without_optional_packages(runs, name):
     assert "Traceback" not in r["out"] + r["err"], r["err"][-3000:]
 
 
-def test_outputs_of_the_commands(runs):
+def test_outputs_of_the_commands(runs, one_device):
+    """What the commands wrote without the optional packages equals what the full installation
+    computes here (the same model, encoded in this process with everything importable)."""
+    from sbert_flax import SentenceEncoder
+
     tmp = runs["_tmp"]["path"]
     assert "serve" in runs["help"]["out"]
+    enc = SentenceEncoder.from_pretrained(os.path.join(tmp, "model"), devices=one_device)
     cosines = [float(line.split("\t")[0]) for line in runs["similarity"]["out"].splitlines()]
-    assert len(cosines) == 1 and -1.0 <= cosines[0] <= 1.0 + 1e-6, runs["similarity"]["out"]
-    assert np.load(os.path.join(tmp, "emb.npy")).shape == (4, 32)
-    assert os.path.isfile(os.path.join(tmp, "st", "model.safetensors"))
+    e = enc.encode(["那个人很开心", "那个人非常开心"], normalize=True)
+    assert cosines == [pytest.approx(float(e[0] @ e[1]), abs=1e-4)], runs["similarity"]["out"]
+    lines = ["那个人很开心", "那只猫很开心", "", "今天天气很好。"]
+    np.testing.assert_allclose(np.load(os.path.join(tmp, "emb.npy")), enc.encode(lines),
+                               rtol=0, atol=1e-5)
+    # The exported folder loads back to the same embeddings.
+    exported = SentenceEncoder.from_pretrained(os.path.join(tmp, "st"), devices=one_device)
+    np.testing.assert_allclose(exported.encode(lines), enc.encode(lines), rtol=0, atol=1e-5)
     assert os.path.isdir(os.path.join(tmp, "run", "best_model"))
 
 

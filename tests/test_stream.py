@@ -100,7 +100,7 @@ def test_prefetch_closed_early_reads_no_further():
                for t in _wait_threads())
 
 
-def _wait_threads(timeout: float = 5.0) -> list[threading.Thread]:
+def _wait_threads(timeout: float = 120.0) -> list[threading.Thread]:
     """The threads alive once the preparation threads had time to finish."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -147,7 +147,8 @@ def _comma_list(hint: Any, name: str) -> Callable[[str], Any]:
     return lambda s: _coerce(s, hint) or None
 
 
-def _add_field(group: argparse._ArgumentGroup, f: dataclasses.Field, hint: Any, help_: str) -> None:
+def _add_field(group: argparse._ArgumentGroup, f: dataclasses.Field, hint: Any, help_: str,
+               extra_names: Sequence[str] = (), required: bool = True) -> None:
     base, _ = _base(hint)
     names = list(SPELLINGS.get(f.name, ()))
     # Unset flags stay out of the namespace: TrainConfig's own defaults apply, never a copy here.
@@ -167,7 +168,9 @@ def _add_field(group: argparse._ArgumentGroup, f: dataclasses.Field, hint: Any, 
         kw["type"] = base
         if f.name in CHOICES:
             kw["choices"] = CHOICES[f.name]
-        if base is str and f.default == "":  # no usable default: the run cannot start without it
+        # No usable default: a run cannot start without it (compile, which reads no data, passes
+        # required=False).
+        if required and base is str and f.default == "":
             kw["required"] = True
     else:
         raise TypeError(f"TrainConfig.{f.name}: no command-line rule for type {hint}; add one "
@@ -179,14 +182,18 @@ def _add_field(group: argparse._ArgumentGroup, f: dataclasses.Field, hint: Any, 
     if base is not bool and f.default not in (None, "", ()):
         help_ = f"{help_} (default: {f.default})".lstrip()
     kw["help"] = help_.replace("%", "%%") or None
-    group.add_argument(*(names or [f"--{f.name}"]), **kw)
+    group.add_argument(*(names or [f"--{f.name}"]), *extra_names, **kw)
 
 
-def _parser(cls: type = TrainConfig) -> argparse.ArgumentParser:
-    """The training parser for `cls` (TrainConfig, or a dataclass extending it)."""
-    p = argparse.ArgumentParser(prog="sbert-flax train",
-                                description="Sentence-BERT fine-tuning: UER-py's siamese softmax recipe "
-                                            "or contrastive losses (mnrl, cached-mnrl, cosent).")
+def add_config_flags(p: argparse.ArgumentParser, cls: type = TrainConfig, *,
+                     extra_spellings: dict[str, tuple[str, ...]] | None = None,
+                     required: bool = True) -> dict[str, argparse._ArgumentGroup]:
+    """Adds a flag for every field of `cls` to `p` (the rule above); returns the groups by name.
+
+    `sbert-flax compile` takes the same flags through this, so that no field of a run can be left
+    out of what it compiles. `extra_spellings` adds option strings of its own (a field's flag
+    keeps its usual ones); `required=False` asks for no field (compile needs no training file).
+    """
     comments: dict[str, tuple[str, str]] = {}
     for c in reversed(cls.__mro__):  # a subclass's comments over its bases'
         if dataclasses.is_dataclass(c):
@@ -199,7 +206,17 @@ def _parser(cls: type = TrainConfig) -> argparse.ArgumentParser:
         group, help_ = comments.get(f.name, ("", ""))
         if group not in groups:
             groups[group] = p.add_argument_group(group) if group else p
-        _add_field(groups[group], f, hints[f.name], help_)
+        _add_field(groups[group], f, hints[f.name], help_,
+                   (extra_spellings or {}).get(f.name, ()), required)
+    return groups
+
+
+def _parser(cls: type = TrainConfig) -> argparse.ArgumentParser:
+    """The training parser for `cls` (TrainConfig, or a dataclass extending it)."""
+    p = argparse.ArgumentParser(prog="sbert-flax train",
+                                description="Sentence-BERT fine-tuning: UER-py's siamese softmax recipe "
+                                            "or contrastive losses (mnrl, cached-mnrl, cosent).")
+    groups = add_config_flags(p, cls)
     out = groups.get("output, checkpoints", p)
     out.add_argument("--output_model_path",
                      help="UER's flag: a .bin path becomes the run directory without .bin")

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -74,6 +75,20 @@ class Evaluator:
         self._embed = jax.jit(embed, in_shardings=(layout.shardings.params, bsh, bsh, bsh),
                               out_shardings=sharding.replicated(mesh),
                               compiler_options=compiler_options(mesh.devices.flat))
+
+    # ---- ahead of time (`sbert-flax compile`) -------------------------------------------------
+
+    def lower_embed(self, params: Any, rows: int, length: int) -> jax.stages.Lowered:
+        """The packed embed program at one (rows, length) shape of `packer`, lowered for `params`
+        (arrays or their `ShapeDtypeStruct`s): what `sbert-flax compile` compiles for a slice."""
+        x = jax.ShapeDtypeStruct((rows, length), jnp.int32)  # ids, segments, positions
+        return self._embed.lower(params, x, x, x)
+
+    def lower_classify(self, params: Any, batch: dict[str, Any]) -> jax.stages.Lowered:
+        """The classifier's eval step lowered for `params` and `batch` (arrays or shapes)."""
+        if self._classify is None:
+            raise ValueError("this Evaluator was built without the classifier (classify=False)")
+        return self._classify.lower(params, batch)
 
     # ---- STS --------------------------------------------------------------------------------
 

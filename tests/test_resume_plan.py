@@ -3,6 +3,7 @@
 keep config.json byte-identical are in test_trainer.py)."""
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -102,3 +103,57 @@ def test_model_hash_is_content_not_layout():
     params["b"]["kernel"][0, 0] += 1e-6
     assert model_sha256(cfg, params) != h
     assert model_sha256(dataclasses.replace(cfg, hidden_dropout_prob=0.2), reordered) != h
+
+
+def test_fingerprint_tells_content_from_mtime(tmp_path, monkeypatch):
+    """A full hash proves the content: a rewrite of the same bytes (a new mtime) is the same
+    data, one changed byte is not. Above FULL_HASH_BYTES only the first and last MiB are hashed,
+    so a same-size rewrite shows through the mtime."""
+    from sbert_flax.training import fingerprint
+
+    p = tmp_path / "pairs.tsv"
+    p.write_bytes(b"anchor\tpositive\n" + b"a\tb\n" * 100)
+    was = fingerprint.file_fingerprint(str(p))
+    assert "sha256" in was and was["size"] == 16 + 400
+    p.write_bytes(p.read_bytes())
+    os.utime(p, ns=(was["mtime_ns"] + 10**9, was["mtime_ns"] + 10**9))
+    assert fingerprint.change(was, fingerprint.file_fingerprint(str(p))) == ""
+    p.write_bytes(b"anchor\tpositive\n" + b"a\tb\n" * 50 + b"a\tc\n" + b"a\tb\n" * 49)
+    assert fingerprint.change(was, fingerprint.file_fingerprint(str(p))).startswith("sha256 ")
+    p.write_bytes(b"anchor\tpositive\n" + b"a\tb\n" * 101)
+    assert fingerprint.change(was, fingerprint.file_fingerprint(str(p))) == "size 416 -> 420 bytes"
+
+    # A "large" file: the middle is not read, a same-size rewrite is caught by the mtime.
+    monkeypatch.setattr(fingerprint, "FULL_HASH_BYTES", 64)
+    monkeypatch.setattr(fingerprint, "EDGE_BYTES", 16)
+    p.write_bytes(b"anchor\tpositive\n" + b"a\tb\n" * 100)
+    os.utime(p, ns=(10**18, 10**18))
+    big = fingerprint.file_fingerprint(str(p))
+    assert "edges_sha256" in big and "sha256" not in big
+    assert fingerprint.change(big, fingerprint.file_fingerprint(str(p))) == ""
+    p.write_bytes(b"anchor\tpositive\n" + b"a\tb\n" * 50 + b"a\tc\n" + b"a\tb\n" * 49)
+    os.utime(p, ns=(10**18 + 10**9, 10**18 + 10**9))
+    assert "modified" in fingerprint.change(big, fingerprint.file_fingerprint(str(p)))
+    p.write_bytes(b"anchor\tpositive\n" + b"a\tb\n" * 99 + b"a\tc\n")  # the last MiB changed
+    assert "first and last MiB" in fingerprint.change(big, fingerprint.file_fingerprint(str(p)))
+
+
+def test_changed_training_file_is_refused_by_name(tmp_path):
+    """The same path with other rows (re-mined negatives over the file) is refused, naming the
+    file: the checkpoint's iterator position would continue over other rows."""
+    from sbert_flax.training import fingerprint
+
+    p = tmp_path / "pairs.tsv"
+    p.write_text("anchor\tpositive\n" + "a\tb\n" * 100, encoding="utf-8")
+    cfg = TrainConfig(loss="mnrl", train_path=str(p))
+    saved = _meta(cfg, **FACTS, train_data=fingerprint.file_fingerprint(str(p)))
+    now = {**FACTS, "train_data": fingerprint.file_fingerprint(str(p))}
+    assert resume_plan(cfg, saved, now).refused == ()
+    p.write_text("anchor\tpositive\n" + "a\tc\n" * 100, encoding="utf-8")  # same size, other rows
+    plan = resume_plan(cfg, saved, {**FACTS, "train_data": fingerprint.file_fingerprint(str(p))})
+    assert len(plan.refused) == 1, plan
+    assert plan.refused[0].startswith(f"training data content (train_data): {p} changed since "
+                                      "the checkpoint: sha256 "), plan.refused
+    # A checkpoint from before the fingerprint: resumed, listed as unchecked.
+    plan = resume_plan(cfg, _meta(cfg, **FACTS), now)
+    assert plan.refused == () and plan.unrecorded == ("train_data",)

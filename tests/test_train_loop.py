@@ -153,6 +153,24 @@ def resume_run(tmp_path_factory, model):
             [h["accuracy"] for h in res["history"]])
 
 
+def assert_best_is_results(out: str) -> None:
+    """`best/` holds one checkpoint, of the best `results.json` reports (what `best_model` is
+    exported from)."""
+    import orbax.checkpoint as ocp
+
+    res = json.load(open(os.path.join(out, "results.json")))
+    best_dir = os.path.join(out, "best")
+    assert _steps(best_dir) == [res["best"]["step"]], (_steps(best_dir), res["best"])
+    manager = ocp.CheckpointManager(best_dir, item_names=("meta",),
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+        meta = manager.restore(res["best"]["step"],
+                               args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    finally:
+        manager.close()
+    assert meta["step"] == res["best"]["step"] and meta["best"] == res["best"], (meta, res["best"])
+
+
 def _resumed_params(ckpt_dir, step):
     import orbax.checkpoint as ocp
 
@@ -190,6 +208,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, resume_run):
         np.testing.assert_allclose(resumed[k], v, rtol=1e-6, atol=1e-6, err_msg=k)
     res = json.load(open(os.path.join(cfg.output_dir, "results.json")))
     assert [h["accuracy"] for h in res["history"]] == accuracy
+    assert_best_is_results(cfg.output_dir)
 
 
 def test_sigterm_saves_and_exits_preempted(tmp_path, resume_run):

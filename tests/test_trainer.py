@@ -2,6 +2,7 @@
 per-step metrics, several STS dev files, resume refusal, SIGKILL + resume through the grain
 iterator state, and the standalone STS eval table."""
 
+import dataclasses
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 import train_hooks
+from test_train_loop import assert_best_is_results
 
 from sbert_flax import cli as main_cli
 from sbert_flax.evaluation import sts_table
@@ -47,8 +49,9 @@ def write_contrastive(path, n, seed, negatives=False):
     return str(path)
 
 
-def write_sts(path, n, seed):
-    """Header-less s1, s2, score (5 same set, 0 otherwise), like stsb-zh."""
+def write_sts(path, n, seed, invert=False):
+    """Header-less s1, s2, score (5 same set, 0 otherwise; `invert`: the other way round), like
+    stsb-zh."""
     sets = _sets()
     rng = np.random.default_rng(seed)
     with open(path, "w", encoding="utf-8") as f:
@@ -56,7 +59,7 @@ def write_sts(path, n, seed):
             ka, kb = rng.integers(2), rng.integers(2)
             a = "".join(rng.choice(sets[ka], rng.integers(2, 12)))
             b = "".join(rng.choice(sets[kb], rng.integers(2, 12)))
-            f.write(f"{a}\t{b}\t{5 * int(ka == kb)}\n")
+            f.write(f"{a}\t{b}\t{5 * int((ka == kb) != invert)}\n")
     return str(path)
 
 
@@ -181,8 +184,6 @@ def test_cached_mnrl_triplets_no_duplicates_matryoshka(tmp_path, model):
     """Each option does what it says, checked on the trainer's own pipeline and loss: no text
     twice in a batch; the loss of a batch is the sum over the Matryoshka dims of MNRL with the
     hard negatives among the candidates; and the run trains."""
-    import dataclasses
-
     from sbert_flax.encoder import SentenceEncoder
     from sbert_flax.training.pipeline import BatchPlan
     from sbert_flax.training.trainer import Trainer
@@ -309,6 +310,16 @@ def test_resume_refusals_keep_config_json(tmp_path, model, tiny_bert, zh_vocab, 
         assert "cannot resume" in err and field in err and "--force" in err, err[-2000:]
         assert open(os.path.join(out, "config.json")).read() == config_json
         assert _checkpoint_files(out) == ckpt_files
+    # Other rows written over the training file (re-mined negatives; the same count, so the same
+    # total_steps): refused by content, naming the file.
+    write_contrastive(train, 64, seed=11)
+    assert cli.main([*base, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"training data content (train_data): {train} changed since the checkpoint" in err, \
+        err[-2000:]
+    assert open(os.path.join(out, "config.json")).read() == config_json
+    assert _checkpoint_files(out) == ckpt_files
+    write_contrastive(train, 64, seed=7)  # the same bytes again (a new mtime): the same data
     # The model moved (same weights, another folder): it is the same model, the run resumes.
     moved = shutil.move(str(here), tmp_path / "moved")
     assert cli.main([*base[:4], "--pretrained_model_path", str(moved), *base[6:], "--resume"]) == 0
@@ -342,6 +353,36 @@ def test_resume_refusals_keep_config_json(tmp_path, model, tiny_bert, zh_vocab, 
     err = capsys.readouterr().err  # --force names what it overrides
     assert re.search(r"--force: resuming although .*seed: 7 -> 8.*model_sha256", err), err[-2000:]
     assert json.load(open(os.path.join(out, "config.json")))["seed"] == 8
+
+
+def test_resume_on_changed_dev_data_starts_the_best_over(tmp_path, model, one_device, capsys):
+    """Other content at the STS dev path on resume: the old best (a Spearman on other pairs) is
+    no bar for the new scores. The best starts over, with a log line, and best/ follows it."""
+    train = write_contrastive(tmp_path / "pairs.tsv", 64, seed=12)
+    dev = write_sts(tmp_path / "dev.tsv", 40, seed=13)
+    out = str(tmp_path / "run")
+    args = ["--loss", "mnrl", "--pretrained_model_path", model, "--train_path", train,
+            "--batch_size", "16", "--seq_length", "32", "--epochs_num", "1", "--max_steps", "4",
+            "--learning_rate", "1e-3", "--eval_steps", "2", "--save_every_steps", "2",
+            "--sts-dev", dev, "--no_export", "--no_progress_bar", "--output_dir", out]
+    # A preemption after step 2: evaluated (the best), saved, stopped.
+    cfg, _ = cli._parse(args)
+    with train_hooks.installed(sigterm_after_step=2):
+        assert train_and_evaluate(cfg, devices=one_device)["preempted"]
+    first = [r for r in _records(out) if r["kind"] == "dev"]
+    assert [r["step"] for r in first] == [2] and first[0]["sts_spearman"] > 0
+    # The same path, the scores inverted: a model that ranks same-set pairs higher now scores
+    # below zero, under the old best.
+    write_sts(dev, 40, seed=13, invert=True)
+    capsys.readouterr()
+    summary = train_and_evaluate(dataclasses.replace(cfg, resume=True), devices=one_device)
+    assert summary["step"] == 4
+    err = capsys.readouterr().err
+    assert re.search(r"the dev data of sts_spearman changed since the checkpoint \(.*dev\.tsv: "
+                     r"sha256 .*the best starts over at the next evaluation", err), err[-3000:]
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert res["best"]["step"] == 4 and res["best"]["value"] < 0, res["best"]
+    assert_best_is_results(out)
 
 
 def test_group_by_length_resume_needs_the_same_length_buckets():
@@ -469,6 +510,7 @@ def test_mnrl_sigkill_and_resume_equals_uninterrupted(tmp_path, model):
     assert f"resumed from step {max(killed_at)} " in r.stderr
     steps = [rec["step"] for rec in _records(out) if rec["kind"] == "train"]
     assert steps == list(range(1, 21))  # no step twice, none missing
+    assert_best_is_results(out)
 
     # The uninterrupted run, in a subprocess like the killed one (one CPU device: XLA's CPU thread
     # split, and so the last bits of a float sum, depend on the process's device count).
@@ -484,3 +526,45 @@ def test_mnrl_sigkill_and_resume_equals_uninterrupted(tmp_path, model):
     assert sorted(want) == sorted(resumed)
     for k, v in want.items():
         np.testing.assert_allclose(resumed[k], v, rtol=1e-6, atol=1e-6, err_msg=k)
+
+
+def test_kill_between_best_and_latest_save(tmp_path, model, one_device):
+    """A hard kill after the best checkpoint of step 8 and before the latest of step 8: the
+    resumed run starts from step 6 and sets its best at step 7, below the dead run's best/8. The
+    best/8 of the dead stretch is dropped, best/7 is saved, and best_model is step 7's params."""
+    import orbax.checkpoint as ocp
+
+    from sbert_flax.encoder import SentenceEncoder
+
+    # The killed run of test_mnrl_sigkill_and_resume_equals_uninterrupted (the same programs,
+    # compiled once per session), evaluated every 4 steps. No dev data: every evaluation (steps
+    # 4, 8, ...) is the best.
+    train = write_contrastive(tmp_path / "pairs.tsv", 150, seed=10)
+    out = str(tmp_path / "run")
+    args = ["--loss", "mnrl", "--pretrained_model_path", model, "--train_path", train,
+            "--batch_size", "16", "--seq_length", "32", "--epochs_num", "2",
+            "--learning_rate", "1e-3", "--save_every_steps", "3", "--log_every_steps", "1",
+            "--eval_steps", "4", "--no_progress_bar", "--output_dir", out]
+    r = subprocess.run([sys.executable, train_hooks.__file__, "--kill_after_best", "8", "--",
+                        *args, "--no_export"],
+                       env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    assert _steps(os.path.join(out, "checkpoints")) == [3, 6]
+    assert 8 in _steps(os.path.join(out, "best"))
+    # Resumed to a shorter end (--force: another max_steps), so its last evaluation, step 7, is
+    # its best and lies below the dead run's step 8 (on one device, as the killed run).
+    cfg, _ = cli._parse([*args, "--max_steps", "7", "--resume", "--force"])
+    summary = train_and_evaluate(cfg, devices=one_device)
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert res["best"]["step"] == 7 and res["step"] == summary["step"] == 7
+    assert_best_is_results(out)
+    with ocp.StandardCheckpointer() as ck:
+        final = _flat(ck.restore(os.path.join(out, "checkpoints", "7", "state"))["params"])
+        best = _flat(ck.restore(os.path.join(out, "best", "7", "params")))
+    exported = _flat(SentenceEncoder.from_pretrained(os.path.join(out, "best_model"),
+                                                     devices=jax.devices()[:1]).param_dict())
+    assert exported
+    for k, v in best.items():
+        np.testing.assert_array_equal(v, final[k], err_msg=k)
+    for k, v in exported.items():
+        np.testing.assert_array_equal(v, final[f"['embedder']['backbone']{k}"], err_msg=k)

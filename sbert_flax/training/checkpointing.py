@@ -6,6 +6,14 @@ the epochs done, the best dev result so far, the evaluation history and the conf
 must not change, so `--resume` continues with the next batch and the same dropout keys. orbax writes a
 step to a temporary folder and renames it when complete, so a run killed mid-save leaves the
 previous checkpoint as the latest; it is multi-host aware (every process calls save/restore).
+
+`best/` must hold the params of the best that the latest checkpoint records, whatever happened
+after it. A run killed between a best save and the next latest save leaves a best step newer than
+the latest checkpoint, from a stretch of training that a resume redoes; and orbax's `save()`
+writes nothing (returns False) for a step at or below the newest step in its directory. So a run
+starts by dropping the best steps above the step it starts from, and an older best is deleted only
+once a finished latest checkpoint records a newer one (not by orbax's max_to_keep, which would
+delete it as soon as the newer best is written).
 """
 
 from __future__ import annotations
@@ -13,12 +21,18 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from sbert_flax.training.state import StateLayout, TrainState
 
 CHECKPOINTS_DIR = "checkpoints"
 BEST_DIR = "best"
+
+
+class BestCheckpointMismatch(RuntimeError):
+    """`best/` does not hold the best the run recorded; the message names both steps."""
 
 
 class RunCheckpoints:
@@ -27,18 +41,35 @@ class RunCheckpoints:
     Args:
       output_dir: the run directory.
       max_to_keep: periodic / end-of-epoch checkpoints kept.
+      start_step: the step the run starts from (the resumed checkpoint's, 0 for a fresh run):
+        best steps above it are dropped.
+      start_best: the best step the resumed checkpoint records (None: none); it is kept until a
+        newer latest checkpoint records another.
     """
 
-    def __init__(self, output_dir: str, max_to_keep: int = 3):
+    def __init__(self, output_dir: str, max_to_keep: int = 3, start_step: int = 0,
+                 start_best: int | None = None):
         root = os.path.abspath(output_dir)
         self.latest = ocp.CheckpointManager(
             os.path.join(root, CHECKPOINTS_DIR),
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
             item_names=("state", "meta", "data"))
+        # No max_to_keep: `_prune_best` deletes an old best only when no resume can need it.
         self.best = ocp.CheckpointManager(
             os.path.join(root, BEST_DIR),
-            options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
+            options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True),
             item_names=("params", "meta"))
+        # The best step that the newest latest save records: kept by `_prune_best` once that save
+        # is finished (until then the previous latest checkpoint, and its best, is the resume point).
+        self._recorded_best = start_best
+        if jax.process_count() > 1:
+            # Every process lists best/ before any deletes from it: a process that listed after
+            # the primary's delete would skip that delete's barrier, and the others would hang.
+            multihost_utils.sync_global_devices("sbert_flax:best_listed")
+        for step in self.best.all_steps():
+            if step > start_step:  # saved after the resume point by a run that died: redone now
+                self.best.delete(step)
+        self._prune_best()
 
     # ---- latest ----
 
@@ -57,8 +88,12 @@ class RunCheckpoints:
         if step in self.latest.all_steps():
             return False
         self.best.wait_until_finished()  # one manager saving at a time: see save_best
-        return self.latest.save(step, args=ocp.args.Composite(
+        saved = self.latest.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta), data=data))
+        if saved:
+            best = meta.get("best")
+            self._recorded_best = int(best["step"]) if best else None
+        return saved
 
     def restore_meta(self, step: int | None = None) -> dict:
         """The meta of `step` (default the latest) alone: cheap, for checks before a restore."""
@@ -82,28 +117,62 @@ class RunCheckpoints:
     # ---- best ----
 
     def save_best(self, params: Any, meta: dict[str, Any]) -> None:
+        """Saves the best params at `meta["step"]` (asynchronously).
+
+        Raises:
+          BestCheckpointMismatch: orbax refused the step (a newer best step is in `best/`).
+        """
         step = int(meta["step"])
-        if step in self.best.all_steps():
-            return
         # Multi-host, each manager's background finalize meets the other processes at a barrier
         # whose key orbax does not scope by manager ("ThreadSaveMultiHostValueHolder:..."): two
         # managers finalizing at once fail with "Barrier ... is already ongoing" and the run hangs
         # at the next wait. So the other manager's save is finished before this one starts.
         self.latest.wait_until_finished()
-        self.best.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
+        self.best.wait_until_finished()
+        self._prune_best()
+        if not self.best.save(step, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta))):
+            raise BestCheckpointMismatch(
+                f"the best params of step {step} were not saved: {self.best.directory} already "
+                f"holds step(s) {self.best.all_steps()}, and orbax saves no step below its newest")
 
-    def restore_best(self, layout: StateLayout) -> tuple[Any, dict] | None:
-        step = self.best.latest_step()
-        if step is None:
-            return None
+    def best_steps(self) -> list[int]:
+        return list(self.best.all_steps())
+
+    def restore_best(self, layout: StateLayout, step: int) -> tuple[Any, dict]:
+        """The params and meta of the best checkpoint of `step`, the best the run recorded.
+
+        Raises:
+          BestCheckpointMismatch: `best/` has no such step, or its meta names another step.
+        """
+        self.best.wait_until_finished()
+        if step not in self.best.all_steps():
+            raise BestCheckpointMismatch(
+                f"the run's best is step {step}, but {self.best.directory} holds step(s) "
+                f"{self.best.all_steps()}: not exporting params of another step as that best")
         out = self.best.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(layout.abstract.params), meta=ocp.args.JsonRestore()))
-        return out["params"], dict(out["meta"])
+        meta = dict(out["meta"])
+        if int(meta["step"]) != step:
+            raise BestCheckpointMismatch(
+                f"{self.best.directory}/{step} records step {meta['step']}, not the run's best "
+                f"step {step}")
+        return out["params"], meta
+
+    def _prune_best(self) -> None:
+        """Deletes the best checkpoints older than the one the finished latest checkpoints
+        record: no resume can go back to them. Call with no latest save in flight."""
+        keep = self._recorded_best
+        if keep is None:
+            return
+        for step in self.best.all_steps():
+            if step < keep:
+                self.best.delete(step)
 
     def wait(self) -> None:
         self.latest.wait_until_finished()
         self.best.wait_until_finished()
+        self._prune_best()
 
     def close(self) -> None:
         self.latest.close()

@@ -13,6 +13,7 @@ import typing
 from typing import Any
 
 from sbert_flax.files import read_json
+from sbert_flax.training import fingerprint
 
 # The losses by name: the one list the CLI, the config and `losses.make_loss` take (here, not in
 # losses.py, so that parsing a command line imports no JAX).
@@ -45,7 +46,8 @@ RESUME_REFUSED: dict[str, str] = {
     "symmetric": "adds a loss term",
     "mini_batch_size": "cached-mnrl: the packing groups and dropout keys of each forward pass",
     "matryoshka_dims": "adds loss terms on truncated embeddings",
-    "train_path": "the training examples (by path; their count is checked through total_steps)",
+    "train_path": "the training examples (by path; their content is checked through train_data, "
+                  "their count through total_steps)",
     "data_format": "how the training file is parsed",
     "labels_num": "the softmax head's shape",
     "label_names": "which label id each raw label becomes",
@@ -75,11 +77,14 @@ RESUME_NEUTRAL: dict[str, str] = {
     "vocab_path": "a location: the vocab is compared by content (vocab_sha256)",
     "config_path": "a location: its pooling is compared resolved, its architecture is part of "
                    "model_sha256",
-    "dev_path": "evaluated only (a softmax head size it implies is compared as num_labels)",
+    "dev_path": "evaluated only (a softmax head size it implies is compared as num_labels); "
+                "other content behind the best metric starts the best over",
     "test_path": "evaluated once at the end",
-    "sts_dev_paths": "evaluated only",
+    "sts_dev_paths": "evaluated only; other content in the first (the best metric's) starts the "
+                     "best over",
     "sts_dev_path": "evaluated only (folded into sts_dev_paths)",
-    "ir_dev_paths": "BEIR folders, evaluated only",
+    "ir_dev_paths": "BEIR folders, evaluated only; other content in the first (a retrieval best "
+                    "metric's) starts the best over",
     "ir_dev_split": "which qrels of the BEIR folders are evaluated",
     "eval_steps": "evaluation cadence: when dev sets are scored, not what trains",
     "skip_bad_lines": "the run that saved the checkpoint had no bad lines or skipped them; "
@@ -120,7 +125,13 @@ RESUME_FACTS: dict[str, tuple[str, str]] = {
     "total_steps": ("total_steps", "epochs_num, max_steps, batch_size or the training data changed"),
     "length_buckets": ("length buckets of --group_by_length",
                        "this version groups other records into a batch"),
+    "train_data": ("training data content (train_data)",
+                   "the checkpoint's iterator position would continue over other rows: a "
+                   "rewritten file (re-mined negatives) is a new run"),
 }
+# Facts that are file fingerprints (`fingerprint.file_fingerprint`), compared by content (a
+# copied or touched file is the same data), with the field that names the file.
+FINGERPRINT_FACTS: dict[str, str] = {"train_data": "train_path"}
 # Fields older config.json files carry with these (inert) values; read and ignored. Other values
 # are refused as unknown fields: they were test hooks, now injected by the tests themselves.
 RETIRED_FIELDS: dict[str, Any] = {"debug_nan_at_step": None, "debug_step_delay": 0.0}
@@ -340,8 +351,13 @@ def resume_plan(cfg: TrainConfig, meta: dict[str, Any], facts: dict[str, Any],
             continue
         if k in saved or k in (legacy or {}):
             was = _json_like(saved.get(k, (legacy or {}).get(k)))
-            if was != _json_like(now):
-                label, why = RESUME_FACTS[k]
+            label, why = RESUME_FACTS[k]
+            if k in FINGERPRINT_FACTS:
+                diff = fingerprint.change(was, now)
+                if diff:
+                    refused.append(f"{label}: {getattr(cfg, FINGERPRINT_FACTS[k])} changed since "
+                                   f"the checkpoint: {diff} ({why})")
+            elif was != _json_like(now):
                 refused.append(f"{label}: {_short(was)} -> {_short(now)} ({why})")
         else:
             unrecorded.append(k)

@@ -29,7 +29,7 @@ import numpy as np
 from sbert_flax import retrieval, sharding
 from sbert_flax.encoder import SentenceEncoder
 from sbert_flax.files import write_json
-from sbert_flax.training import data, flops, optim
+from sbert_flax.training import data, fingerprint, flops, optim
 from sbert_flax.training.checkpointing import RunCheckpoints, checkpoint_steps, read_meta
 from sbert_flax.training.evaluator import Evaluator
 from sbert_flax.training.losses import make_loss
@@ -181,11 +181,15 @@ class Trainer:
 
         # ---- the resume plan: every check before config.json or a checkpoint is written ----
         self.facts = self._resume_facts()
+        self.dev_data = self._dev_data()
         if self.resume_meta is not None:
             self._check_resume(self.resume_meta, self.facts)
         if self.is_main:
             write_json(os.path.join(cfg.output_dir, "config.json"), cfg.to_dict())
-        self.ckpts = RunCheckpoints(cfg.output_dir, cfg.max_to_keep)
+        start = self.resume_meta or {}
+        self.ckpts = RunCheckpoints(cfg.output_dir, cfg.max_to_keep,
+                                    start_step=int(start.get("step", 0)),
+                                    start_best=(start.get("best") or {}).get("step"))
 
         self.tx = optim.make_optimizer(cfg.learning_rate, self.total_steps, warmup_ratio=cfg.warmup,
                                        weight_decay=cfg.weight_decay, uer_adamw=cfg.uer_adamw,
@@ -213,17 +217,65 @@ class Trainer:
 
     def _resume_facts(self) -> dict[str, Any]:
         """This run's derived values the resume plan compares (and each checkpoint records): the
-        resolved pooling, the model and vocab by content, the step count, the head's classes and,
-        for length-grouped batches, the bucket grid."""
+        resolved pooling, the model, vocab and training file by content, the step count, the
+        head's classes and, for length-grouped batches, the bucket grid."""
         facts: dict[str, Any] = {"pooling": self.pooling.mode,
                                  "model_sha256": model_sha256(self.pre.config, self.pre.params),
                                  "vocab_sha256": vocab_sha256(self.pre.tokenizer),
-                                 "total_steps": self.total_steps}
+                                 "total_steps": self.total_steps,
+                                 "train_data": fingerprint.file_fingerprint(self.cfg.train_path)}
         if self.num_labels is not None:
             facts["num_labels"] = self.num_labels
         if self.cfg.group_by_length:  # which records share a batch depends on the length buckets
             facts["length_buckets"] = list(data.TRAIN_BUCKETS)
         return facts
+
+    def _dev_data(self) -> dict[str, Any] | None:
+        """The best metric and the fingerprints of the dev files it reads (each checkpoint records
+        them): a resume on other content at those paths starts the best over. None without a
+        best metric (the latest evaluation is the best)."""
+        metric = self.cfg.resolved_best_metric
+        if metric is None:
+            return None
+        if metric in ("accuracy", "macro_f1"):
+            paths = [self.cfg.dev_path]
+        elif metric == "sts_spearman":
+            paths = [self.cfg.sts_dev_paths[0]]
+        else:  # a retrieval metric: the first BEIR folder, the files `retrieval.load_beir` reads
+            f = self.ir_folders[0]
+            paths = [f.corpus_path, os.path.join(f.path, "queries.jsonl"),
+                     os.path.join(f.path, "qrels", f"{f.split}.tsv")]
+        return {"metric": metric, "paths": paths, "files": fingerprint.files_fingerprint(paths)}
+
+    def _carried_best(self, meta: dict[str, Any]) -> dict[str, Any] | None:
+        """The resumed checkpoint's best, or None where it no longer stands (logged): its params
+        are not in best/ (a checkpoint of an older sbert-flax, whose best/ kept only the newest
+        step), or the dev data behind its value changed (a value measured on other data is no bar
+        for the new scores). A changed best metric is started over by `_evaluate`."""
+        best = meta.get("best")
+        if best is None:
+            return None
+        step = int(best["step"])
+        if step not in self.ckpts.best_steps():
+            log.warning("the checkpoint's best (step %d) has no params in %s (it holds steps %s): "
+                        "the best starts over at the next evaluation", step,
+                        os.path.join(self.cfg.output_dir, "best"), self.ckpts.best_steps())
+            return None
+        was, now = meta.get("dev_data"), self.dev_data
+        if now is None or best.get("metric") != now["metric"]:
+            return best
+        if was is None:
+            log.warning("resuming a checkpoint that did not record its dev data: the best so far "
+                        "(%s %s at step %d) is kept; make sure %s is the data it was measured on",
+                        best["metric"], best["value"], step, ", ".join(now["paths"]))
+            return best
+        diff = fingerprint.files_change(was["files"], now["files"])
+        if not diff:
+            return best
+        log.warning("the dev data of %s changed since the checkpoint (%s: %s): the best so far "
+                    "(%s at step %d) was measured on other data; the best starts over at the next "
+                    "evaluation", now["metric"], ", ".join(now["paths"]), diff, best["value"], step)
+        return None
 
     def _check_resume(self, meta: dict[str, Any], facts: dict[str, Any] | None = None) -> None:
         """Refuses (ResumeMismatch) or, with --force, warns about what the resume would change.
@@ -255,7 +307,7 @@ class Trainer:
 
     def _meta(self, step: int, epochs_done: int) -> dict[str, Any]:
         return {"step": step, "epoch": epochs_done, "best": self.best, "history": self.history,
-                "total_steps": self.total_steps,
+                "dev_data": self.dev_data, "total_steps": self.total_steps,
                 "steps_per_epoch": list(self.pipeline.steps_per_epoch),
                 "config": {**self.cfg.resume_record(self.facts),
                            "length_buckets": list(data.TRAIN_BUCKETS)}}
@@ -269,7 +321,7 @@ class Trainer:
             return create_train_state(host, self.tx, self.layout), None, 0
         args, holder = self.pipeline.restore_item()
         state, meta = self.ckpts.restore(self.layout, args)
-        self.best, self.history = meta.get("best"), list(meta.get("history", []))
+        self.best, self.history = self._carried_best(meta), list(meta.get("history", []))
         log.info("resumed from step %d (epoch %d done)", meta["step"], meta["epoch"])
         return state, holder.state, int(meta["epoch"])
 
@@ -430,8 +482,9 @@ class Trainer:
     def _finish(self, state, step: int) -> dict[str, Any]:
         cfg = self.cfg
         self.ckpts.wait()
-        restored = self.ckpts.restore_best(self.layout)
-        params = restored[0] if restored is not None else state.params
+        # The params of the best this run records, checked by step (never best/'s newest alone).
+        params = (self.ckpts.restore_best(self.layout, int(self.best["step"]))[0]
+                  if self.best is not None else state.params)
         out: dict[str, Any] = {"step": step, "best": self.best, "history": self.history}
         if cfg.test_path:
             test = _open(cfg.test_path, cfg, data.schema_for(cfg.loss), self.num_labels)

@@ -1,5 +1,6 @@
-"""Hub loading: only the files sbert-flax reads are fetched, revision/token/cache_dir reach
-huggingface_hub, and offline / auth / not found / disk full each get their own one-line message.
+"""Hub loading: only the files sbert-flax reads are fetched, all at one commit (a push during the
+download cannot mix two snapshots), revision/token/cache_dir reach huggingface_hub, and offline /
+auth / not found / disk full each get their own one-line message.
 
 huggingface_hub is patched with a fake hub that serves a tiny model folder from disk and records
 every request: no network.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import types
 
 import huggingface_hub
 import pytest
@@ -33,8 +35,17 @@ def _response(status: int):
     return httpx.Response(status, request=httpx.Request("GET", "https://huggingface.co/x"))
 
 
+COMMIT_1, COMMIT_2 = "1" * 40, "2" * 40
+
+
 class FakeHub:
-    """Serves `folder` as repository REPO; records (method, file, revision, token, cache_dir)."""
+    """Serves `folder` as repository REPO; records (method, file, revision, token, cache_dir).
+
+    Like the hub, it resolves a branch or tag to the head commit at each request (a commit hash
+    names itself) and lays its downloads out as huggingface_hub's cache does
+    (`models--owner--name/snapshots/<commit>/<file>`); `push_after` files in, the head moves
+    from COMMIT_1 to COMMIT_2.
+    """
 
     def __init__(self, folder: str, extra: list[str], monkeypatch: pytest.MonkeyPatch):
         self.folder, self.calls = folder, []
@@ -42,7 +53,18 @@ class FakeHub:
                                for d, _, fs in os.walk(folder) for f in fs} | set(extra))
         self.fail_list: BaseException | None = None
         self.fail_download: BaseException | None = None
+        self.head = COMMIT_1
+        self.push_after: int | None = None
         hub_self = self
+
+        def resolve(revision: str | None) -> str:
+            return revision if revision in (COMMIT_1, COMMIT_2) else hub_self.head
+
+        def model_info(api, repo_id, *, revision=None, token=None, **kw):
+            hub_self.calls.append(("info", repo_id, revision, token, None))
+            if hub_self.fail_list is not None:
+                raise hub_self.fail_list
+            return types.SimpleNamespace(id=repo_id, sha=resolve(revision))
 
         def list_repo_files(api, repo_id, *, revision=None, repo_type=None, token=None):
             hub_self.calls.append(("list", repo_id, revision, token, None))
@@ -54,7 +76,11 @@ class FakeHub:
             hub_self.calls.append(("get", filename, revision, token, cache_dir))
             if hub_self.fail_download is not None:
                 raise hub_self.fail_download
-            dest = os.path.join(cache_dir, "snapshots", "abc123", filename)
+            commit = resolve(revision)
+            if hub_self.push_after is not None and len(hub_self.fetched()) > hub_self.push_after:
+                hub_self.head = COMMIT_2  # a push lands mid-download
+            dest = os.path.join(cache_dir, "models--owner--tiny-sbert", "snapshots", commit,
+                                filename)
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             src = os.path.join(hub_self.folder, filename)
             if os.path.isfile(src):
@@ -72,6 +98,7 @@ class FakeHub:
             return hub_self.cached
 
         self.cached: str | None = None
+        monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
         monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", list_repo_files)
         monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
         monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
@@ -95,8 +122,10 @@ def test_fetches_only_what_is_read(st_folder, tmp_path, monkeypatch):
     for unwanted in EXTRA_FILES:  # pytorch_model.bin too: safetensors is preferred
         assert unwanted not in fetched
     assert len(fetched) == len(set(fetched))
-    # Every request carried the caller's revision, token and cache.
-    assert {c[2:4] for c in fake.calls} == {("v1.0", "hf_secret")}
+    # The caller's revision is resolved once; every other request names its commit. All carry
+    # the caller's token, and the downloads its cache.
+    assert fake.calls[0] == ("info", REPO, "v1.0", "hf_secret", None)
+    assert {c[2:4] for c in fake.calls[1:]} == {(COMMIT_1, "hf_secret")}
     assert {c[4] for c in fake.calls if c[0] == "get"} == {cache}
     direct = load_model(st_folder)
     assert loaded.pooling == direct.pooling and loaded.config == direct.config
@@ -189,4 +218,28 @@ def test_cli_exits_2_with_one_line(st_folder, tmp_path, monkeypatch, capsys):
                    "--output", str(tmp_path / "out.npy")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "needs a token" in err
-    assert ("list", REPO, "main", "tok", None) in fake.calls
+    assert ("info", REPO, "main", "tok", None) in fake.calls
+
+
+def test_one_commit_for_the_whole_download(st_folder, tmp_path, monkeypatch):
+    """A push lands on the branch after the first file: every file still comes from the commit
+    the branch named when the download began (per-file resolution mixed two snapshots), and the
+    branch is recorded in the cache, so huggingface_hub's own offline lookup finds the snapshot."""
+    real_snapshot_download = huggingface_hub.snapshot_download
+    fake = FakeHub(st_folder, [], monkeypatch)
+    fake.push_after = 1
+    cache = str(tmp_path / "cache")
+    folder = hub.download(REPO, revision="main", cache_dir=cache)
+    gets = [c for c in fake.calls if c[0] == "get"]
+    assert len(gets) > 2 and fake.head == COMMIT_2  # the push did land mid-download
+    assert {c[2] for c in gets} == {COMMIT_1}, gets
+    assert os.path.basename(folder) == COMMIT_1
+    assert sorted(os.listdir(os.path.dirname(folder))) == [COMMIT_1]  # one snapshot, complete
+    assert sorted(c[1] for c in gets) == sorted(
+        os.path.relpath(os.path.join(d, f), folder).replace(os.sep, "/")
+        for d, _, fs in os.walk(folder) for f in fs)
+    with open(os.path.join(cache, "models--owner--tiny-sbert", "refs", "main")) as f:
+        assert f.read() == COMMIT_1
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", real_snapshot_download)
+    assert real_snapshot_download(REPO, revision="main", cache_dir=cache,
+                                  local_files_only=True) == folder

@@ -1,12 +1,14 @@
 """The dynamic batcher alone, on a fake backend whose device call can be held: concurrent
 requests merge under the token budget, a big request is split and reassembled in order, a
 cancelled request's queued inputs never reach the device, a failed batch fails only its
-requests, and a failed warm-up keeps the server unready."""
+requests, a failed warm-up keeps the server unready, /embed_all's token rounds never mix with
+sentence rounds, and a device that hangs in the drain still ends `stop`."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -14,17 +16,24 @@ import pytest
 from sbert_flax.serving.batcher import Batcher, BatchFailed, Unavailable
 from sbert_flax.serving.metrics import ServeMetrics
 
+WAIT_S = 120  # ceiling of every wait on the batcher's threads (a loaded CI host is slow)
+
 
 class FakeBackend:
-    """embed_ids returns [marker, length, 0, 0] per input (marker = the input's token id);
-    while `gate` is clear the device call blocks, so requests pile up in the queue."""
+    """embed_ids returns [marker, length, 0, 0] per input (marker = the input's token id), and
+    embed_tokens [marker, position, 0, 0] per token; while `gate` is clear the device call
+    blocks, so requests pile up in the queue; an input of `HANG` blocks it until `hang` is set.
+    `outputs` lists each round's output kind in order."""
 
     dim = 4
 
     def __init__(self, fail_marker: int | None = None, fail_warmup: bool = False):
         self.batches: list[list[int]] = []
+        self.token_batches: list[list[int]] = []
+        self.outputs: list[str] = []
         self.gate = threading.Event()
         self.gate.set()
+        self.hang = threading.Event()
         self.entered = threading.Semaphore(0)
         self.fail_marker = fail_marker
         self.fail_warmup = fail_warmup
@@ -37,18 +46,33 @@ class FakeBackend:
             raise RuntimeError("no device")
         return 1
 
-    def embed_ids(self, ids):
-        markers = [int(x[0]) for x in ids]
+    def _device(self, markers: list[int]) -> None:
         if markers != [WARMUP]:  # the warm-up batch is never held
             self.entered.release()
             self.gate.wait()
-        self.batches.append(markers)
+        if HANG in markers:
+            self.hang.wait(WAIT_S)
         if self.fail_marker in markers:
             raise RuntimeError("device error")
+
+    def embed_ids(self, ids):
+        markers = [int(x[0]) for x in ids]
+        self.outputs.append("sentence")
+        self.batches.append(markers)
+        self._device(markers)
         return np.array([[m, len(x), 0, 0] for m, x in zip(markers, ids, strict=True)], np.float32)
+
+    def embed_tokens(self, ids):
+        markers = [int(x[0]) for x in ids]
+        self.outputs.append("token")
+        self.token_batches.append(markers)
+        self._device(markers)
+        return [np.array([[m, i, 0, 0] for i in range(len(x))], np.float32)
+                for m, x in zip(markers, ids, strict=True)]
 
 
 WARMUP = 999
+HANG = 77
 
 
 def seq(marker: int, length: int) -> np.ndarray:
@@ -267,3 +291,97 @@ def test_a_dead_worker_thread_fails_its_batch_and_the_queue():
     batcher._thread.join(10)
     assert not batcher._thread.is_alive()
     batcher.stop(10)
+
+
+def test_token_and_sentence_inputs_never_share_a_round():
+    """/embed_all's inputs (output "token") queue with /embed's: in arrival order, but a round
+    carries one output only (they are two device programs), each row back to its request."""
+    backend = FakeBackend()
+    batcher, _ = make(backend, budget=20)
+
+    async def run():
+        batcher.start()
+        first = await hold_first_batch(backend, batcher)
+        a = batcher.submit([seq(1, 2)])
+        t = batcher.submit([seq(2, 3), seq(3, 2)], "token")
+        b = batcher.submit([seq(4, 2)])
+        backend.gate.set()
+        return await asyncio.wait_for(
+            asyncio.gather(first.future, a.future, t.future, b.future), WAIT_S)
+
+    first, a, t, b = asyncio.run(run())
+    batcher.stop(WAIT_S)
+    # Warm-up, the held round, then a alone: the budget had room for all, the output had not.
+    assert backend.outputs == ["sentence", "sentence", "sentence", "token", "sentence"]
+    assert backend.batches[1:] == [[100], [1], [4]] and backend.token_batches == [[2, 3]]
+    assert a[:, 0].tolist() == [1] and b[:, 0].tolist() == [4]
+    assert [x.tolist() for x in t] == [[[2, i, 0, 0] for i in range(3)],
+                                       [[3, i, 0, 0] for i in range(2)]]
+    with pytest.raises(ValueError, match="output"):
+        asyncio.run(_submit(batcher, "pooled"))
+
+
+async def _submit(batcher: Batcher, output: str):
+    batcher.submit([seq(1, 2)], output)
+
+
+def _drain_into_a_hang(batcher: Batcher, backend: FakeBackend, stop_timeout: float):
+    """A round on the device, a request queued behind it that hangs the device, then `stop`
+    (the drain), and only then the first round released: the hang begins inside the drain.
+    Returns (what `stop` returned, the queued request's outcome, seconds `stop` took)."""
+
+    async def run():
+        batcher.start()
+        first = await hold_first_batch(backend, batcher)
+        doomed = batcher.submit([seq(HANG, 2)])
+        t0 = time.monotonic()
+        stopping = asyncio.get_running_loop().run_in_executor(None, batcher.stop, stop_timeout)
+        assert await asyncio.to_thread(_wait_for, lambda: batcher.draining), "stop never began"
+        backend.gate.set()
+        stopped = await asyncio.wait_for(stopping, WAIT_S + stop_timeout)
+        await asyncio.gather(first.future, return_exceptions=True)
+        seconds = time.monotonic() - t0
+        outcome = (await asyncio.wait_for(asyncio.gather(doomed.future, return_exceptions=True),
+                                          WAIT_S))[0]
+        return stopped, outcome, seconds
+
+    try:
+        return asyncio.run(run())
+    finally:
+        backend.hang.set()  # let the hung thread go
+
+
+def _wait_for(condition, timeout: float = WAIT_S) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_watchdog_keeps_watching_through_the_drain():
+    """A device call that hangs while `stop` drains: the watchdog (which used to end at `stop`)
+    declares the device stuck, the waiting request fails, and `stop` returns (False) instead of
+    waiting forever for a thread that never ends."""
+    backend = FakeBackend()
+    died: list[BaseException] = []
+    metrics = ServeMetrics(compile_count=lambda: 0, queue_size=lambda: 0)
+    batcher = Batcher(backend, 10, metrics, on_fatal=died.append, stuck_after=1.0)
+    stopped, outcome, _ = _drain_into_a_hang(batcher, backend, stop_timeout=WAIT_S)
+    assert stopped is False
+    assert "device is stuck" in str(batcher.fatal) and died == [batcher.fatal]
+    assert isinstance(outcome, Unavailable) and "worker died" in str(outcome), outcome
+
+
+def test_stop_is_bounded_without_a_watchdog():
+    """No watchdog (stuck_after=None): `stop(timeout)` itself declares the drain hung once the
+    timeout passes (it used to return with the batcher alive and its threads stuck)."""
+    backend = FakeBackend()
+    died: list[BaseException] = []
+    metrics = ServeMetrics(compile_count=lambda: 0, queue_size=lambda: 0)
+    batcher = Batcher(backend, 10, metrics, on_fatal=died.append)
+    stopped, outcome, seconds = _drain_into_a_hang(batcher, backend, stop_timeout=0.5)
+    assert stopped is False and seconds >= 0.5
+    assert "drain did not finish within 0.5 s" in str(batcher.fatal) and died == [batcher.fatal]
+    assert isinstance(outcome, Unavailable), outcome

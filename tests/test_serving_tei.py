@@ -18,6 +18,7 @@ import httpx
 import numpy as np
 import pytest
 from test_serving import free_port
+from test_serving_schemas import ALIASES, ROUTES, assert_tei_schema
 
 # From TEI's source (huggingface/text-embeddings-inference: router/src/http/server.rs,
 # router/src/lib.rs `ResponseMetadata::record_metrics`, core/src/infer.rs, core/src/queue.rs,
@@ -124,19 +125,19 @@ def test_embed_inputs_prompts_and_aliases(url, encoder):
     # prompt_name: the model's prompt, as encode(prompt_name=...).
     q = post(url, "/embed", {"inputs": texts, "prompt_name": "query", "normalize": False}).json()
     assert np.allclose(q, encoder.encode(texts, prompt_name="query"), atol=1e-5)
-    _error(post(url, "/embed", {"inputs": "x", "prompt_name": "nope"}), 422, "validation", "nope")
+    _error(post(url, "/embed", {"inputs": "x", "prompt_name": "nope"}), 422, "Validation", "nope")
     # SageMaker's and the Inference API's names for /embed, and /health's aliases.
     for path in ("/", "/invocations"):
         assert np.allclose(post(url, path, {"inputs": texts}).json(), want, atol=1e-5)
     for path in ("/", "/ping"):
         assert httpx.get(url + path).status_code == 200
     # TEI's status codes: empty 400, too many or too long 422.
-    _error(post(url, "/embed", {"inputs": []}), 400, "empty")
-    _error(post(url, "/embed", {"inputs": [[]]}), 400, "empty", "inputs[0]")
-    _error(post(url, "/embed", {"inputs": ["a"] * 9}), 422, "validation", "batch size 9 > maximum")
-    _error(post(url, "/embed", {"inputs": ["a", "很" * 40]}), 422, "validation", "input 1 has 42")
-    _error(post(url, "/embed", {"inputs": ["a", list(range(40))]}), 422, "validation", "input 1")
-    _error(post(url, "/embed", {"inputs": [[1, 10 ** 9]]}), 422, "validation", "vocabulary")
+    _error(post(url, "/embed", {"inputs": []}), 400, "Empty")
+    _error(post(url, "/embed", {"inputs": [[]]}), 400, "Empty", "inputs[0]")
+    _error(post(url, "/embed", {"inputs": ["a"] * 9}), 422, "Validation", "batch size 9 > maximum")
+    _error(post(url, "/embed", {"inputs": ["a", "很" * 40]}), 422, "Validation", "input 1 has 42")
+    _error(post(url, "/embed", {"inputs": ["a", list(range(40))]}), 422, "Validation", "input 1")
+    _error(post(url, "/embed", {"inputs": [[1, 10 ** 9]]}), 422, "Validation", "vocabulary")
 
 
 def test_embed_all_is_encode_token_output(url, encoder):
@@ -152,12 +153,12 @@ def test_embed_all_is_encode_token_output(url, encoder):
 
 
 def test_routes_a_dense_model_does_not_serve(url):
-    """TEI answers these by model type: 424 "backend" for a dense embedding model."""
-    _error(post(url, "/embed_sparse", {"inputs": ["a"]}), 424, "backend", "SPLADE")
-    _error(post(url, "/embed_sparse", {"inputs": []}), 400, "empty")  # checked first, as TEI
-    _error(post(url, "/predict", {"inputs": ["a", "b"]}), 424, "backend", "not a classifier")
-    _error(post(url, "/rerank", {"query": "q", "texts": ["a"]}), 424, "backend", "re-ranker")
-    _error(post(url, "/rerank", {"query": "q", "texts": []}), 400, "empty", "`texts`")
+    """TEI answers these by model type: 424 "Backend" for a dense embedding model."""
+    _error(post(url, "/embed_sparse", {"inputs": ["a"]}), 424, "Backend", "SPLADE")
+    _error(post(url, "/embed_sparse", {"inputs": []}), 400, "Empty")  # checked first, as TEI
+    _error(post(url, "/predict", {"inputs": ["a", "b"]}), 424, "Backend", "not a classifier")
+    _error(post(url, "/rerank", {"query": "q", "texts": ["a"]}), 424, "Backend", "re-ranker")
+    _error(post(url, "/rerank", {"query": "q", "texts": []}), 400, "Empty", "`texts`")
 
 
 def test_decode_vertex_similarity_info(url, encoder):
@@ -166,7 +167,7 @@ def test_decode_vertex_similarity_info(url, encoder):
     assert post(url, "/decode", {"ids": ids}).json() == ["你 好"]
     assert post(url, "/decode", {"ids": [ids, ids[1:2]], "skip_special_tokens": False}).json() \
         == ["[CLS] 你 好 [SEP]", "你"]
-    _error(post(url, "/decode", {"ids": []}), 400, "empty")
+    _error(post(url, "/decode", {"ids": []}), 400, "Empty")
     # /tokenize with a prompt: the tokens of the text /embed embeds.
     prompted = post(url, "/tokenize", {"inputs": "好", "prompt_name": "query"}).json()[0]
     assert [t["id"] for t in prompted] == encoder.tokenize(["查询：好"])[0].tolist()
@@ -184,6 +185,47 @@ def test_decode_vertex_similarity_info(url, encoder):
                 "max_batch_requests", "max_client_batch_size", "auto_truncate",
                 "tokenization_workers", "version", "sha", "docker_label"}
     assert tei_info <= set(info) and info["model_type"] == {"embedding": {"pooling": "mean"}}
+
+
+def test_every_route_answers_in_tei_schemas(url):
+    """The real model's answers on every route, good and refused, validate against TEI's
+    published schemas (tests/test_serving_schemas.py restates them)."""
+    long = "很" * 40
+    good = {"/embed": {"inputs": ["那个人很开心", [101, 872, 102]]},
+            "/embed_all": {"inputs": ["那个人很开心", "好"]},
+            "/similarity": {"inputs": {"source_sentence": "你好", "sentences": ["a", "b"]}},
+            "/tokenize": {"inputs": ["你好", "ok"]}, "/decode": {"ids": [[101, 872, 102], [872]]},
+            "/vertex": {"instances": [{"inputs": "你好"}]},
+            "/v1/embeddings": {"input": ["你好"], "encoding_format": "base64"},
+            "/embeddings": {"input": "你好"}, "/": {"inputs": "你好"},
+            "/invocations": {"inputs": ["你好"]}}
+    bad = [("/embed", {"inputs": []}), ("/embed", {"inputs": ["a"] * 9}),
+           ("/embed", {"inputs": [long], "truncate": False}), ("/embed_all", {"inputs": {"a": 1}}),
+           ("/similarity", {"inputs": {"source_sentence": "a"}}), ("/tokenize", {"inputs": 3}),
+           ("/decode", {"ids": [[1, 10 ** 9]]}), ("/vertex", {"instances": [{"inputs": []}]}),
+           ("/v1/embeddings", {"input": [long]}), ("/embeddings", {"input": []}),
+           ("/embed_sparse", {"inputs": "a"}), ("/predict", {"inputs": "a"}),
+           ("/rerank", {"query": "q", "texts": ["a"]}), ("/nope", {"inputs": "a"})]
+    seen = []
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for path, body in good.items():
+            seen.append(r := client.post(path, json=body))
+            assert r.status_code == 200, (path, r.text)
+        for path, body in bad:
+            seen.append(r := client.post(path, json=body))
+            assert 400 <= r.status_code < 500, (path, r.text)
+        for path in ("/embed", "/v1/embeddings"):
+            seen.append(r := client.post(path, content=b'{"inputs": [', headers={
+                "content-type": "application/json"}))
+            assert r.status_code == 400, (path, r.text)
+            seen.append(r := client.get(path))
+            assert r.status_code == 405, (path, r.text)
+        for path in ("/info", "/health", "/", "/ping", "/metrics", "/v1/models"):
+            seen.append(r := client.get(path))
+            assert r.status_code == 200, (path, r.text)
+    for r in seen:
+        assert_tei_schema(r)
+    assert set(ROUTES) | set(ALIASES) <= {(r.request.method, r.request.url.path) for r in seen}
 
 
 def test_openai_sdk_any_model_name(url, encoder):
@@ -221,9 +263,10 @@ def test_strict_model_name_404(encoder):
                              max_retries=0)
         with pytest.raises(NotFoundError, match="gpt-4") as e:
             await client.embeddings.create(model="gpt-4", input="a")
-        # TEI's OpenAICompatErrorResponse on the OpenAI routes.
+        # TEI's OpenAICompatErrorResponse on the OpenAI routes (`type` as TEI writes it,
+        # `error_type` as its openapi.json names it).
         assert e.value.body == {"message": e.value.body["message"], "code": 404,
-                                "type": "model_not_found"}
+                                "type": "Validation", "error_type": "Validation"}
         await http.aclose()
 
     asyncio.run(call())

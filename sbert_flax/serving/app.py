@@ -42,6 +42,13 @@ RETRY_AFTER_S = 5
 # answered in time, so the replica turns unhealthy (and `serve` exits) rather than stay up as a
 # black hole. The margin keeps a merely slow round (a cold cache, a busy host) from tripping it.
 STUCK_AFTER_TIMEOUTS = 3
+# The most request timeouts the shutdown waits for the batcher to drain. By then uvicorn has
+# answered every request, so what is left is the rounds on the device, each bounded by the watchdog
+# (which stays on through the drain); this backstop declares the batcher dead (`serve` exits 70)
+# if the drain still has not ended, rather than keep a process with a hung device alive forever.
+DRAIN_TIMEOUTS = 2 * STUCK_AFTER_TIMEOUTS
+# The OpenAI routes, which answer errors in TEI's OpenAI-compatible shape.
+OPENAI_PATHS = ("/v1/embeddings", "/embeddings")
 
 
 class ClientGone(Exception):
@@ -52,7 +59,7 @@ class RequestTimeout(Unavailable):
     """The request's body arrived, but its answer was not ready within `--request-timeout`
     (queued behind too much work, or a device that hangs): 503, its queued inputs dropped."""
 
-    error_type = "timeout"
+    kind = "timeout"
 
 
 def json_response(obj, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -60,10 +67,15 @@ def json_response(obj, status: int = 200, headers: dict[str, str] | None = None)
                     headers=headers)
 
 
-def unavailable_response(message: str, error_type: str = "unhealthy") -> Response:
+def error_response(status: int, message: str, kind: str, openai: bool = False,
+                   headers: dict[str, str] | None = None) -> Response:
+    """An error in TEI's shape (`openai`: its OpenAI-compatible one); see `schemas.error_body`."""
+    return json_response(schemas.error_body(message, status, kind, openai), status, headers)
+
+
+def unavailable_response(message: str, kind: str = "unhealthy", openai: bool = False) -> Response:
     """503 in TEI's shape, with Retry-After."""
-    return json_response({"error": message, "error_type": error_type}, 503,
-                         {"Retry-After": str(RETRY_AFTER_S)})
+    return error_response(503, message, kind, openai, {"Retry-After": str(RETRY_AFTER_S)})
 
 
 class Server:
@@ -145,9 +157,10 @@ class Server:
         self.metrics.tokenized(ids, time.perf_counter() - t0)
         return ids
 
-    async def embed(self, request: Request, ids: list[np.ndarray]) -> np.ndarray:
-        """Queues `ids` and waits for their rows; a client that hangs up has its work dropped."""
-        job: Job = self.batcher.submit(ids)
+    async def embed(self, request: Request, ids: list[np.ndarray], output: str = "sentence"):
+        """Queues `ids` and waits for their rows ([n, dim]; `output="token"`: [len_i, dim] per
+        input); a client that hangs up has its work dropped."""
+        job: Job = self.batcher.submit(ids, output)
         gone = asyncio.ensure_future(_wait_disconnect(request))
         try:
             await asyncio.wait((job.future, gone), return_when=asyncio.FIRST_COMPLETED)
@@ -168,6 +181,7 @@ class Server:
         timeout = self.settings.request_timeout
         deadline = asyncio.get_running_loop().time() + timeout
         counted = ok = False
+        openai = route == "openai_embeddings"  # TEI's OpenAI-compatible error shape there
         try:
             self.check_key(request)
             # The body before the slot: a client that stalls its body holds no slot, and gets
@@ -181,7 +195,7 @@ class Server:
                 if not reading.expired():
                     raise
                 raise ApiError(408, f"the request body did not arrive within {timeout:g} s "
-                               "(--request-timeout)", "timeout") from None
+                               "(--request-timeout)", "body_timeout", err="timeout") from None
             finally:
                 self.metrics.receiving.dec()
             if limited:
@@ -207,18 +221,17 @@ class Server:
             self.metrics.failed(e.err)
             # A 408's body never finished arriving: the connection cannot carry another request.
             headers = {"Connection": "close"} if e.status == 408 else None
-            body = e.openai_body() if route == "openai_embeddings" else e.body()  # as TEI
-            return json_response(body, e.status, headers)
+            return json_response(e.body(openai), e.status, headers)
         except Unavailable as e:
-            self.metrics.failed(e.error_type)
-            return unavailable_response(str(e), e.error_type)
+            self.metrics.failed(e.kind)
+            return unavailable_response(str(e), e.kind, openai)
         except (ClientGone, ClientDisconnect):
             self.metrics.failed("client_disconnected")
             return Response(status_code=499)
         except Exception as e:  # noqa: BLE001 -- a failed request must not take the server down
             log.exception("%s failed", route)
             self.metrics.failed("inference")
-            return json_response({"error": f"{type(e).__name__}: {e}", "error_type": "backend"}, 500)
+            return error_response(500, f"{type(e).__name__}: {e}", "backend", openai)
         finally:
             if counted:
                 self.in_flight -= 1
@@ -312,7 +325,10 @@ def create_app(encoder, settings: ServeSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         server.batcher.start()
         yield
-        await asyncio.get_running_loop().run_in_executor(None, server.batcher.stop)
+        # Bounded: a device that hangs in the drain makes the batcher dead (the watchdog, else
+        # this timeout), and `serve` exits 70 instead of waiting forever.
+        await asyncio.get_running_loop().run_in_executor(
+            None, server.batcher.stop, DRAIN_TIMEOUTS * settings.request_timeout)
         server.tokenizer_pool.shutdown(wait=False)
         server.tei.close()
 
@@ -342,7 +358,7 @@ def create_app(encoder, settings: ServeSettings | None = None) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http")
-        return json_response({"error": f"{request.method} {request.url.path}: {exc.detail}",
-                              "error_type": kind}, exc.status_code)
+        return error_response(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                              kind, request.url.path in OPENAI_PATHS)
 
     return app

@@ -4,11 +4,12 @@
 `max_batch_tokens`) behind the few names the batcher and routes use, so a different engine (or a
 fake, in tests) slots in here.
 
-`launch` is the batcher's non-blocking half of `embed_ids`: it packs a round of inputs and
-dispatches it (JAX dispatch is asynchronous), so the worker can take and pack the next round while
-this one computes; `Launched.result` blocks for the rows. A round's packed batch is cut to the rows
-it fills (`trim_rows`): a server round is one small window, and padding its rows up to the next
-power of two (the packer's shapes) wasted ~30% of the compute of a typical round.
+`launch` is the batcher's non-blocking half of `embed_ids` (and of `embed_tokens`, /embed_all's
+per-token output): it packs a round of inputs and dispatches it (JAX dispatch is asynchronous), so
+the worker can take and pack the next round while this one computes; `Launched.result` blocks for
+the rows. A round's packed batch is cut to the rows it fills (`trim_rows`): a server round is one
+small window, and padding its rows up to the next power of two (the packer's shapes) wasted ~30%
+of the compute of a typical round.
 """
 
 from __future__ import annotations
@@ -25,29 +26,50 @@ __all__ = ["EncoderBackend", "InputTooLong", "Launched", "trim_rows"]
 
 
 class Launched:
-    """One round's device work, dispatched; `result()` blocks for its float32 [n, dim] rows.
+    """One round's device work, dispatched; `result()` blocks for its float32 [n, dim] rows
+    (`output="token"`: a list of n float32 [len_i, dim] token embeddings).
 
     Args:
       n, dim: the round's inputs and the embedding width.
-      parts: (packed batch, its device result [rows, slots, dim]) pairs.
+      parts: (packed batch, its device result: [rows, slots, dim], or [rows, length, dim] for
+        tokens) pairs.
       rows: the finished rows instead (a backend with only a blocking `embed_ids`).
+      output: "sentence" or "token".
     """
 
     def __init__(self, n: int, dim: int, parts: Sequence[tuple[PackedBatch, object]] = (),
-                 rows: np.ndarray | None = None):
-        self.n, self.dim, self.parts, self._rows = n, dim, list(parts), rows
+                 rows=None, output: str = "sentence"):
+        self.n, self.dim, self.parts, self._rows, self.output = n, dim, list(parts), rows, output
 
     @classmethod
     def done(cls, rows: np.ndarray) -> Launched:
         return cls(len(rows), rows.shape[1] if rows.ndim == 2 else 0, rows=rows)
 
-    def result(self) -> np.ndarray:
+    @classmethod
+    def done_tokens(cls, rows: Sequence[np.ndarray], dim: int) -> Launched:
+        return cls(len(rows), dim, rows=list(rows), output="token")
+
+    def result(self):
         if self._rows is None:
-            out = np.zeros((self.n, self.dim), np.float32)
-            for batch, res in self.parts:
-                out[batch.index] = np.asarray(res)[batch.row, batch.slot]
-            self._rows, self.parts = out, []
+            self._rows = self._tokens() if self.output == "token" else self._sentences()
+            self.parts = []
         return self._rows
+
+    def _sentences(self) -> np.ndarray:
+        out = np.zeros((self.n, self.dim), np.float32)
+        for batch, res in self.parts:
+            out[batch.index] = np.asarray(res)[batch.row, batch.slot]
+        return out
+
+    def _tokens(self) -> list[np.ndarray]:
+        # Each input's tokens are the span it was packed into: `encode(output="token")`'s rows.
+        out: list = [None] * self.n
+        for batch, res in self.parts:
+            res = np.asarray(res)
+            for j, i in enumerate(batch.index):
+                s, m = batch.start[j], batch.length[j]
+                out[i] = np.asarray(res[batch.row[j], s:s + m], np.float32)
+        return out
 
 
 def trim_rows(batch: PackedBatch, packer: Packer) -> list[PackedBatch]:
@@ -127,6 +149,11 @@ class EncoderBackend:
     def num_compiles(self) -> int:
         return int(self.encoder.num_compiles)
 
+    @property
+    def token_output(self) -> bool:
+        """The backend gives each token's hidden state (/embed_all): an encoder is behind it."""
+        return getattr(self, "encoder", None) is not None
+
     # ---- work ---------------------------------------------------------------------------------
 
     def tokenize(self, texts: Sequence[str], *, truncate: bool, direction: str) -> list[np.ndarray]:
@@ -176,21 +203,32 @@ class EncoderBackend:
         """float32 [len(ids), dim] embeddings (the model's own Normalize applies). Blocking."""
         return np.asarray(self.encoder.embed_ids(list(ids), normalize=False), np.float32)
 
-    def launch(self, ids: Sequence[np.ndarray]) -> Launched:
-        """Packs `ids` and dispatches them without waiting; `.result()` gives `embed_ids`' rows.
+    def embed_tokens(self, ids: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Each input's token embeddings, float32 [len_i, dim] (`encode(output="token")` for
+        token ids). Blocking."""
+        if not self.token_output:  # a fake without an override: no tokens to give
+            raise NotImplementedError(f"{type(self).__name__} has no token-level output")
+        return self.launch(ids, "token").result()
 
-        A backend with no encoder behind it (a fake with its own `embed_ids`) runs `embed_ids`
-        here, blocking.
+    def launch(self, ids: Sequence[np.ndarray], output: str = "sentence") -> Launched:
+        """Packs `ids` and dispatches them without waiting; `.result()` gives `embed_ids`' rows
+        (`output="token"`: `embed_tokens`').
+
+        A backend with no encoder behind it (a fake with its own `embed_ids` / `embed_tokens`)
+        runs those here, blocking. The token program is compiled on its first round (the
+        warm-up compiles the sentence program's shapes, which every request needs).
         """
         encoder = getattr(self, "encoder", None)
         if encoder is None:
+            if output == "token":
+                return Launched.done_tokens(self.embed_tokens(ids), self.dim)
             return Launched.done(np.asarray(self.embed_ids(ids)))
         packer = encoder.packer()
         parts = []
         for batch in packer.pack(list(ids), pad_id=encoder.tokenizer.pad_id):
             for part in trim_rows(batch, packer):
-                parts.append((part, encoder._dispatch(part, encoder.dtype, "sentence")))
-        return Launched(len(ids), self.dim, parts)
+                parts.append((part, encoder._dispatch(part, encoder.dtype, output)))
+        return Launched(len(ids), self.dim, parts, output=output)
 
     def warmup(self) -> int:
         """Compiles every shape the batcher can produce; returns how many."""

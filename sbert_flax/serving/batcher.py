@@ -16,13 +16,21 @@ up to `max_wait` seconds while requests are still being tokenized (`expect` / `a
 the app), so that concurrent requests share one batch rather than the first of them running alone;
 a lone request is never held (nothing else is arriving), nor a queue at the budget.
 
+Two outputs share the queue: a job asks for pooled rows (`"sentence"`, /embed) or each token's
+hidden state (`"token"`, /embed_all); a round carries one output only (they are different device
+programs), so the worker closes a round at the first input of the other kind. Either way the work
+goes through the same warm-up, drain, dead-worker and watchdog checks.
+
 Supervision: an exception anywhere in one round (taking from the queue, packing, the device call,
 writing the rows back) fails only the requests that round touched, with `BatchFailed`, and the
 worker carries on. `max_failures` rounds failing in a row (the device is broken, not one bad
 request), either thread ending any other way, or one device call running past `stuck_after`
 seconds (a hung device; a watchdog thread notices) make the batcher *dead*: every waiting request
 fails with `Unavailable`, nothing new is taken, `fatal` says why and `on_fatal` is called, so the
-server can report 503 on /health and exit for its supervisor to restart it.
+server can report 503 on /health and exit for its supervisor to restart it. The watchdog stays on
+until both threads have ended, the drain of `stop` included, and `stop(timeout)` declares the
+batcher dead when the drain outlasts it: a device that hangs while the server shuts down still
+ends the process.
 """
 
 from __future__ import annotations
@@ -52,20 +60,24 @@ MAX_CONSECUTIVE_FAILURES = 5
 MAX_WAIT = 0.002
 # Rounds launched and not yet written back: one computing, one packed and queued behind it.
 MAX_ROUNDS = 2
+# What a job asks for: pooled rows [n, dim], or each token's hidden state [len_i, dim] per input.
+OUTPUTS = ("sentence", "token")
 
 
 class Job:
     """One request's inputs on their way through the queue."""
 
-    __slots__ = ("ids", "n", "taken", "done", "out", "future", "loop", "cancelled", "t_submit",
-                 "t_first")
+    __slots__ = ("ids", "n", "output", "taken", "done", "out", "future", "loop", "cancelled",
+                 "t_submit", "t_first")
 
-    def __init__(self, ids: Sequence[np.ndarray], dim: int, loop: asyncio.AbstractEventLoop):
+    def __init__(self, ids: Sequence[np.ndarray], dim: int, loop: asyncio.AbstractEventLoop,
+                 output: str = "sentence"):
         self.ids = ids
         self.n = len(ids)
+        self.output = output
         self.taken = 0  # inputs handed to the device so far (worker thread only)
         self.done = 0  # rows written into `out` (worker thread only)
-        self.out = np.empty((self.n, dim), np.float32)
+        self.out = np.empty((self.n, dim), np.float32) if output == "sentence" else [None] * self.n
         self.loop = loop
         self.future: asyncio.Future = loop.create_future()
         self.cancelled = False
@@ -81,7 +93,7 @@ class Unavailable(RuntimeError):
     clients to retry on another replica.
     """
 
-    error_type = "unhealthy"
+    kind = "unhealthy"
 
 
 class BatchFailed(Unavailable):
@@ -91,7 +103,7 @@ class BatchFailed(Unavailable):
     known to be at fault.
     """
 
-    error_type = "backend"
+    kind = "backend"
 
 
 def _resolve(future: asyncio.Future, result=None, error: BaseException | None = None) -> None:
@@ -114,12 +126,14 @@ def _post(job: Job, result=None, error: BaseException | None = None) -> None:
 class _Round:
     """One device batch on its way: its inputs, the launched work, when it was launched."""
 
-    __slots__ = ("items", "launched", "t_launch")
+    __slots__ = ("items", "launched", "t_launch", "output")
 
-    def __init__(self, items: list[tuple[Job, int]], launched: Launched, t_launch: float):
+    def __init__(self, items: list[tuple[Job, int]], launched: Launched, t_launch: float,
+                 output: str):
         self.items = items
         self.launched = launched
         self.t_launch = t_launch
+        self.output = output
 
 
 class Batcher:
@@ -127,7 +141,8 @@ class Batcher:
 
     Args:
       backend: the encoder adapter; only the worker thread calls its device methods (`launch`, or
-        `embed_ids` for a backend without it), only the collector waits for results.
+        `embed_ids` / `embed_tokens` for a backend without it), only the collector waits for
+        results.
       max_batch_tokens: real tokens gathered per round.
       metrics: where batch sizes and timings go.
       warmup: compile every shape and run a test batch before `ready` is set.
@@ -167,6 +182,7 @@ class Batcher:
         self._rounds: collections.deque[_Round] = collections.deque()  # launched, not written back
         self._computing = 0  # rounds launched whose rows have not come back yet
         self._worker_done = False
+        self._collector_done = False
         self._launch_started: float | None = None  # time.monotonic() of the launch under way
         self._round_started: float | None = None  # ... of the round the collector waits for
         self.stuck_after = stuck_after
@@ -215,9 +231,12 @@ class Batcher:
             self._arriving -= 1
             self._cond.notify_all()
 
-    def submit(self, ids: Sequence[np.ndarray]) -> Job:
-        """Queues one request's inputs; await `job.future` for the [n, dim] embeddings."""
-        job = Job(ids, self.backend.dim, asyncio.get_running_loop())
+    def submit(self, ids: Sequence[np.ndarray], output: str = "sentence") -> Job:
+        """Queues one request's inputs; await `job.future` for the [n, dim] embeddings (`output=
+        "token"`: a list of [len_i, dim] token embeddings)."""
+        if output not in OUTPUTS:
+            raise ValueError(f"output={output!r}; expected one of {OUTPUTS}")
+        job = Job(ids, self.backend.dim, asyncio.get_running_loop(), output)
         if job.n == 0:
             job.future.set_result(job.out)
             return job
@@ -247,15 +266,28 @@ class Batcher:
         job.cancelled = True
         job.future.cancel()
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Finishes everything queued, then ends the worker and collector threads."""
+    def stop(self, timeout: float | None = None) -> bool:
+        """Finishes everything queued, then ends the worker and collector threads.
+
+        Returns once both ended (True) or the batcher died (False): the watchdog caught a device
+        call that hangs, or the drain outlasted `timeout` seconds, which makes the batcher dead
+        too (`fatal` says so, `on_fatal` is called), so a process stopping on a hung device ends.
+        """
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for thread in (self._thread, self._collector):
-            if thread.is_alive() and self._fatal is None:  # a hung worker is not waited for
-                thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if not self._started:
+                return self._fatal is None
+            ended = self._cond.wait_for(lambda: self._fatal is not None or self._ended, timeout)
+        if not ended:
+            self._die(RuntimeError(f"the drain did not finish within {timeout:g} s of the "
+                                   "shutdown: the device is stuck"))
+        return self._fatal is None
+
+    @property
+    def _ended(self) -> bool:
+        """Both threads have returned."""
+        return self._worker_done and self._collector_done
 
     # ---- the worker thread: take, pack, launch --------------------------------------------------
 
@@ -318,7 +350,7 @@ class Batcher:
                         self._failed()
                 continue
             with self._cond:
-                self._rounds.append(_Round(items, launched, time.monotonic()))
+                self._rounds.append(_Round(items, launched, time.monotonic(), items[0][0].output))
                 self._computing += 1
                 self._taking = []
                 self._cond.notify_all()
@@ -379,6 +411,8 @@ class Batcher:
                 self._queued_inputs -= left
                 self.metrics.dropped_inputs.inc(left)
                 continue
+            if items and job.output != items[0][0].output:  # another program: the next round
+                return
             while job.taken < job.n:
                 length = len(job.ids[job.taken])
                 if items and tokens + length > self.max_batch_tokens:
@@ -391,6 +425,7 @@ class Batcher:
 
     def _launch(self, items: list[tuple[Job, int]]) -> Launched:
         """Packs the round and starts it on the device (a backend without `launch`: runs it)."""
+        output = items[0][0].output
         now = time.perf_counter()
         jobs = {id(job): job for job, _ in items}.values()
         for job in jobs:
@@ -406,8 +441,12 @@ class Batcher:
         self._launch_started = time.monotonic()
         try:
             launch = getattr(self.backend, "launch", None)
-            launched = launch(ids) if launch is not None else Launched.done(
-                np.asarray(self.backend.embed_ids(ids)))
+            if launch is not None:
+                launched = launch(ids, output)
+            elif output == "sentence":
+                launched = Launched.done(np.asarray(self.backend.embed_ids(ids)))
+            else:
+                launched = Launched.done_tokens(self.backend.embed_tokens(ids), self.backend.dim)
         finally:
             self._launch_started = None
         log.debug("round: %d inputs of %d requests, %d tokens, taken %.1f ms after the first "
@@ -423,6 +462,10 @@ class Batcher:
             self._collect()
         except BaseException as e:  # noqa: BLE001 -- the thread's last word: report, fail, die
             self._die(e)
+        finally:
+            with self._cond:
+                self._collector_done = True
+                self._cond.notify_all()
 
     def _collect(self) -> None:
         while True:
@@ -443,7 +486,7 @@ class Batcher:
                         self._computing -= 1
                         self._cond.notify_all()
                 self.metrics.batch_duration.observe(time.perf_counter() - t0)
-                self._write_back(rnd.items, emb)
+                self._write_back(rnd.items, emb, rnd.output)
             except Exception as e:  # noqa: BLE001 -- fail these requests, keep serving
                 self._fail([job for job, _ in rnd.items], e)
                 with self._cond:
@@ -456,10 +499,16 @@ class Batcher:
                 self._failures = 0
                 self._cond.notify_all()
 
-    def _write_back(self, items: list[tuple[Job, int]], emb: np.ndarray) -> None:
-        if emb.shape != (len(items), self.backend.dim):
+    def _write_back(self, items: list[tuple[Job, int]], emb, output: str) -> None:
+        dim = self.backend.dim
+        if output == "sentence" and emb.shape != (len(items), dim):
             raise RuntimeError(f"the backend returned {emb.shape} for {len(items)} inputs of dim "
-                               f"{self.backend.dim}")
+                               f"{dim}")
+        if output == "token":
+            shapes = [np.shape(e) for e in emb]
+            if len(emb) != len(items) or any(len(sh) != 2 or sh[1] != dim for sh in shapes):
+                raise RuntimeError(f"the backend returned token embeddings of shapes {shapes} "
+                                   f"for {len(items)} inputs of dim {dim}")
         finished = []
         for k, (job, i) in enumerate(items):
             job.out[i] = emb[k]
@@ -493,9 +542,13 @@ class Batcher:
             _post(job, error=failure)
 
     def _watch(self) -> None:
-        """The watchdog: a device call running longer than `stuck_after` kills the batcher."""
+        """The watchdog: a device call running longer than `stuck_after` kills the batcher.
+
+        It watches until both threads have ended, not until `stop`: the drain's device calls
+        hang as well as any.
+        """
         period = min(1.0, self.stuck_after / 4)
-        while not self._stopping and self._fatal is None:
+        while self._fatal is None and not self._ended:
             time.sleep(period)
             now = time.monotonic()
             for started in (self._launch_started, self._round_started):

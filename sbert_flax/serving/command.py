@@ -14,7 +14,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from sbert_flax.loading import DEFAULT_MODEL
+from sbert_flax.hub import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -55,19 +55,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pooling", choices=("cls", "mean", "max"), help="override the model's pooling")
     p.add_argument("--max-input-length", type=int, default=None,
                    help="tokens per input incl. [CLS]/[SEP] (default: the model's max_seq_length); "
-                   "longer input is truncated or refused with 413, per request")
+                   "longer input is truncated or refused with 422, per request")
     p.add_argument("--max-batch-tokens", type=int, default=None,
                    help="token budget of one device batch; concurrent requests are merged up to "
                    "it (default: the encoder's, 4096, right for CPU; 16384 or more on a GPU/TPU)")
     p.add_argument("--max-client-batch-size", type=int, default=256,
-                   help="most inputs in one request (more: 413; default 256)")
+                   help="most inputs in one request (more: 422; default 256)")
     p.add_argument("--max-concurrent-requests", type=int, default=512,
                    help="most embedding requests in flight (more: 429; default 512)")
     p.add_argument("--payload-limit", type=int, default=2_000_000,
                    help="most bytes in a request body (more: 413; default 2000000)")
     p.add_argument("--auto-truncate", action="store_true",
                    help="truncate over-long inputs unless a request says truncate=false (the "
-                   "OpenAI routes always follow this); default: refuse them with 413")
+                   "OpenAI routes always follow this); default: refuse them with 422")
     p.add_argument("--api-key", default=os.environ.get("SBERT_FLAX_API_KEY"),
                    help="require `Authorization: Bearer KEY` on every route but /health and "
                    "/metrics (default: $SBERT_FLAX_API_KEY, else none)")

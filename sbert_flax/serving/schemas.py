@@ -2,10 +2,11 @@
 
 Requests are checked by hand rather than by a pydantic model so every refusal says exactly what
 was wrong and where (`inputs[3] is object, expected a string or token ids`), in the error shape
-TEI clients read: `{"error": "...", "error_type": "..."}`. Status codes are TEI's
+TEI clients read: `{"error": "...", "error_type": "Validation"}` (TEI's `ErrorResponse`; on the
+OpenAI routes its `OpenAICompatErrorResponse`). Status codes are TEI's
 (router/src/http/server.rs, `From<&ErrorType> for StatusCode`): an empty input 400, a malformed
 field, too many inputs or an over-long input 422, overloaded 429, a route this kind of model does
-not serve 424.
+not serve 424; a body that is not JSON at all 400, as axum's JSON extractor answers a syntax error.
 
 - TEI `/embed`: `{"inputs": str | [int] | [str | [int]], "normalize": true, "truncate": bool |
   null, "truncation_direction": "right" | "left", "prompt_name": str | null, "dimensions": int |
@@ -36,25 +37,52 @@ from sbert_flax.serving.metrics import failure_label
 MAX_TOKEN_ID = 2 ** 32 - 1
 
 
-class ApiError(Exception):
-    """A refusal with its HTTP status and TEI error type."""
+# TEI's `ErrorType` (router/src/lib.rs), which it serialises as written, for each kind of refusal
+# of ours. The kind (lowercase) stays the `err` label of te_request_failure; clients see TEI's
+# spelling. Refusals TEI leaves to axum (a bare 401, 404, 405 or 413 with no JSON body) or does
+# not have are the client's request at fault (Validation) or the server's state (Unhealthy).
+TEI_ERROR_TYPES = {
+    "validation": "Validation", "empty": "Empty", "tokenizer": "Tokenizer", "backend": "Backend",
+    "overloaded": "Overloaded", "unhealthy": "Unhealthy",
+    "unauthorized": "Validation", "payload_too_large": "Validation", "body_timeout": "Validation",
+    "not_found": "Validation", "method_not_allowed": "Validation", "model_not_found": "Validation",
+    "timeout": "Unhealthy",
+}
 
-    def __init__(self, status: int, message: str, error_type: str = "validation",
+
+def tei_error_type(kind: str, status: int) -> str:
+    """TEI's `ErrorType` for one of our error kinds (an unknown one by its status class)."""
+    return TEI_ERROR_TYPES.get(kind) or ("Backend" if status >= 500 else "Validation")
+
+
+def error_body(message: str, status: int, kind: str, openai: bool = False) -> dict:
+    """TEI's `ErrorResponse`, or on the OpenAI routes its `OpenAICompatErrorResponse`.
+
+    The OpenAI shape carries the type twice: `error_type` is the field TEI's published API
+    description (docs/openapi.json) requires, `type` the name TEI's serde actually writes
+    (`#[serde(rename(serialize = "type"))]`) and the one the `openai` SDK reads into
+    `APIError.type`; its `message` is what the SDK puts in the exception's text.
+    """
+    error_type = tei_error_type(kind, status)
+    if openai:
+        return {"message": message, "code": status, "type": error_type, "error_type": error_type}
+    return {"error": message, "error_type": error_type}
+
+
+class ApiError(Exception):
+    """A refusal with its HTTP status and kind (`TEI_ERROR_TYPES` maps it to TEI's type)."""
+
+    def __init__(self, status: int, message: str, kind: str = "validation",
                  err: str | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
-        self.error_type = error_type
+        self.kind = kind
         # The `err` label of te_request_failure: TEI's name for this refusal ("batch_size", ...).
-        self.err = err or failure_label(error_type)
+        self.err = err or failure_label(kind)
 
-    def body(self) -> dict:
-        return {"error": self.message, "error_type": self.error_type}
-
-    def openai_body(self) -> dict:
-        """TEI's `OpenAICompatErrorResponse` on the OpenAI routes (the OpenAI SDK shows its
-        `message`)."""
-        return {"message": self.message, "code": self.status, "type": self.error_type}
+    def body(self, openai: bool = False) -> dict:
+        return error_body(self.message, self.status, self.kind, openai)
 
 
 def dumps(obj: Any) -> bytes:
@@ -67,7 +95,9 @@ def parse_object(body: bytes) -> dict:
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError as e:
-        raise ApiError(422, f"the body is not valid JSON: {e}") from None
+        # A syntax error is 400, as axum's `Json` extractor answers in TEI; JSON of the wrong
+        # shape (below, and every field check) is 422, as its data errors are.
+        raise ApiError(400, f"the body is not valid JSON: {e}") from None
     if not isinstance(obj, dict):
         raise ApiError(422, f"the body must be a JSON object, got {type(obj).__name__}")
     return obj

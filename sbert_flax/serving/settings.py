@@ -17,12 +17,13 @@ class ServeSettings:
         Off by default, as TEI: it serves one model and ignores the field, and clients such as
         LangChain's OpenAIEmbeddings send their own default name.
       max_batch_tokens: token budget of one device batch (None: the encoder's own budget).
-      max_client_batch_size: most inputs one request may carry (more: 413).
+      max_client_batch_size: most inputs one request may carry (more: 422, as TEI).
       max_concurrent_requests: most embedding requests in flight at once (more: 429).
       payload_limit: most bytes in a request body (more: 413). TEI's default, 2 MB.
       api_key: when set, every route but /health and /metrics needs `Authorization: Bearer KEY`.
-      auto_truncate: truncate over-long inputs when a request does not say (TEI's `--auto-truncate`);
-        the OpenAI routes have no `truncate` field and always follow this.
+      auto_truncate: truncate over-long inputs when a request does not say (TEI's `--auto-truncate`;
+        else they are refused with 422); the OpenAI routes have no `truncate` field and always
+        follow this.
       warmup: compile every shape and run a test batch before /health turns 200.
       version: reported by /info.
       request_timeout: seconds from a request's arrival to its answer (body read, queue,

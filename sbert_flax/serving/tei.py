@@ -8,8 +8,11 @@ answers by model type. For a dense embedding model, as this server runs:
   `/metrics`, `/vertex` (`{"instances": [embed requests]}`), and `POST /` and `POST /invocations`
   (SageMaker's names for /embed) serve.
 - `/embed_sparse` (SPLADE models), `/predict` (classifiers) and `/rerank` (re-rankers) check the
-  request as TEI does, then answer 424 `error_type` "backend" with TEI's message and count
+  request as TEI does, then answer 424 `error_type` "Backend" with TEI's message and count
   `te_request_failure{err="model_type"}`.
+
+`/embed_all` goes through the batcher as /embed does (its own rounds, on the encoder's token
+program): the warm-up, the drain, a dead worker and the watchdog apply to it alike.
 
 Inputs are strings or token ids (`[int]`, as TEI's untagged `InputType`); ids are used as given
 unless a prompt applies, in which case they are decoded, prefixed and tokenized again (as TEI).
@@ -22,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import Sequence
 
 import numpy as np
 from fastapi import Request, Response
@@ -30,8 +32,6 @@ from fastapi import Request, Response
 from sbert_flax.prompts import Prompts
 from sbert_flax.serving import schemas
 from sbert_flax.serving.schemas import ApiError, Inputs
-
-TOKEN_OUTPUT = "token"
 
 
 def model_type_error(message: str) -> ApiError:
@@ -49,8 +49,7 @@ class TeiRoutes:
 
     def __init__(self, server):
         self.server = server
-        # /embed_all and /decode: one thread of their own. /embed_all runs the encoder's token
-        # program (compiled on first use, not by the warm-up) beside the batcher's worker.
+        # Decoding token ids (/decode, and ids with a prompt): one host thread of its own.
         self.pool = concurrent.futures.ThreadPoolExecutor(1, "sbert-flax-tei")
         self._lock = threading.Lock()
         self._decoder = None
@@ -146,12 +145,10 @@ class TeiRoutes:
     async def embed_all(self, request: Request, obj: dict) -> list[np.ndarray]:
         """/embed_all: every token's last hidden state, [tokens_i, dim] per input."""
         inputs, truncate, direction, prefix = self._embed_fields(request, obj)
-        encoder = getattr(self.server.backend, "encoder", None)
-        if encoder is None:
+        if not getattr(self.server.backend, "token_output", False):
             raise model_type_error("this backend has no token-level output")
         ids = await self.token_ids(inputs, truncate, direction, prefix)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, token_embeddings, encoder, ids)
+        return await self.server.embed(request, ids, output="token")
 
     async def embed_sparse(self, request: Request, obj: dict):
         self._embed_fields(request, obj)
@@ -259,17 +256,3 @@ class TeiRoutes:
         health = self.server.route_health
         return out + [("/", "GET", "health", health), ("/ping", "GET", "health", health)]
 
-
-def token_embeddings(encoder, ids: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Each input's token embeddings (float32 [len_i, dim]) on the encoder's packed shapes.
-
-    `SentenceEncoder.encode(output="token")` for token ids rather than text: the same packer and
-    the same token program, so the rows equal encode's.
-    """
-    out: list = [None] * len(ids)
-    batches = encoder.packer().pack(list(ids), pad_id=encoder.tokenizer.pad_id)
-    for batch, res in encoder._run(batches, encoder.dtype, TOKEN_OUTPUT):
-        for j, i in enumerate(batch.index):
-            s, m = batch.start[j], batch.length[j]
-            out[i] = np.asarray(res[batch.row[j], s:s + m], np.float32)
-    return out

@@ -16,7 +16,7 @@ _EXPORTS = {
     "SentenceEmbedder": "sbert_flax.embedder",
     "SentenceEncoder": "sbert_flax.encoder",
     "enable_compilation_cache": "sbert_flax.encoder",
-    "DEFAULT_MODEL": "sbert_flax.loading",
+    "DEFAULT_MODEL": "sbert_flax.hub",
     "LoadedModel": "sbert_flax.loading",
     "load_model": "sbert_flax.loading",
     "BertModel": "sbert_flax.model",
@@ -29,7 +29,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
     from sbert_flax.config import BertConfig, PoolingConfig  # noqa: F401
     from sbert_flax.embedder import SentenceEmbedder  # noqa: F401
     from sbert_flax.encoder import SentenceEncoder, enable_compilation_cache  # noqa: F401
-    from sbert_flax.loading import DEFAULT_MODEL, LoadedModel, load_model  # noqa: F401
+    from sbert_flax.hub import DEFAULT_MODEL  # noqa: F401
+    from sbert_flax.loading import LoadedModel, load_model  # noqa: F401
     from sbert_flax.model import BertModel  # noqa: F401
 
 

@@ -19,11 +19,11 @@ from collections.abc import Sequence
 
 from sbert_flax import libtpu
 from sbert_flax.config import POOLING_MODES
-from sbert_flax.corpus import PRECISIONS
 from sbert_flax.distributed import add_distributed_flags
 from sbert_flax.errors import EXIT_USER_ERROR, is_user_error, report_bug
 from sbert_flax.files import read_text_lines
-from sbert_flax.loading import DEFAULT_MODEL
+from sbert_flax.hub import DEFAULT_MODEL
+from sbert_flax.quantization import PRECISIONS
 
 PROG = "sbert-flax"
 
@@ -474,16 +474,16 @@ def _run(func, args, debug: bool) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (argparse exits with 2 on usage errors)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    # A second start loads compiled programs instead of compiling them (the library never turns
-    # this on by itself: it is process-wide JAX config).
-    from sbert_flax.encoder import enable_compilation_cache
-
-    enable_compilation_cache()
     # `train` owns everything after it (its own options and --help), so it bypasses our parser.
     first = next((a for a in argv if a != "--debug"), None)
     if first == "train":
-        return cmd_train(argv[argv.index("train") + 1:])
+        train_argv = argv[argv.index("train") + 1:]
+        if not {"-h", "--help"} & set(train_argv):  # help answers without importing JAX
+            _enable_compilation_cache()
+        return cmd_train(train_argv)
+    # Parsing (and --help) imports no JAX: the commands import what they use when they run.
     args = build_parser().parse_args(argv)
+    _enable_compilation_cache()
     from sbert_flax.aot import command as compile_command
 
     # Backends start quietly now (libtpu's probe for a TPU), except where something must come
@@ -491,6 +491,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.func not in (compile_command.run, cmd_encode):
         libtpu.start_backends()
     return _run(args.func, args, args.debug)
+
+
+def _enable_compilation_cache() -> None:
+    # A second start loads compiled programs instead of compiling them (the library never turns
+    # this on by itself: it is process-wide JAX config).
+    from sbert_flax.encoder import enable_compilation_cache
+
+    enable_compilation_cache()
 
 
 def convert_main(argv: Sequence[str] | None = None, *, to: str, uer: bool = False,

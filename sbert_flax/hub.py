@@ -4,7 +4,10 @@ A hub repository often ships the same weights several times (PyTorch, safetensor
 TF); a full snapshot would download all of them. Here the repository's file list decides what to
 fetch: `config.json`, one weights format (safetensors preferred, sharded or not), the tokenizer
 files and the sentence-transformers metadata (`modules.json` and the config of each module folder
-it names). Offline, the cached snapshot is used as it is.
+it names). The revision (a branch, a tag, or none for the default branch) is resolved to its
+commit once, and every file is fetched at that commit: a push during the download cannot mix two
+snapshots. The branch or tag is then recorded in the cache (`refs/`), as huggingface_hub does, so
+that an offline load finds it. Offline, the cached snapshot is used as it is.
 
 Each failure is a `ModelNotFoundError` (an OSError: the CLIs print it as one line and exit 2) whose
 message says which of offline, authentication, not found or disk full it was, and what to do.
@@ -17,6 +20,9 @@ import json
 import os
 import sys
 from pathlib import PurePosixPath
+
+# The model every command loads when none is named (its hub id).
+DEFAULT_MODEL = "uer/sbert-base-chinese-nli"
 
 # Files read from a model folder (the root, or a module folder that modules.json names).
 MODEL_FILES = ("config.json", "sentence_bert_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -151,17 +157,56 @@ def download(repo_id: str, *, revision: str | None = None, token: str | bool | N
         raise
 
 
+def _record_ref(snapshot: str, revision: str | None, commit: str) -> None:
+    """Points the cache's ref for `revision` at `commit` (huggingface_hub's cache layout:
+    `<repo folder>/refs/<revision>` holds the commit of `<repo folder>/snapshots/<commit>`).
+
+    Downloads by commit write no ref, and an offline load of the branch or tag reads it. Written
+    once the whole snapshot is in, atomically; a cache laid out otherwise is left alone.
+    """
+    from huggingface_hub import constants
+
+    name = revision or constants.DEFAULT_REVISION
+    folder = os.path.dirname(os.path.dirname(snapshot))
+    if name == commit or os.path.basename(snapshot) != commit \
+            or os.path.basename(os.path.dirname(snapshot)) != "snapshots":
+        return
+    ref = os.path.join(folder, "refs", *name.split("/"))  # a branch may hold slashes
+    try:
+        with open(ref, encoding="utf-8") as f:
+            if f.read().strip() == commit:
+                return
+    except OSError:
+        pass
+    try:
+        os.makedirs(os.path.dirname(ref), exist_ok=True)
+        tmp = f"{ref}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(commit)
+        os.replace(tmp, ref)
+    except OSError:  # a read-only shared cache: the model is loaded all the same, only an
+        pass  # offline load by this branch name would not find it
+
+
 def _fetch(repo_id: str, revision: str | None, token: str | bool | None,
            cache_dir: str | None) -> str:
     from huggingface_hub import HfApi, hf_hub_download
 
-    repo_files = HfApi().list_repo_files(repo_id, revision=revision, token=token)
+    api = HfApi()
+    # The one commit every request below names: resolving the branch per file would mix the
+    # snapshots before and after a push that lands mid-download.
+    commit = api.model_info(repo_id, revision=revision, token=token).sha
+    if not commit:
+        raise ModelNotFoundError(f"model {repo_id!r}: the Hugging Face hub named no commit for "
+                                 f"revision {revision or 'main'!r}; retry, or pass --revision "
+                                 "with a commit hash")
+    repo_files = api.list_repo_files(repo_id, revision=commit, token=token)
     if "config.json" not in repo_files and "modules.json" not in repo_files:
         raise ModelNotFoundError(f"model {repo_id!r} on the Hugging Face hub has no config.json: "
                                  "not a BERT / sentence-transformers model")
 
     def get(name: str) -> str:
-        return hf_hub_download(repo_id, name, revision=revision, token=token, cache_dir=cache_dir)
+        return hf_hub_download(repo_id, name, revision=commit, token=token, cache_dir=cache_dir)
 
     first = "modules.json" if "modules.json" in repo_files else "config.json"
     local = get(first)
@@ -177,4 +222,5 @@ def _fetch(repo_id: str, revision: str | None, token: str | bool | None,
         if name.endswith(".index.json"):
             for shard in _shards(path, str(PurePosixPath(name).parent).strip(".")):
                 get(shard)
+    _record_ref(root, revision, commit)
     return root

@@ -15,13 +15,13 @@ from sbert_flax.config import BertConfig, PoolingConfig
 from sbert_flax.embedder import check_backbone_params
 from sbert_flax.files import read_json
 from sbert_flax.flax_format import is_flax_folder, read_flax_folder
-from sbert_flax.hub import ModelNotFoundError  # noqa: F401 -- its home for callers and errors.py
+from sbert_flax.hub import (
+    DEFAULT_MODEL,  # noqa: F401 -- re-exported: its old home
+    ModelNotFoundError,  # noqa: F401 -- its home for callers and errors.py
+)
 from sbert_flax.prompts import Prompts
 from sbert_flax.st_format import read_st_folder
 from sbert_flax.tokenization import Tokenizer, load_tokenizer
-
-# The model this project exists for: what `--model` means when it is not given.
-DEFAULT_MODEL = "uer/sbert-base-chinese-nli"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,19 +29,18 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sbert_flax import sharding
 from sbert_flax.config import BertConfig, PoolingConfig
 from sbert_flax.embedder import abstract_embedder
 from sbert_flax.packing import ROW_LENGTHS, Packer
 from sbert_flax.programs import encode_program
-from sbert_flax.training import optim
+from sbert_flax.training import build
 from sbert_flax.training.data import PipelineConfig, schema_for
 from sbert_flax.training.evaluator import Evaluator
-from sbert_flax.training.losses import Loss, make_loss
+from sbert_flax.training.losses import Loss
 from sbert_flax.training.pipeline import BatchBuilder, eval_batches
 from sbert_flax.training.siamese import ModelDef
 from sbert_flax.training.sources import Schema
-from sbert_flax.training.state import StateLayout, state_layout
+from sbert_flax.training.state import StateLayout
 from sbert_flax.training.step import make_train_step
 from sbert_flax.training.train_config import TrainConfig
 
@@ -176,16 +175,6 @@ class RunParts:
         return self.cfg.eval_batch_size or self.cfg.batch_size
 
 
-def _check(cfg: TrainConfig, num_devices: int) -> None:
-    for name in ("batch_size", "eval_batch_size"):
-        v = getattr(cfg, name)
-        if v is not None and v % num_devices:
-            raise ValueError(f"{name}={v} must be a multiple of the {num_devices} chips")
-    if cfg.mini_batch_size and cfg.batch_size % cfg.mini_batch_size:
-        raise ValueError(f"mini_batch_size={cfg.mini_batch_size} must divide batch_size="
-                         f"{cfg.batch_size}")
-
-
 def run_parts(cfg: TrainConfig, model: BertConfig, pooling: PoolingConfig,
               devices: Sequence[jax.Device]) -> RunParts:
     """The model, loss, mesh, optimizer and state layout of `cfg` on `devices`, as `Trainer`
@@ -199,25 +188,11 @@ def run_parts(cfg: TrainConfig, model: BertConfig, pooling: PoolingConfig,
       ValueError: the batch does not split over the chips, or options that do not go together.
     """
     devices = list(devices)
-    _check(cfg, len(devices))
-    flags = {f: True for f in ("remat", "scan_layers") if getattr(cfg, f)}
-    model = dataclasses.replace(model, **flags) if flags else model
-    num_labels = None
-    if cfg.loss == "softmax":  # UER's recipe: the head sees unnormalised embeddings
-        pooling = dataclasses.replace(pooling, normalize=False)
-        num_labels = cfg.labels_num or DEFAULT_NUM_LABELS
-    loss = make_loss(cfg.loss, scale=cfg.scale, symmetric=cfg.symmetric,
-                     mini_batch_size=cfg.mini_batch_size, matryoshka_dims=cfg.matryoshka_dims,
-                     num_labels=num_labels, pooling=pooling)
-    mdef = loss.model_def(model, pooling, jnp.bfloat16 if cfg.bf16 else jnp.float32)
-    fsdp = cfg.mesh_fsdp or (len(devices) if cfg.param_sharding == "fsdp" else 1)
-    mesh = sharding.make_mesh(-1, fsdp, devices)
-    tx = optim.make_optimizer(cfg.learning_rate, cfg.max_steps or _SCHEDULE_STEPS,
-                              warmup_ratio=cfg.warmup, weight_decay=cfg.weight_decay,
-                              uer_adamw=cfg.uer_adamw, params_for_mask=mdef.abstract_params,
-                              max_grad_norm=cfg.max_grad_norm, adam_eps=cfg.adam_eps,
-                              clip_head=cfg.clip_head)
-    layout = state_layout(mdef, tx, mesh, sharding.rules_for(cfg.param_sharding))
+    build.check_batch_sizes(cfg, len(devices), unit="chips")
+    num_labels = (cfg.labels_num or DEFAULT_NUM_LABELS) if cfg.loss == "softmax" else None
+    model, _, loss, mdef = build.model_and_loss(cfg, model, pooling, num_labels)
+    tx, layout = build.optimizer_and_layout(cfg, mdef, build.mesh(cfg, devices),
+                                            cfg.max_steps or _SCHEDULE_STEPS)
     return RunParts(cfg, model, loss, mdef, tx, layout)
 
 

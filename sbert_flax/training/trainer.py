@@ -23,19 +23,17 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from sbert_flax import retrieval, sharding
 from sbert_flax.encoder import SentenceEncoder
 from sbert_flax.files import write_json
-from sbert_flax.training import data, fingerprint, flops, optim
+from sbert_flax.training import build, data, fingerprint, flops, optim
 from sbert_flax.training.checkpointing import RunCheckpoints, checkpoint_steps, read_meta
 from sbert_flax.training.evaluator import Evaluator
-from sbert_flax.training.losses import make_loss
 from sbert_flax.training.pretrained import load_pretrained, model_sha256, vocab_sha256
 from sbert_flax.training.reporting import MetricsWriter, log, progress, setup_logging
-from sbert_flax.training.state import create_train_state, state_layout
+from sbert_flax.training.state import create_train_state
 from sbert_flax.training.step import TraceCounter, make_train_step
 from sbert_flax.training.train_config import TrainConfig, resume_plan
 
@@ -141,34 +139,20 @@ class Trainer:
                                    config_path=cfg.config_path, pooling=cfg.pooling,
                                    seq_length=cfg.seq_length,
                                    default_pooling="cls" if cfg.loss == "softmax" else None)
-        pooling = self.pre.pooling_config
-        if cfg.loss == "softmax":  # UER's recipe: the head sees unnormalised embeddings
-            pooling = dataclasses.replace(pooling, normalize=False)
+        model, pooling, self.loss, self.mdef = build.model_and_loss(
+            cfg, self.pre.config, self.pre.pooling_config, self.num_labels)
+        self.pre = dataclasses.replace(self.pre, config=model)
         self.pooling = pooling
-        self.loss = make_loss(cfg.loss, scale=cfg.scale, symmetric=cfg.symmetric,
-                              mini_batch_size=cfg.mini_batch_size,
-                              matryoshka_dims=cfg.matryoshka_dims, num_labels=self.num_labels,
-                              pooling=pooling)
         want = self.loss.text_columns(tuple(c for c in self.train_src.columns
                                             if c.startswith("negative")))
         if tuple(self.train_src.columns) != tuple(want):
             raise data.DataError(f"{cfg.train_path}: has columns {self.train_src.columns}, the "
                                  f"{cfg.loss} loss reads {want}")
-        self._model_config_flags()
-        self.mdef = self.loss.model_def(self.pre.config, pooling,
-                                        jnp.bfloat16 if cfg.bf16 else jnp.float32)
 
         # ---- mesh, data pipeline, optimizer, state layout ----
         n_dev = len(self.devices)
-        for name in ("batch_size", "eval_batch_size"):
-            v = getattr(cfg, name)
-            if v is not None and v % n_dev:
-                raise ValueError(f"{name}={v} must be a multiple of the {n_dev} devices")
-        if cfg.mini_batch_size and cfg.batch_size % cfg.mini_batch_size:
-            raise ValueError(f"mini_batch_size={cfg.mini_batch_size} must divide batch_size="
-                             f"{cfg.batch_size}")
-        fsdp = cfg.mesh_fsdp or (n_dev if cfg.param_sharding == "fsdp" else 1)
-        self.mesh = sharding.make_mesh(-1, fsdp, self.devices)
+        build.check_batch_sizes(cfg, n_dev)
+        self.mesh = build.mesh(cfg, self.devices)
         self.pipeline = data.TrainPipeline(self.train_src, self.pre.tokenizer, data.PipelineConfig(
             global_batch=cfg.batch_size, seq_length=cfg.seq_length, seed=cfg.seed,
             epochs=cfg.epochs_num, max_steps=cfg.max_steps, group_by_length=cfg.group_by_length,
@@ -191,14 +175,9 @@ class Trainer:
                                     start_step=int(start.get("step", 0)),
                                     start_best=(start.get("best") or {}).get("step"))
 
-        self.tx = optim.make_optimizer(cfg.learning_rate, self.total_steps, warmup_ratio=cfg.warmup,
-                                       weight_decay=cfg.weight_decay, uer_adamw=cfg.uer_adamw,
-                                       params_for_mask=self.mdef.abstract_params,
-                                       max_grad_norm=cfg.max_grad_norm, adam_eps=cfg.adam_eps,
-                                       clip_head=cfg.clip_head)
+        self.tx, self.layout = build.optimizer_and_layout(cfg, self.mdef, self.mesh,
+                                                          self.total_steps)
         self.lr_at = optim.warmup_linear_schedule(cfg.learning_rate, self.total_steps, cfg.warmup)
-        self.layout = state_layout(self.mdef, self.tx, self.mesh,
-                                   sharding.rules_for(cfg.param_sharding))
         self.counter = TraceCounter()
         self.train_step = make_train_step(self.mdef.graphdef, self.loss, self.tx, self.layout,
                                           seed=cfg.seed, windowed_einsum=cfg.windowed_einsum,
@@ -298,12 +277,6 @@ class Trainer:
         if plan.unrecorded:
             log.warning("resuming a checkpoint from an older sbert-flax that did not record %s: "
                         "those are not checked; make sure they are the run's", ", ".join(plan.unrecorded))
-
-    def _model_config_flags(self) -> None:
-        # How the backbone computes (remat, scan over layers) lives on its config.
-        flags = {f: True for f in ("remat", "scan_layers") if getattr(self.cfg, f)}
-        if flags:
-            self.pre = dataclasses.replace(self.pre, config=dataclasses.replace(self.pre.config, **flags))
 
     def _meta(self, step: int, epochs_done: int) -> dict[str, Any]:
         return {"step": step, "epoch": epochs_done, "best": self.best, "history": self.history,

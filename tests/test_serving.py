@@ -360,20 +360,20 @@ def test_sigterm_finishes_requests_in_flight(server, direct, sentences):
         async with httpx.AsyncClient(base_url=server.url, timeout=60,
                                      limits=httpx.Limits(max_connections=n)) as client:
             tasks = [asyncio.ensure_future(one(client, t)) for t in requests]
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + 120  # a ceiling against a hang
             while metric(server.url, "te_requests_receiving") < started + n:
                 assert time.monotonic() < deadline, "requests never got in flight"
                 await asyncio.sleep(0.05)
             server.proc.send_signal(signal.SIGTERM)
             # Stops accepting: new connections are refused (within uvicorn's 0.1 s tick).
-            deadline = time.monotonic() + 15
+            deadline = time.monotonic() + 120  # a ceiling: uvicorn's tick is 0.1 s
             while True:
                 try:
                     async with httpx.AsyncClient(base_url=server.url, timeout=5) as fresh:
                         await fresh.get("/health")
                 except httpx.TransportError:
                     break
-                assert time.monotonic() < deadline, "still accepting 15 s after SIGTERM"
+                assert time.monotonic() < deadline, "still accepting 120 s after SIGTERM"
                 await asyncio.sleep(0.1)
             assert server.proc.poll() is None  # still finishing the requests in flight
             release.set()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -195,3 +197,14 @@ UER_LAYER_BY_HAND = [
     ("layer_norm_2.gamma", "output.LayerNorm.weight"),
     ("layer_norm_2.beta", "output.LayerNorm.bias"),
 ]
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 120.0) -> bool:
+    """Polls `condition` every 10 ms until it is true (True) or `timeout` seconds pass (False):
+    a ceiling against a hang, generous so that a loaded machine only makes it slower."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True

@@ -14,6 +14,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+from helpers import wait_for
 
 from sbert_flax.serving import create_app
 from sbert_flax.serving.backend import EncoderBackend
@@ -119,7 +120,7 @@ def test_failed_warmup_answers_503_with_retry_after():
         await life.startup()
         try:
             # The warm-up runs on the batcher's thread after the startup: wait for its verdict.
-            assert await asyncio.to_thread(_wait_for, lambda: batcher.error is not None), \
+            assert await asyncio.to_thread(wait_for, lambda: batcher.error is not None), \
                 "the warm-up never failed"
             async with _client(app) as client:
                 return [await client.post(p, json=b) for p, b in REQUESTS], \
@@ -131,15 +132,6 @@ def test_failed_warmup_answers_503_with_retry_after():
     for r in answers:
         _assert_503(r, "failed to warm up: no device")
     _assert_503(health, "failed to warm up")
-
-
-def _wait_for(condition, timeout: float = WAIT_S) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_lifespan_shutdown_drains_in_flight_work_and_refuses_new():
@@ -198,7 +190,7 @@ def test_embed_all_waits_for_the_warmup_like_embed(tiny_bert, one_device):
         life = Lifespan(app)
         await life.startup()
         try:
-            assert await asyncio.to_thread(_wait_for, lambda: batcher.error is not None)
+            assert await asyncio.to_thread(wait_for, lambda: batcher.error is not None)
             async with _client(app) as client:
                 return [await client.post(p, json={"inputs": ["你好"]})
                         for p in ("/embed", "/embed_all")]

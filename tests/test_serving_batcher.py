@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+from helpers import wait_for
 
 from sbert_flax.serving.batcher import Batcher, BatchFailed, Unavailable
 from sbert_flax.serving.metrics import ServeMetrics
@@ -232,11 +233,11 @@ def test_faults_outside_the_device_call_fail_only_their_requests():
         batcher.start()
         unsized = batcher.submit([np.int32(5)])  # len() raises inside _take
         with pytest.raises(BatchFailed, match="TypeError"):
-            await asyncio.wait_for(unsized.future, 10)  # the old worker died here: no answer
+            await asyncio.wait_for(unsized.future, WAIT_S)  # the old worker died here: no answer
         garbage = batcher.submit([seq(70, 2)])
         with pytest.raises(BatchFailed, match="ValueError"):
-            await asyncio.wait_for(garbage.future, 10)
-        return await asyncio.wait_for(batcher.submit([seq(4, 2)]).future, 10)
+            await asyncio.wait_for(garbage.future, WAIT_S)
+        return await asyncio.wait_for(batcher.submit([seq(4, 2)]).future, WAIT_S)
 
     assert asyncio.run(run())[:, 0].tolist() == [4]
     assert batcher.fatal is None and batcher.queued_inputs == 0
@@ -336,7 +337,7 @@ def _drain_into_a_hang(batcher: Batcher, backend: FakeBackend, stop_timeout: flo
         doomed = batcher.submit([seq(HANG, 2)])
         t0 = time.monotonic()
         stopping = asyncio.get_running_loop().run_in_executor(None, batcher.stop, stop_timeout)
-        assert await asyncio.to_thread(_wait_for, lambda: batcher.draining), "stop never began"
+        assert await asyncio.to_thread(wait_for, lambda: batcher.draining), "stop never began"
         backend.gate.set()
         stopped = await asyncio.wait_for(stopping, WAIT_S + stop_timeout)
         await asyncio.gather(first.future, return_exceptions=True)
@@ -349,15 +350,6 @@ def _drain_into_a_hang(batcher: Batcher, backend: FakeBackend, stop_timeout: flo
         return asyncio.run(run())
     finally:
         backend.hang.set()  # let the hung thread go
-
-
-def _wait_for(condition, timeout: float = WAIT_S) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_watchdog_keeps_watching_through_the_drain():

@@ -171,13 +171,13 @@ def test_a_failed_launched_round_fails_only_its_requests():
         held = backend.batches[1:]
         backend.rounds[0].release.set()
         with pytest.raises(BatchFailed, match="device error"):
-            await asyncio.wait_for(bad.future, 10)
+            await asyncio.wait_for(bad.future, 120)
         backend.rounds[1].release.set()
-        out = await asyncio.wait_for(good.future, 10)
+        out = await asyncio.wait_for(good.future, 120)
         after = batcher.submit([seq(8, 2)])
         await launched(backend, 1)
         backend.rounds[-1].release.set()
-        return held, out, await asyncio.wait_for(after.future, 10)
+        return held, out, await asyncio.wait_for(after.future, 120)
 
     held, out, after = asyncio.run(run())
     batcher.stop(10)
@@ -239,7 +239,7 @@ def test_overlapped_trimmed_rounds_equal_a_direct_encode(tiny_bert, one_device, 
         jobs = [batcher.submit(backend.tokenize(g, truncate=True, direction="right"))
                 for g in groups]
         batcher.start()
-        return await asyncio.wait_for(asyncio.gather(*(j.future for j in jobs)), 60)
+        return await asyncio.wait_for(asyncio.gather(*(j.future for j in jobs)), 120)
 
     outs = asyncio.run(run())
     batcher.stop(10)

@@ -25,7 +25,7 @@ from sbert_flax.training.train_config import TrainConfig
 from sbert_flax.training.trainer import ResumeMismatch, train_and_evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMEOUT_S = 240
+TIMEOUT_S = 600  # a ceiling against a hang, not a speed bound
 
 
 def _sets():

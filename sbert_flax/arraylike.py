@@ -1,4 +1,5 @@
-"""Array-likes in (numpy, jax, torch on any device) -> numpy, for the corpus utilities."""
+"""Host arrays: array-likes in (numpy, jax, torch on any device) -> numpy, and the row-wise L2
+normalisation every host-side embedding goes through."""
 
 from __future__ import annotations
 
@@ -26,3 +27,11 @@ def as_matrix(x: Any, name: str) -> np.ndarray:
     # Sub-float32 inputs are upcast, as sentence-transformers does: bf16 matmul outputs would
     # round nearby scores into spurious ties.
     return a if a.dtype == np.float32 else a.astype(np.float32)
+
+
+def l2_normalize_rows(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Rows divided by max(norm, eps) in float32: torch.nn.functional.normalize, which
+    sentence-transformers' Normalize and `normalize_embeddings` use. (On device, in jitted code,
+    `pooling.l2_normalize` is the gradient-safe form of the same.)"""
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    return (x / np.maximum(norm, eps)).astype(np.float32, copy=False)

@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sbert_flax import weights
+from sbert_flax.arraylike import l2_normalize_rows
 from sbert_flax.config import BertConfig, PoolingConfig
 from sbert_flax.embedder import abstract_embedder, embedder_params
 from sbert_flax.files import atomic_directory
@@ -285,7 +286,7 @@ class SentenceEncoder:
             out[batch.index] = res[batch.row, batch.slot]
             stats.add(batch)
         self.last_stats = stats
-        return _l2(out) if normalize else out
+        return l2_normalize_rows(out) if normalize else out
 
     def warmup(self, dtype: str | None = None) -> int:
         """Compiles (and runs once) every shape of the token budget; returns how many shapes."""
@@ -358,7 +359,7 @@ class SentenceEncoder:
         def finish(emb: np.ndarray) -> np.ndarray:
             if truncate_dim is not None:
                 emb = emb[:, :truncate_dim]
-            return _l2(emb) if normalize else emb
+            return l2_normalize_rows(emb) if normalize else emb
 
         windows: collections.deque[Window] = collections.deque()  # dispatched, not complete
         out = Reassembly(chunk_size, finish)
@@ -497,8 +498,3 @@ class SentenceEncoder:
             write_st_folder(tmp, self.config, state, self.pooling, self.max_seq_length,
                             self.tokenizer.lowercase_text, self.tokenizer, self.prompts)
 
-
-def _l2(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Row-wise L2 normalisation in float32, as torch.nn.functional.normalize."""
-    norm = np.linalg.norm(x, axis=-1, keepdims=True)
-    return (x / np.maximum(norm, eps)).astype(np.float32)

@@ -112,7 +112,7 @@ class EncoderBackend:
     def __init__(self, encoder):
         self.encoder = encoder
         self._lock = threading.Lock()
-        self._tokens = None  # (Rust tokenizer, special ids) for `tokens`, built on first use
+        self._rust = None  # `rust_tokenizer()`'s answer, built on first use
 
     # ---- what the model is --------------------------------------------------------------------
 
@@ -171,7 +171,7 @@ class EncoderBackend:
         HF tokenizer object sets truncation and padding on its backend at every call, so two
         threads calling it at once fail with "Already borrowed").
         """
-        backend, special = self._token_backend()
+        backend, special, _ = self.rust_tokenizer()
         if self.lowercase_text:  # the tokens the model really sees
             texts = [t.lower() for t in texts]
         out = []
@@ -187,17 +187,27 @@ class EncoderBackend:
             out.append(row)
         return out
 
-    def _token_backend(self):
+    def rust_tokenizer(self):
+        """(a Rust tokenizer of this backend's own, the special token ids, the vocabulary size),
+        built once; None for a backend without an HF tokenizer (a fake in tests).
+
+        The one copy /tokenize, /decode and the token-id checks share, safe from several threads
+        at once: the HF tokenizer object sets truncation and padding on its backend at every
+        call, so two threads calling it at once fail with "Already borrowed". This copy never
+        truncates or pads, and nothing changes it after it is built.
+        """
+        hf = getattr(self, "hf_tokenizer", None)
+        if hf is None:
+            return None
         with self._lock:
-            if self._tokens is None:
+            if self._rust is None:
                 import tokenizers
 
-                hf = self.hf_tokenizer
                 backend = tokenizers.Tokenizer.from_str(hf.backend_tokenizer.to_str())
                 backend.no_truncation()
                 backend.no_padding()
-                self._tokens = backend, frozenset(hf.all_special_ids)
-            return self._tokens
+                self._rust = backend, frozenset(hf.all_special_ids), len(hf)
+            return self._rust
 
     def embed_ids(self, ids: Sequence[np.ndarray]) -> np.ndarray:
         """float32 [len(ids), dim] embeddings (the model's own Normalize applies). Blocking."""

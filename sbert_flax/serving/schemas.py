@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from sbert_flax.arraylike import l2_normalize_rows
 from sbert_flax.serving.metrics import failure_label
 
 # TEI takes token ids as u32.
@@ -268,16 +269,11 @@ def encoding_format(obj: dict) -> str:
     return value
 
 
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Rows divided by max(norm, 1e-12), as sentence-transformers' Normalize."""
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 def shape_embeddings(emb: np.ndarray, normalize: bool, dims: int | None) -> np.ndarray:
     """Matryoshka-style truncation to `dims` (then renormalised when `normalize`)."""
     if dims is not None:
         emb = emb[:, :dims]
-    return l2_normalize(emb) if normalize else emb
+    return l2_normalize_rows(emb) if normalize else emb
 
 
 def openai_response(emb: np.ndarray, model: str, prompt_tokens: int, fmt: str) -> dict:

@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import threading
 
 import numpy as np
 from fastapi import Request, Response
 
+from sbert_flax.arraylike import l2_normalize_rows
 from sbert_flax.prompts import Prompts
 from sbert_flax.serving import schemas
 from sbert_flax.serving.schemas import ApiError, Inputs
@@ -51,8 +51,6 @@ class TeiRoutes:
         self.server = server
         # Decoding token ids (/decode, and ids with a prompt): one host thread of its own.
         self.pool = concurrent.futures.ThreadPoolExecutor(1, "sbert-flax-tei")
-        self._lock = threading.Lock()
-        self._decoder = None
 
     # ---- shared by the embedding routes -------------------------------------------------------
 
@@ -70,16 +68,11 @@ class TeiRoutes:
             raise ApiError(422, f"`prompt_name`: {e}") from None
 
     def _tokenizer(self):
-        """(a Rust tokenizer of our own, vocabulary size), or None for a backend without an HF
-        tokenizer (a fake in tests). HF's object is not safe to share across threads."""
-        with self._lock:
-            if self._decoder is None:
-                import tokenizers
-
-                hf = getattr(self.server.backend, "hf_tokenizer", None)
-                self._decoder = () if hf is None else (
-                    tokenizers.Tokenizer.from_str(hf.backend_tokenizer.to_str()), len(hf))
-            return self._decoder or None
+        """(the backend's shared Rust tokenizer, vocabulary size), or None for a backend without
+        an HF tokenizer (a fake in tests)."""
+        rust = getattr(self.server.backend, "rust_tokenizer", None)
+        built = rust() if rust is not None else None
+        return None if built is None else (built[0], built[2])
 
     def _check_vocab(self, ids: list[int], where: str) -> None:
         if self._tokenizer() is None:
@@ -161,7 +154,7 @@ class TeiRoutes:
         truncate = self.server.settings.auto_truncate if req.truncate is None else req.truncate
         inputs = Inputs([req.source, *req.sentences], False)
         ids = await self.token_ids(inputs, truncate, req.direction, self.prompt(req.prompt_name))
-        emb = schemas.l2_normalize(await self.server.embed(request, ids))
+        emb = l2_normalize_rows(await self.server.embed(request, ids))
         return emb[1:] @ emb[0]
 
     async def openai(self, request: Request, obj: dict) -> dict:

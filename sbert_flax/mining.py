@@ -29,7 +29,7 @@ import numpy as np
 
 from sbert_flax.arraylike import as_matrix
 from sbert_flax.prompts import side_prompt_kwargs
-from sbert_flax.search import top_k_arrays
+from sbert_flax.search import merge_top_k, top_k_arrays
 
 logger = logging.getLogger(__name__)
 
@@ -300,11 +300,7 @@ class _CorpusEmbeddings:
             s, i = top_k_arrays(q_emb, emb, top_k=width, corpus_chunk_size=self.chunk,
                                 query_chunk_size=min(b, 1024))
             i = np.where(i >= 0, i + start, -1)
-            s = np.concatenate([best_s, s], axis=1)
-            i = np.concatenate([best_i, i], axis=1)
-            keep = np.argsort(-s, axis=1, kind="stable")[:, :width]
-            best_s = np.take_along_axis(s, keep, axis=1)
-            best_i = np.take_along_axis(i, keep, axis=1)
+            best_s, best_i = merge_top_k(best_s, best_i, s, i, width)
             here = (rows_arr >= start) & (rows_arr < start + len(emb))
             picked[here] = emb[rows_arr[here] - start]
         scores = np.full((b, width), -np.inf, np.float32)

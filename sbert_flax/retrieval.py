@@ -289,7 +289,7 @@ def evaluate_retrieval(encoder: Any, folder: str | BeirFolder, split: str = "tes
       Ranking is by score, equal scores by ascending document id (as sentence-transformers),
       also where they straddle the top-k cut.
     """
-    from sbert_flax.search import top_k_arrays  # JAX: imported when a search runs
+    from sbert_flax.search import merge_top_k, top_k_arrays  # JAX: imported when a search runs
 
     f = folder if isinstance(folder, BeirFolder) else load_beir(folder, split)
     ks = {"accuracy_at_k": ACCURACY_AT_K, "precision_recall_at_k": PRECISION_RECALL_AT_K,
@@ -325,13 +325,8 @@ def evaluate_retrieval(encoder: Any, folder: str | BeirFolder, split: str = "tes
             if tied.size:
                 _cut_ties_by_id(q_emb, chunk, s, i, tied, max_k, id_rank[rows])
         r = np.where(i >= 0, rows[np.maximum(i, 0)], -1)
-        s = np.concatenate([best_s, s], axis=1)
-        r = np.concatenate([best_r, r], axis=1)
-        # Score descending, then document id ascending (empty slots last, by an out-of-range key).
-        tie = np.where(r >= 0, id_rank[np.maximum(r, 0)], len(id_rank))
-        order = np.lexsort((tie, -s), axis=-1)[:, :max_k]
-        best_s = np.take_along_axis(s, order, axis=1)
-        best_r = np.take_along_axis(r, order, axis=1)
+        # Score descending, then document id ascending (empty slots last).
+        best_s, best_r = merge_top_k(best_s, best_r, s, r, max_k, tie_rank=id_rank)
     ranked = [[f.corpus_ids[j] for j in row if j >= 0] for row in best_r.tolist()]
     out = retrieval_metrics(ranked, f.query_ids, f.relevant, **ks)
     return out | {"queries": nq, "corpus": len(f.corpus_ids)}

@@ -256,6 +256,26 @@ def top_k_arrays(query_embeddings: Any, corpus_embeddings: Any, top_k: int = 10,
     return vals, ids.astype(np.int64)
 
 
+def merge_top_k(best_s: np.ndarray, best_i: np.ndarray, s: np.ndarray, i: np.ndarray, k: int,
+                tie_rank: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The running top-k over corpus pieces, on the host: the best so far and a piece's top
+    (`top_k_arrays`, ids already offset to the whole corpus) -> the best k [b, <=k].
+
+    Score descending; equal scores keep the best so far first (earlier pieces: lower ids, as one
+    search over the whole corpus orders them), or go by `tie_rank[id]` when given (retrieval
+    evaluation: sentence-transformers breaks ties by document id string). Empty slots (id -1,
+    score -inf) sort last.
+    """
+    s = np.concatenate([best_s, s], axis=1)
+    i = np.concatenate([best_i, i], axis=1)
+    if tie_rank is None:
+        order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    else:
+        tie = np.where(i >= 0, tie_rank[np.maximum(i, 0)], len(tie_rank))
+        order = np.lexsort((tie, -s), axis=-1)[:, :k]
+    return np.take_along_axis(s, order, axis=1), np.take_along_axis(i, order, axis=1)
+
+
 # ---------------------------------------------------------------------------------------------
 # Paraphrase mining
 # ---------------------------------------------------------------------------------------------

@@ -6,13 +6,18 @@ import argparse
 import os
 
 
-def add_distributed_flags(p: argparse.ArgumentParser) -> None:
-    """`--coordinator_address/--num_processes/--process_id` (not needed on TPU pods / SLURM)."""
+def add_distributed_flags(p: argparse.ArgumentParser, underscore: bool = False) -> None:
+    """`--coordinator-address/--num-processes/--process-id` (not needed on TPU pods / SLURM).
+
+    Both spellings are accepted; `--help` shows the command's own style: hyphens, or with
+    `underscore` the underscores of the training CLI (UER-py's flags are spelled so).
+    """
     g = p.add_argument_group("multi-host (auto-detected on TPU pods and SLURM)")
-    g.add_argument("--coordinator_address", "--coordinator-address", dest="coordinator_address",
-                   help="host:port of process 0")
-    g.add_argument("--num_processes", "--num-processes", dest="num_processes", type=int)
-    g.add_argument("--process_id", "--process-id", dest="process_id", type=int)
+    for name, kw in (("coordinator-address", {"help": "host:port of process 0"}),
+                     ("num-processes", {"type": int}), ("process-id", {"type": int})):
+        hyphen, under = f"--{name}", f"--{name.replace('-', '_')}"
+        shown, alias = (under, hyphen) if underscore else (hyphen, under)
+        g.add_argument(shown, alias, dest=name.replace("-", "_"), **kw)
 
 
 def init_distributed(coordinator: str | None, num_processes: int | None,

@@ -220,7 +220,7 @@ def _parser(cls: type = TrainConfig) -> argparse.ArgumentParser:
     out = groups.get("output, checkpoints", p)
     out.add_argument("--output_model_path",
                      help="UER's flag: a .bin path becomes the run directory without .bin")
-    add_distributed_flags(p)
+    add_distributed_flags(p, underscore=True)
     return p
 
 
@@ -243,7 +243,7 @@ def _parse(argv: Sequence[str]) -> tuple[TrainConfig, argparse.Namespace]:
                                     description="Fine-tuning from a TrainConfig JSON file.")
         p.add_argument("--config", required=True, help="JSON object of TrainConfig fields")
         p.add_argument("overrides", nargs="*", help="key=value (values parsed as JSON if they can be)")
-        add_distributed_flags(p)
+        add_distributed_flags(p, underscore=True)
         args = p.parse_args(argv)
         bad = [o for o in args.overrides if "=" not in o]
         if bad:

@@ -149,9 +149,7 @@ class Server:
             ids = await loop.run_in_executor(self.tokenizer_pool, lambda: self.backend.tokenize(
                 texts, truncate=truncate, direction=direction))
         except InputTooLong as e:
-            raise ApiError(422, f"input {e.index} has {e.length} tokens, more than the maximum "
-                           f"input length of {e.limit} tokens; shorten it or send "
-                           "\"truncate\": true", "validation", err="tokenization") from None
+            raise schemas.input_too_long(e.index, e.length, e.limit) from None
         finally:
             loop.call_soon(self.batcher.arrived)
         self.metrics.tokenized(ids, time.perf_counter() - t0)

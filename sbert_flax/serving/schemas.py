@@ -86,6 +86,14 @@ class ApiError(Exception):
         return error_body(self.message, self.status, self.kind, openai)
 
 
+def input_too_long(index: int, length: int, limit: int) -> ApiError:
+    """TEI's 422 for an input over the maximum length while truncation is off (texts and token
+    ids alike)."""
+    return ApiError(422, f"input {index} has {length} tokens, more than the maximum input length "
+                    f"of {limit} tokens; shorten it or send \"truncate\": true",
+                    err="tokenization")
+
+
 def dumps(obj: Any) -> bytes:
     """JSON bytes; numpy arrays are written directly (float32 values round-trip exactly)."""
     return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)

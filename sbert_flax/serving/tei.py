@@ -109,9 +109,7 @@ class TeiRoutes:
             arr = np.asarray(x, np.int32)
             if len(arr) > limit:
                 if not truncate:
-                    raise ApiError(422, f"input {i} has {len(arr)} tokens, more than the maximum "
-                                   f"input length of {limit} tokens; shorten it or send "
-                                   "\"truncate\": true", err="tokenization")
+                    raise schemas.input_too_long(i, len(arr), limit)
                 arr = arr[:limit] if direction == "right" else arr[-limit:]
             ids[i] = arr
         return ids

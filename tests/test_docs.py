@@ -57,3 +57,32 @@ def test_relative_links_resolve(path: Path):
         if not (path.parent / file_part).exists():
             missing.append(target)
     assert not missing, f"{path.relative_to(ROOT)}: links to missing files: {missing}"
+
+
+# `from sbert_flax... import ...` / `import sbert_flax...` statements in the Python blocks.
+PY_BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
+IMPORT = re.compile(r"^\s*(from sbert_flax[\w.]* import [^#\n]+|import sbert_flax[\w.]*)",
+                    re.MULTILINE)
+
+
+def _doc_imports() -> list[tuple[str, str]]:
+    out = []
+    for path in _markdown_files():
+        for block in PY_BLOCK.findall(path.read_text(encoding="utf-8")):
+            out += [(str(path.relative_to(ROOT)), m.strip().rstrip("\\").strip())
+                    for m in IMPORT.findall(block)]
+    return out
+
+
+def test_every_import_the_docs_show_works():
+    """What README and the docs tell a user to import exists under that name (a moved or renamed
+    module fails here, not in a user's first line)."""
+    found = _doc_imports()
+    assert any("SentenceEncoder" in stmt for _, stmt in found), found  # the tour is still there
+    for where, stmt in found:
+        if stmt.endswith("("):  # a parenthesised import continued on the next lines
+            continue
+        try:
+            exec(stmt, {})
+        except ImportError as e:
+            raise AssertionError(f"{where}: `{stmt}` fails: {e}") from None

@@ -254,14 +254,15 @@ def test_consecutive_failures_kill_the_worker_and_fail_everything_waiting():
         batcher.start()
         jobs = [batcher.submit([seq(1, 2), seq(2, 2)]) for _ in range(3)]  # 2 rounds each
         results = await asyncio.wait_for(
-            asyncio.gather(*(j.future for j in jobs), return_exceptions=True), 10)
-        await asyncio.to_thread(batcher._thread.join, 10)  # the third failure ends the thread
+            asyncio.gather(*(j.future for j in jobs), return_exceptions=True), WAIT_S)
+        await asyncio.to_thread(batcher._thread.join, WAIT_S)  # the third failure ends it
         with pytest.raises(Unavailable, match="worker died"):
             batcher.submit([seq(3, 2)])
         return results
 
     results = asyncio.run(run())
     assert all(isinstance(r, Unavailable) for r in results), results
+    assert wait_for(lambda: died, WAIT_S), "on_fatal was never called"
     assert "3 rounds failed in a row" in str(batcher.fatal) and len(died) == 1
     assert not batcher.ready.is_set() and batcher.queued_inputs == 0
     batcher.stop(10)
@@ -277,19 +278,22 @@ def test_a_dead_worker_thread_fails_its_batch_and_the_queue():
 
     async def run():
         batcher.start()
-        await asyncio.to_thread(batcher.ready.wait, 10)
+        await asyncio.to_thread(batcher.ready.wait, WAIT_S)
         backend.gate.clear()
         doomed = batcher.submit([seq(71, 2)])
         await asyncio.to_thread(backend.entered.acquire)  # on the device
         queued = batcher.submit([seq(5, 2)])
         backend.gate.set()
         return await asyncio.wait_for(asyncio.gather(doomed.future, queued.future,
-                                                     return_exceptions=True), 10)
+                                                     return_exceptions=True), WAIT_S)
 
     results = asyncio.run(run())
     assert all(isinstance(r, Unavailable) and "Crash" in str(r) for r in results), results
+    # The owner is told after the waiting requests are failed (`Batcher._die`): on a loaded
+    # machine the answers can come back first, so wait for the call rather than race it.
+    assert wait_for(lambda: died, WAIT_S), "on_fatal was never called"
     assert isinstance(batcher.fatal, Crash) and died == [batcher.fatal]
-    batcher._thread.join(10)
+    batcher._thread.join(WAIT_S)
     assert not batcher._thread.is_alive()
     batcher.stop(10)
 
@@ -362,6 +366,7 @@ def test_watchdog_keeps_watching_through_the_drain():
     batcher = Batcher(backend, 10, metrics, on_fatal=died.append, stuck_after=1.0)
     stopped, outcome, _ = _drain_into_a_hang(batcher, backend, stop_timeout=WAIT_S)
     assert stopped is False
+    assert wait_for(lambda: died, WAIT_S), "on_fatal was never called"
     assert "device is stuck" in str(batcher.fatal) and died == [batcher.fatal]
     assert isinstance(outcome, Unavailable) and "worker died" in str(outcome), outcome
 
@@ -375,5 +380,6 @@ def test_stop_is_bounded_without_a_watchdog():
     batcher = Batcher(backend, 10, metrics, on_fatal=died.append)
     stopped, outcome, seconds = _drain_into_a_hang(batcher, backend, stop_timeout=0.5)
     assert stopped is False and seconds >= 0.5
+    assert wait_for(lambda: died, WAIT_S), "on_fatal was never called"
     assert "drain did not finish within 0.5 s" in str(batcher.fatal) and died == [batcher.fatal]
     assert isinstance(outcome, Unavailable), outcome

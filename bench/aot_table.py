@@ -27,8 +27,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from sbert_flax.config import BertConfig  # noqa: E402
-from sbert_flax.files import atomic_write, write_json  # noqa: E402
+from sbert_flax.common.files import atomic_write, write_json  # noqa: E402
+from sbert_flax.models.config import BertConfig  # noqa: E402
 
 # Slice name -> libtpu topology ("-8" counts TensorCores: v5p-8 and v4-8 are 4 megacore chips).
 TOPOLOGIES = {"v5e-8": "v5e:2x4", "v5e-16": "v5e:4x4", "v5p-8": "v5p:2x2x1", "v4-8": "v4:2x2x1"}
@@ -56,7 +56,7 @@ def rows(only: list[str] | None, batches: list[int] | None = None,
 
 
 def run_row(row: dict, model: str, timeout: float, scan_with_remat: bool = False) -> dict:
-    argv = [sys.executable, "-m", "sbert_flax.cli", "compile", "--topology", row["topology"],
+    argv = [sys.executable, "-m", "sbert_flax.cli.main", "compile", "--topology", row["topology"],
             "--model", model, "--loss", "mnrl", "--batch_size", str(row["batch_size"]),
             "--seq_length", str(SEQ_LENGTH), "--bf16", "--param-sharding", row["param_sharding"],
             "--json"] + (["--remat"] if row["remat"] else [])
@@ -148,7 +148,7 @@ def main() -> int:
                     help="only write --out's markdown (and JSON) from these results, merged in plan order")
     args = ap.parse_args()
     if args.render:
-        from sbert_flax.files import read_json
+        from sbert_flax.common.files import read_json
 
         parts = [read_json(p) for p in args.render]
         key = {(r["slice"], r["batch_size"], r["param_sharding"], r["remat"]): i

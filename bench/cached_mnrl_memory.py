@@ -38,7 +38,7 @@ def measure(name: str, batch: int, seq: int, mini: int | None, packed: bool = Fa
     import jax
     import jax.numpy as jnp
 
-    from sbert_flax.config import BertConfig
+    from sbert_flax.models.config import BertConfig
     from sbert_flax.training import losses
 
     loss = losses.make_loss(name, mini_batch_size=mini)

@@ -13,7 +13,7 @@ def random_bert_dir(name: str, **config) -> str:
       name: folder name under the model cache.
       **config: `transformers.BertConfig` fields (vocab size is always 21128).
     """
-    from sbert_flax.devdata import data_path, model_cache_dir
+    from sbert_flax.common.devdata import data_path, model_cache_dir
 
     d = os.path.join(model_cache_dir(), name)
     if os.path.isfile(os.path.join(d, "config.json")):
@@ -21,7 +21,7 @@ def random_bert_dir(name: str, **config) -> str:
     import torch
     from transformers import BertConfig, BertModel
 
-    from sbert_flax.tokenization import load_tokenizer
+    from sbert_flax.inference.tokenization import load_tokenizer
 
     torch.manual_seed(0)
     model = BertModel(BertConfig(vocab_size=21128, **config), add_pooling_layer=False)
@@ -40,7 +40,7 @@ def bert_base_dir() -> str:
 
 def stsb_sentences(split: str = "test", n: int | None = None) -> list[str]:
     """Both sentence columns of STS-B-zh `split` (test: 2,722 sentences), first `n` if given."""
-    from sbert_flax.devdata import data_path
+    from sbert_flax.common.devdata import data_path
 
     path = data_path("stsb-zh", f"{split}.tsv")
     if path is None:

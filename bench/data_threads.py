@@ -67,8 +67,8 @@ def main() -> None:
     p.add_argument("--lock", action="store_true", help="serialise tokenization as before")
     args = p.parse_args()
 
-    from sbert_flax.devdata import data_path
-    from sbert_flax.tokenization import load_tokenizer
+    from sbert_flax.common.devdata import data_path
+    from sbert_flax.inference.tokenization import load_tokenizer
     from sbert_flax.training import data
 
     vocab = data_path("vocab", "google_zh_vocab.txt")

@@ -42,8 +42,8 @@ def child(model: str, path: str) -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
 
-    from sbert_flax.corpus import encode_file
-    from sbert_flax.encoder import SentenceEncoder
+    from sbert_flax.inference.corpus import encode_file
+    from sbert_flax.inference.encoder import SentenceEncoder
 
     enc = SentenceEncoder.from_pretrained(model, devices=jax.local_devices()[:1])
     peak = [0]

@@ -162,9 +162,9 @@ def make_model_dir(path: str, sizes: dict, vocab: str) -> str:
     import numpy as np
     from safetensors.numpy import save_file
 
-    from sbert_flax.config import BertConfig
-    from sbert_flax.tokenization import load_tokenizer
-    from sbert_flax.weights import hf_ports
+    from sbert_flax.checkpoints.weight_maps import hf_ports
+    from sbert_flax.inference.tokenization import load_tokenizer
+    from sbert_flax.models.config import BertConfig
 
     with open(vocab, encoding="utf-8") as f:
         vocab_size = sum(1 for _ in f)
@@ -198,7 +198,7 @@ def make_model_dir(path: str, sizes: dict, vocab: str) -> str:
 
 
 def _vocab() -> str:
-    from sbert_flax.devdata import data_dir, data_path
+    from sbert_flax.common.devdata import data_dir, data_path
 
     p = data_path("vocab", "google_zh_vocab.txt")
     if p is None:
@@ -264,9 +264,9 @@ def preflight(args, sizes: dict) -> None:
         import jax.numpy as jnp
         from flax import nnx
 
-        import sbert_flax.encoder  # noqa: F401  (orbax, tokenizers, the whole encode path)
-        from sbert_flax.config import BertConfig, PoolingConfig
-        from sbert_flax.embedder import abstract_embedder
+        import sbert_flax.inference.encoder  # noqa: F401  (orbax, tokenizers, the whole encode path)
+        from sbert_flax.models.config import BertConfig, PoolingConfig
+        from sbert_flax.models.embedder import abstract_embedder
         from sbert_flax.training import losses, optim, state, step  # noqa: F401
     env["modules"] = {"jax": jax.__version__, "flax": flax.__version__,
                       "flax_file": flax.__file__, "jax_file": jax.__file__}
@@ -303,7 +303,7 @@ def host_side(enc, sentences: list[str], budget: int, workers: tuple[int, ...]) 
     """The host side alone, no device call: windows tokenized and packed as `encode_chunks` makes
     them (`prepared_windows`), at each number of preparation threads (0: the caller's thread,
     where tokenize and pack are also timed apart)."""
-    from sbert_flax.stream import Window
+    from sbert_flax.inference.window_stream import Window
 
     out: dict = {"by_workers": {}}
     tokenize, pack = enc.tokenizer.encode_ids, enc.packer(budget).pack
@@ -324,7 +324,7 @@ def host_side(enc, sentences: list[str], budget: int, workers: tuple[int, ...]) 
         tokens = batches = 0
         t0 = time.perf_counter()
         if w == 0:
-            from sbert_flax.encoder import MIN_WINDOW, WINDOW_BATCHES
+            from sbert_flax.inference.encoder import MIN_WINDOW, WINDOW_BATCHES
 
             window = max(MIN_WINDOW, WINDOW_BATCHES * budget // 32)
             windows = map(timed_prepare, enc._windows(sentences, window))
@@ -376,7 +376,7 @@ def _prep_init(tokenizer, packer, max_seq_length: int) -> None:
 
 def _prep_in_process(item):
     """`SentenceEncoder._prepare_window` in a worker process: no GIL shared with the dispatcher."""
-    from sbert_flax.stream import Window
+    from sbert_flax.inference.window_stream import Window
 
     start, texts = item
     tok = _PREP["tokenizer"]
@@ -391,8 +391,8 @@ def process_prep_pass(enc, sents: list[str], processes: int) -> float:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from sbert_flax.encoder import MIN_WINDOW, WINDOW_BATCHES
-    from sbert_flax.stream import prefetch
+    from sbert_flax.inference.encoder import MIN_WINDOW, WINDOW_BATCHES
+    from sbert_flax.inference.window_stream import prefetch
 
     window = max(MIN_WINDOW, WINDOW_BATCHES * enc.max_batch_tokens // 32)
     with ProcessPoolExecutor(processes, multiprocessing.get_context("spawn"), _prep_init,
@@ -470,8 +470,8 @@ def encode(args, sizes: dict) -> None:
     clock = Clock(args.budget_s)
     import jax
 
-    from sbert_flax.encoder import SentenceEncoder
-    from sbert_flax.loading import load_model
+    from sbert_flax.checkpoints.loading import load_model
+    from sbert_flax.inference.encoder import SentenceEncoder
 
     sents, distinct = _sentences(sizes["sentences"])
     model = load_model(args.model)
@@ -575,8 +575,8 @@ def packed_batches(tokenizer, pairs, batch: int, seq_length: int, row_multiple: 
     keeping those of the most common packed shape (each other shape would be one more compile)."""
     import numpy as np
 
-    from sbert_flax.packing import TrainPacking, row_lengths
-    from sbert_flax.tokenization import bucket_for
+    from sbert_flax.inference.packing import TrainPacking, row_lengths
+    from sbert_flax.inference.tokenization import bucket_for
 
     rng = np.random.default_rng(seed)
     made = []
@@ -617,11 +617,11 @@ def train(args, sizes: dict) -> None:
     import jax
     import jax.numpy as jnp
 
-    from sbert_flax import sharding
-    from sbert_flax.devdata import data_path
+    from sbert_flax.checkpoints.pretrained import load_pretrained
+    from sbert_flax.common import sharding
+    from sbert_flax.common.devdata import data_path
     from sbert_flax.training import flops, optim
     from sbert_flax.training.losses import EmbeddingModel, make_loss
-    from sbert_flax.training.pretrained import load_pretrained
     from sbert_flax.training.siamese import abstract_model_def
     from sbert_flax.training.state import create_train_state, state_layout
     from sbert_flax.training.step import TraceCounter, make_train_step

@@ -22,7 +22,7 @@ splits, repeated to `--sentences`), each measure interleaved with the others in 
 
 Prints sentences/s of each (best of the repeats) and the ratios (a)/(b), (c)/(b) (the median
 of the per-repeat ratios, so a noisy repeat moves neither side alone). Against an older checkout
-that has no `sbert_flax.stream`, (a) is the serial loop `encode` ran then (tokenize, then pack,
+that has no `sbert_flax.inference.window_stream`, (a) is the serial loop `encode` ran then (tokenize, then pack,
 on the caller's thread), so the same file measures before and after:
 
     python bench/host_pipeline.py
@@ -53,7 +53,7 @@ def sentences(n: int) -> list[str]:
 
 def host_side(enc, sents: list[str], workers: int) -> int:
     """Every packed batch of `encode(sents)`, arrays ready, without the device; returns batches."""
-    if not hasattr(enc, "prepared_windows"):  # the serial loop of `encode` before sbert_flax.stream
+    if not hasattr(enc, "prepared_windows"):  # the serial loop of `encode` before sbert_flax.inference.window_stream
         packer = enc.packer()
         window = max(1024, 64 * packer.max_batch_tokens // 32)
         count = 0
@@ -113,7 +113,7 @@ def main() -> None:
     bare = enc.tokenizer._backend(enc.max_seq_length, "right")
     new = hasattr(enc, "prepared_windows")
     print(f"{len(sents):,} sentences, budget {args.max_batch_tokens} tokens, model {args.layers} "
-          f"layer(s) hidden {args.hidden}, {'sbert_flax.stream' if new else 'old serial loop'}, "
+          f"layer(s) hidden {args.hidden}, {'sbert_flax.inference.window_stream' if new else 'old serial loop'}, "
           f"{os.cpu_count()} CPUs")
     t0 = time.perf_counter()
     enc.encode(sents)  # compiles every shape this input uses

@@ -69,7 +69,7 @@ def child(n: int, corpus: int, dim: int, corpus_chunk: int, block: int) -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax  # noqa: F401 -- imported before the baseline, as any run has it
 
-    from sbert_flax.mining import iter_mined, write_tsv
+    from sbert_flax.retrieval.mining import iter_mined, write_tsv
 
     base = rss_mb()
     anchors = [f"问题{i}：这是第{i}个查询" for i in range(n)]

@@ -58,8 +58,8 @@ def main() -> None:
     p.add_argument("--path", default="/tmp/sbert_flax_pipeline_rss_pairs.tsv")
     args = p.parse_args()
 
-    from sbert_flax.devdata import data_path
-    from sbert_flax.tokenization import load_tokenizer
+    from sbert_flax.common.devdata import data_path
+    from sbert_flax.inference.tokenization import load_tokenizer
     from sbert_flax.training import data
 
     vocab = data_path("vocab", "google_zh_vocab.txt")

@@ -55,7 +55,7 @@ def child(folder: str, dim: int) -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax  # noqa: F401 -- imported before the baseline, as any run has it
 
-    from sbert_flax.retrieval import evaluate_retrieval
+    from sbert_flax.retrieval.ir_evaluation import evaluate_retrieval
 
     enc = HashEncoder(dim)
     base = rss_mb()

@@ -44,7 +44,7 @@ DEFAULT_VENV = os.path.join(os.path.expanduser("~"), ".cache", "sbert_flax", "in
 
 
 def load_sentences() -> list[str]:
-    from sbert_flax.devdata import data_path
+    from sbert_flax.common.devdata import data_path
 
     path = data_path("stsb-zh", "test.tsv")
     if path is None:
@@ -217,7 +217,7 @@ def bench_direct(model: str, sentences: list[str], repeats: int) -> tuple[float,
 def bench_sbert_flax(model, requests, levels, seconds, extra_args, logdir) -> tuple[dict, float]:
     port = free_port()
     log = os.path.join(logdir, "sbert-flax-serve.log")
-    cmd = [sys.executable, "-m", "sbert_flax.serving.command", "--model", model, "--port",
+    cmd = [sys.executable, "-m", "sbert_flax.cli.serve", "--model", model, "--port",
            str(port), "--served-model-name", "bench", "--log-level", "warning", *extra_args]
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
@@ -272,7 +272,7 @@ def main() -> None:
 
     # The server runs on the CPU (JAX_PLATFORMS=cpu below); so does the direct encode beside it.
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from sbert_flax.devdata import reference_model
+    from sbert_flax.common.devdata import reference_model
 
     if args.model == "bert-base":
         from common import bert_base_dir

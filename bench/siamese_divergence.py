@@ -124,14 +124,14 @@ def run_flax(recipe: Recipe, source, batches: list[np.ndarray],
     Returns {"loss", "grad_norm", "init", "final"} like `run_torch` (HF names)."""
     import jax
 
-    from sbert_flax import sharding
+    from sbert_flax.checkpoints.pretrained import load_pretrained
+    from sbert_flax.checkpoints.weight_maps import flax_to_hf
+    from sbert_flax.common import sharding
     from sbert_flax.training import optim
     from sbert_flax.training.losses import make_loss
     from sbert_flax.training.pipeline import BatchBuilder, PipelineConfig
-    from sbert_flax.training.pretrained import load_pretrained
     from sbert_flax.training.state import create_train_state, state_layout
     from sbert_flax.training.step import make_train_step
-    from sbert_flax.weights import flax_to_hf
 
     pre = load_pretrained(recipe.model_dir, pooling="mean", seq_length=recipe.seq_length)
     cfg = dataclasses.replace(pre.config, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -216,7 +216,7 @@ def main() -> None:
 
     import torch
 
-    from sbert_flax.devdata import data_path, reference_model
+    from sbert_flax.common.devdata import data_path, reference_model
 
     torch.set_num_threads(args.threads)
     recipe = Recipe(model_dir=args.model or reference_model("m3e-small"),

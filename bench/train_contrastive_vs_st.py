@@ -10,7 +10,7 @@ The sbert-flax side is the `sbert-flax train` command line exactly as issue 8 wr
 `--seed`); the sentence-transformers side is `st_contrastive.train_st` (its trainer's loop with
 the same hyper-parameters). Every run is its own subprocess, one after the other on the same CPU
 (2 torch threads; XLA uses the machine's cores). Both final models are then scored the same way:
-STS-B-zh dev and test Spearman of cosine with `sbert_flax.evaluation.evaluate_sts` over
+STS-B-zh dev and test Spearman of cosine with `sbert_flax.retrieval.sts.evaluate_sts` over
 `SentenceEncoder.from_pretrained(<sentence-transformers folder>)` (sbert-flax exports
 OUT/best_model_pytorch, the model after its single epoch; sentence-transformers `model.save`).
 
@@ -97,8 +97,8 @@ def child_st(args) -> None:
 def child_eval(args) -> None:
     """Scores sentence-transformers folders on STS-B-zh dev and test (one JSON line per folder)."""
     from sbert_flax import SentenceEncoder
-    from sbert_flax.devdata import data_path
-    from sbert_flax.evaluation import evaluate_sts
+    from sbert_flax.common.devdata import data_path
+    from sbert_flax.retrieval.sts import evaluate_sts
 
     out = {}
     for d in args.eval_dirs:
@@ -130,7 +130,7 @@ def run_st(args, recipe: str, seed: int, train_path: str, work: str) -> dict:
 def run_flax(args, recipe: str, seed: int, train_path: str, work: str) -> dict:
     out = os.path.join(work, f"flax-{recipe}-{seed}")
     _, _, _, _, flags = RECIPES[recipe]
-    from sbert_flax.devdata import data_path
+    from sbert_flax.common.devdata import data_path
 
     sts_dev = data_path("stsb-zh", "dev.tsv")
     # The issue's command line; only the seed (and, for a smoke run, the step limit) added.
@@ -257,7 +257,7 @@ def main() -> None:
         print(table(results, args))
         return None
 
-    from sbert_flax.devdata import data_path, reference_model
+    from sbert_flax.common.devdata import data_path, reference_model
 
     args.model = args.model or reference_model("m3e-small")
     seeds = [int(s) for s in args.seeds.split(",") if s]

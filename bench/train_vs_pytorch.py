@@ -57,7 +57,7 @@ def run_torch(args, seed: int, train_path: str, dev_path: str, sts_dev: str) -> 
     import torch
     from torch_siamese import SoftmaxRecipe
 
-    from sbert_flax.evaluation import read_sts, spearman
+    from sbert_flax.retrieval.sts import read_sts, spearman
     from sbert_flax.training import data
     from sbert_flax.training.pipeline import BatchPlan, PipelineConfig
 
@@ -179,8 +179,8 @@ def main() -> None:
     ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
-    from sbert_flax.devdata import data_path, reference_model
-    from sbert_flax.files import write_json
+    from sbert_flax.common.devdata import data_path, reference_model
+    from sbert_flax.common.files import write_json
 
     if args.report:
         records = [json.load(open(p, encoding="utf-8"))

@@ -5,14 +5,14 @@
 
 Same arguments, defaults and output as UER-py's scripts/convert_sbert_from_uer_to_huggingface.py
 (tower 0, HF key names without `bert.`, UER's padding-segment row dropped, torch.save); see
-`sbert_flax.uer_sbert_to_hf`. Needs torch.
+`sbert_flax.checkpoints.uer`. Needs torch.
 """
 
 import argparse
 import sys
 
-from sbert_flax.uer_sbert_to_hf import convert_sbert_from_uer_to_huggingface
-from sbert_flax.weights import WeightsError
+from sbert_flax.checkpoints.uer import convert_sbert_from_uer_to_huggingface
+from sbert_flax.checkpoints.weight_maps import WeightsError
 
 
 def main(argv: list[str] | None = None) -> int:

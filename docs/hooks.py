@@ -1,9 +1,9 @@
 """MkDocs hook: the CLI reference, generated from the argparse parsers at build time.
 
 `docs/cli.md` holds the marker `<!-- cli-reference -->`; `on_page_markdown` replaces it with the
-`--help` of `sbert-flax` and of every subcommand, taken from `sbert_flax.cli.build_parser()` (whose
-`serve` and `compile` parsers come from `sbert_flax.serving.command` / `sbert_flax.aot.command`)
-and, for `train`, from `sbert_flax.training.cli._parser()`. Nothing here imports JAX.
+`--help` of `sbert-flax` and of every subcommand, taken from `sbert_flax.cli.main.build_parser()` (whose
+`serve` and `compile` parsers come from `sbert_flax.cli.serve` / `sbert_flax.cli.compile`)
+and, for `train`, from `sbert_flax.cli.train._parser()`. Nothing here imports JAX.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ def _block(title: str, help_text: str) -> str:
 
 def cli_reference() -> str:
     os.environ["COLUMNS"] = "100"  # argparse wraps to $COLUMNS: the same page on every machine
-    from sbert_flax.cli import build_parser
-    from sbert_flax.training.cli import _parser as train_parser
+    from sbert_flax.cli.main import build_parser
+    from sbert_flax.cli.train import _parser as train_parser
 
     parser = build_parser()
     out = [_block("sbert-flax", parser.format_help())]

@@ -11,27 +11,27 @@ from typing import TYPE_CHECKING, Any
 
 # Public name -> the module that defines it.
 _EXPORTS = {
-    "BertConfig": "sbert_flax.config",
-    "PoolingConfig": "sbert_flax.config",
-    "SentenceEmbedder": "sbert_flax.embedder",
-    "SentenceEncoder": "sbert_flax.encoder",
-    "enable_compilation_cache": "sbert_flax.encoder",
-    "DEFAULT_MODEL": "sbert_flax.hub",
-    "LoadedModel": "sbert_flax.loading",
-    "load_model": "sbert_flax.loading",
-    "BertModel": "sbert_flax.model",
+    "BertConfig": "sbert_flax.models.config",
+    "PoolingConfig": "sbert_flax.models.config",
+    "SentenceEmbedder": "sbert_flax.models.embedder",
+    "SentenceEncoder": "sbert_flax.inference.encoder",
+    "enable_compilation_cache": "sbert_flax.inference.encoder",
+    "DEFAULT_MODEL": "sbert_flax.checkpoints.hub",
+    "LoadedModel": "sbert_flax.checkpoints.loading",
+    "load_model": "sbert_flax.checkpoints.loading",
+    "BertModel": "sbert_flax.models.bert",
 }
 
 __all__ = sorted(_EXPORTS)
 __version__ = "0.2.0"
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on demand
-    from sbert_flax.config import BertConfig, PoolingConfig  # noqa: F401
-    from sbert_flax.embedder import SentenceEmbedder  # noqa: F401
-    from sbert_flax.encoder import SentenceEncoder, enable_compilation_cache  # noqa: F401
-    from sbert_flax.hub import DEFAULT_MODEL  # noqa: F401
-    from sbert_flax.loading import LoadedModel, load_model  # noqa: F401
-    from sbert_flax.model import BertModel  # noqa: F401
+    from sbert_flax.checkpoints.hub import DEFAULT_MODEL  # noqa: F401
+    from sbert_flax.checkpoints.loading import LoadedModel, load_model  # noqa: F401
+    from sbert_flax.inference.encoder import SentenceEncoder, enable_compilation_cache  # noqa: F401
+    from sbert_flax.models.bert import BertModel  # noqa: F401
+    from sbert_flax.models.config import BertConfig, PoolingConfig  # noqa: F401
+    from sbert_flax.models.embedder import SentenceEmbedder  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

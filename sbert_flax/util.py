@@ -16,8 +16,8 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from sbert_flax.arraylike import as_matrix
-from sbert_flax.embeddings_file import (  # noqa: F401  (re-exported)
+from sbert_flax.common.arraylike import as_matrix
+from sbert_flax.inference.embeddings_file import (  # noqa: F401  (re-exported)
     MANIFEST_FORMAT,
     MANIFEST_VERSION,
     load_embeddings,
@@ -27,10 +27,10 @@ from sbert_flax.embeddings_file import (  # noqa: F401  (re-exported)
     shard_path,
     write_manifest,
 )
-from sbert_flax.mining import mine_hard_negatives  # noqa: F401  (re-exported)
-from sbert_flax.prompts import side_prompt_kwargs
-from sbert_flax.quantization import PRECISIONS, Precision, quantize_embeddings  # noqa: F401
-from sbert_flax.search import (  # noqa: F401  (re-exported)
+from sbert_flax.inference.prompts import side_prompt_kwargs
+from sbert_flax.inference.quantization import PRECISIONS, Precision, quantize_embeddings  # noqa: F401
+from sbert_flax.retrieval.mining import mine_hard_negatives  # noqa: F401  (re-exported)
+from sbert_flax.retrieval.search import (  # noqa: F401  (re-exported)
     TRACE_COUNTS,
     ScoreFunction,
     paraphrase_mining,

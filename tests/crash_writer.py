@@ -1,7 +1,7 @@
-"""A writer to crash: overwrites a model folder and a JSON file through `sbert_flax.files`, in a
+"""A writer to crash: overwrites a model folder and a JSON file through `sbert_flax.common.files`, in a
 loop or once, so a test can SIGKILL it at chosen or random moments and check what is left.
 
-`sbert_flax/files.py` is loaded on its own, not through the package: `import sbert_flax` imports
+`sbert_flax/common/files.py` is loaded on its own, not through the package: `import sbert_flax` imports
 JAX (about 2 s a start), and a crash test starts this script 20+ times; files.py needs only the
 standard library.
 
@@ -21,7 +21,7 @@ import shutil
 import signal
 import sys
 
-_FILES_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "sbert_flax", "files.py")
+_FILES_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "sbert_flax", "common", "files.py")
 
 
 def _files():

@@ -18,7 +18,7 @@ jax.config.update("jax_num_cpu_devices", 4)
 
 def main() -> int:
     port, pid, args = sys.argv[1], sys.argv[2], sys.argv[3:]
-    from sbert_flax.cli import main as cli_main
+    from sbert_flax.cli.main import main as cli_main
 
     return cli_main(["encode", *args, "--coordinator_address", f"127.0.0.1:{port}",
                      "--num_processes", "2", "--process_id", pid, "--no-progress"])

@@ -15,6 +15,9 @@ from collections.abc import Callable
 
 import numpy as np
 
+TESTS = os.path.dirname(os.path.abspath(__file__))  # tests/: the drivers and hooks live here
+REPO = os.path.dirname(TESTS)
+
 TEST_CACHE_VARS = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
                    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES")
 
@@ -27,7 +30,7 @@ def without_test_cache(env: dict) -> dict:
 
 def zh_vocab_file() -> str | None:
     """The Chinese BERT vocab (shared data), or None if it is absent."""
-    from sbert_flax.devdata import data_path
+    from sbert_flax.common.devdata import data_path
 
     return data_path("vocab", "google_zh_vocab.txt")
 
@@ -132,7 +135,7 @@ def make_tiny_bert_dir(path: str, *, hidden: int = 32, layers: int = 2, heads: i
 
 def read_stsb(split: str) -> tuple[list[str], list[str], np.ndarray] | None:
     """STS-B-zh `split` as (s1, s2, scores), or None if the shared file is absent."""
-    from sbert_flax.devdata import data_path
+    from sbert_flax.common.devdata import data_path
 
     p = data_path("stsb-zh", f"{split}.tsv")
     if p is None:

@@ -25,9 +25,9 @@ def mnrl_run(steps: int = 3):
     import numpy as np
     import optax
 
-    from sbert_flax import sharding
-    from sbert_flax.config import BertConfig
-    from sbert_flax.packing import TrainPacking
+    from sbert_flax.common import sharding
+    from sbert_flax.inference.packing import TrainPacking
+    from sbert_flax.models.config import BertConfig
     from sbert_flax.training import losses
     from sbert_flax.training.state import create_train_state, state_layout
     from sbert_flax.training.step import make_train_step
@@ -80,7 +80,7 @@ def main() -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.config.update("jax_num_cpu_devices", 4)
     port, pid, out_dir, jobs = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
-    from sbert_flax.distributed import init_distributed
+    from sbert_flax.common.distributed import init_distributed
 
     init_distributed(f"127.0.0.1:{port}", 2, pid)
     assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4

@@ -1,7 +1,7 @@
 """A server on a fault-injecting fake backend: `FaultyBackend`, for the serving tests.
 
 Run as a script (`python tests/serve_fault_driver.py PORT [REQUEST_TIMEOUT]`), it serves that
-backend through `sbert_flax.serving.command.serve`, the same uvicorn run as `sbert-flax serve`,
+backend through `sbert_flax.cli.serve.serve`, the same uvicorn run as `sbert-flax serve`,
 and exits with its exit code, so a test can watch the process die when the worker does.
 """
 
@@ -87,8 +87,8 @@ class FaultyBackend(EncoderBackend):
 
 
 def main(port: int, request_timeout: float = 60.0) -> int:
+    from sbert_flax.cli.serve import serve
     from sbert_flax.serving import ServeSettings, create_app
-    from sbert_flax.serving.command import serve
 
     app = create_app(FaultyBackend(), ServeSettings(max_consecutive_failures=3,
                                                     request_timeout=request_timeout))

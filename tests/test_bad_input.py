@@ -9,9 +9,12 @@ import shutil
 import numpy as np
 import pytest
 
-from sbert_flax import SentenceEncoder, checkpoint, cli, encoder
-from sbert_flax.config import ConfigError
-from sbert_flax.weights import WeightsError
+from sbert_flax import SentenceEncoder
+from sbert_flax.checkpoints import orbax_params as checkpoint
+from sbert_flax.checkpoints.weight_maps import WeightsError
+from sbert_flax.cli import main as cli
+from sbert_flax.inference import encoder
+from sbert_flax.models.config import ConfigError
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from sbert_flax.devdata import data_dir
+from sbert_flax.common.devdata import data_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEEDED = ("stsb-zh/test.tsv", "contrastive/nli-zh-pairs.tsv", "vocab/google_zh_vocab.txt")

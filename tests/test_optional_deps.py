@@ -49,7 +49,7 @@ already = sorted(m for m in sys.modules if m.partition(".")[0] in BLOCKED)
 assert not already, f"imported before the block: {already}"
 sys.meta_path[:] = [Hidden(f) for f in sys.meta_path]
 
-from sbert_flax import cli
+from sbert_flax.cli import main as cli
 
 results = []
 for argv in json.loads(sys.argv[2]):

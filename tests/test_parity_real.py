@@ -1,7 +1,7 @@
 """Real models against their PyTorch reference: m3e-small (Chinese) and all-MiniLM-L6-v2 (English),
 and m3e-small's STS-B-zh Spearman equal to the one sentence-transformers gets (computed here).
 
-The models come from PyPI wheels (sbert_flax.devdata.reference_model); the tests skip with the
+The models come from PyPI wheels (sbert_flax.common.devdata.reference_model); the tests skip with the
 reason if they cannot be fetched, or if the shared STS-B-zh files are absent.
 """
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from sbert_flax.encoder import SentenceEncoder
+from sbert_flax.inference.encoder import SentenceEncoder
 
 pytest.importorskip("torch")
 st = pytest.importorskip("sentence_transformers")

@@ -16,7 +16,7 @@ PROBE = '''
 import pytest
 
 import conftest
-from sbert_flax import devdata
+from sbert_flax.common import devdata
 
 
 def test_passes():

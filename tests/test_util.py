@@ -10,7 +10,7 @@ import torch
 from sentence_transformers import util as st_util
 
 from sbert_flax import util
-from sbert_flax.files import read_json
+from sbert_flax.common.files import read_json
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -326,7 +326,7 @@ def test_search_scores_are_computed_at_highest_precision(score):
     The CPU computes float32 either way, so the lowered program is what shows it."""
     import jax.numpy as jnp
 
-    from sbert_flax.search import _kernels
+    from sbert_flax.retrieval.search import _kernels
 
     devices = tuple(jax.devices()[:2])
     _, chunk_topk, *_ = _kernels(devices, score, 3, 3)

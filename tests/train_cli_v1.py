@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from sbert_flax.distributed import add_distributed_flags
+from sbert_flax.common.distributed import add_distributed_flags
 from sbert_flax.training.train_config import (
     BEST_METRICS,
     LOSSES,

@@ -13,7 +13,7 @@ In-process:
     with train_hooks.installed(nan_at_step=5):
         cli.main([...])
 
-In a subprocess, as `sbert-flax train` (`sbert_flax.training.cli.main`) with the hooks on:
+In a subprocess, as `sbert-flax train` (`sbert_flax.cli.train.main`) with the hooks on:
     python tests/train_hooks.py --step_delay 0.4 -- --pretrained_model_path M --train_path T ...
     python tests/train_hooks.py --kill_after_best 8 -- --pretrained_model_path M ...
 """
@@ -70,7 +70,8 @@ def installed(nan_at_step: int | None = None, step_delay: float = 0.0,
               kill_after_best: int | None = None) -> Iterator[None]:
     """Trainers built inside the block run their steps (and best saves) through the hooks.
     `kill_after_best` SIGKILLs this process: use it in a subprocess (`main`)."""
-    from sbert_flax.training import checkpointing, trainer
+    from sbert_flax.training import run_checkpoints as checkpointing
+    from sbert_flax.training import trainer
 
     real, real_save_best = trainer.make_train_step, checkpointing.RunCheckpoints.save_best
     trainer.make_train_step = _hooked(real, nan_at_step, step_delay, sigterm_after_step)
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="SIGKILL this process once the best checkpoint of that step is saved")
     args = p.parse_args(argv[:split])
 
-    from sbert_flax.training import cli
+    from sbert_flax.cli import train as cli
 
     with installed(args.nan_at_step, args.step_delay, args.sigterm_after_step,
                    args.kill_after_best):

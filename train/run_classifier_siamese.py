@@ -1,4 +1,4 @@
-"""Siamese (Sentence-BERT) fine-tuning with UER-py's command line; see sbert_flax/training/cli.py.
+"""Siamese (Sentence-BERT) fine-tuning with UER-py's command line; see sbert_flax/cli/train.py.
 
     python train/run_classifier_siamese.py --pretrained_model_path models/google_zh_model.bin \
         --vocab_path models/google_zh_vocab.txt --config_path models/sbert/base_config.json \
@@ -9,7 +9,7 @@
 
 import sys
 
-from sbert_flax.training.cli import main
+from sbert_flax.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

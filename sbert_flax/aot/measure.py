@@ -21,7 +21,7 @@ import re
 import time
 from typing import Any
 
-from sbert_flax.aot.programs import (
+from sbert_flax.aot.compile_targets import (
     Lowering,
     encode_lowerings,
     evaluate_lowerings,
@@ -29,8 +29,8 @@ from sbert_flax.aot.programs import (
     train_step_lowering,
 )
 from sbert_flax.aot.topology import GiB, Topology
-from sbert_flax.config import BertConfig, PoolingConfig
-from sbert_flax.encoder import DEFAULT_MAX_BATCH_TOKENS
+from sbert_flax.inference.encoder import DEFAULT_MAX_BATCH_TOKENS
+from sbert_flax.models.config import BertConfig, PoolingConfig
 from sbert_flax.training.train_config import TrainConfig
 
 # The custom-call target of a Pallas TPU (Mosaic) kernel in compiled HLO: the splash attention

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from sbert_flax.config import BertConfig, PoolingConfig, pooling_from_uer
+from sbert_flax.models.config import BertConfig, PoolingConfig, pooling_from_uer
 from sbert_flax.training.train_config import TrainConfig
 
 
@@ -39,7 +39,7 @@ def _default_pooling(cfg: TrainConfig) -> str | None:
 
 
 def _bare_config(cfg: TrainConfig) -> RunModel:
-    from sbert_flax.training.pretrained import read_uer_config
+    from sbert_flax.checkpoints.pretrained import read_uer_config
 
     config = BertConfig.from_json_file(cfg.pretrained_model_path)
     # load_pretrained's order: --pooling, a UER config's, the loss's default; then (no folder to
@@ -69,8 +69,8 @@ def resolve(cfg: TrainConfig, *, encode_seq_length: bool = False) -> RunModel:
     if os.path.isfile(path) and path.endswith(".json"):
         model = _bare_config(cfg)
     else:
-        from sbert_flax.loading import load_model
-        from sbert_flax.training.pretrained import load_pretrained
+        from sbert_flax.checkpoints.loading import load_model
+        from sbert_flax.checkpoints.pretrained import load_pretrained
 
         pre = load_pretrained(path, vocab_path=cfg.vocab_path, config_path=cfg.config_path,
                               pooling=cfg.pooling, seq_length=cfg.seq_length,

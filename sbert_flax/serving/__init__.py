@@ -3,7 +3,7 @@
 `create_app(encoder, settings)` returns the FastAPI app for embedding in an application; the
 `serve` CLI runs it on uvicorn.
 
-The names are resolved on first use (PEP 562): the main CLI imports `sbert_flax.serving.command`
+The names are resolved on first use (PEP 562): the main CLI imports `sbert_flax.cli.serve`
 for the `serve` options, and that must work in an install without the serve extra (FastAPI,
 uvicorn), which only `create_app` needs.
 """

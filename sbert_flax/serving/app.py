@@ -25,8 +25,8 @@ from starlette.requests import ClientDisconnect
 from sbert_flax.serving import schemas
 from sbert_flax.serving.backend import EncoderBackend, InputTooLong
 from sbert_flax.serving.batcher import Batcher, Job, Unavailable
-from sbert_flax.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from sbert_flax.serving.metrics import ServeMetrics
+from sbert_flax.serving.prometheus import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from sbert_flax.serving.prometheus import ServeMetrics
 from sbert_flax.serving.schemas import ApiError
 from sbert_flax.serving.settings import ServeSettings
 from sbert_flax.serving.tei import TeiRoutes

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from sbert_flax.encoder import InputTooLong
-from sbert_flax.packing import PackedBatch, Packer
+from sbert_flax.inference.encoder import InputTooLong
+from sbert_flax.inference.packing import PackedBatch, Packer
 
 __all__ = ["EncoderBackend", "InputTooLong", "Launched", "trim_rows"]
 

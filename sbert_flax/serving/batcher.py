@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 
 from sbert_flax.serving.backend import EncoderBackend, Launched
-from sbert_flax.serving.metrics import ServeMetrics
+from sbert_flax.serving.prometheus import ServeMetrics
 
 log = logging.getLogger(__name__)
 

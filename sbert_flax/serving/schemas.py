@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from sbert_flax.arraylike import l2_normalize_rows
-from sbert_flax.serving.metrics import failure_label
+from sbert_flax.common.arraylike import l2_normalize_rows
+from sbert_flax.serving.prometheus import failure_label
 
 # TEI takes token ids as u32.
 MAX_TOKEN_ID = 2 ** 32 - 1

@@ -28,8 +28,8 @@ import concurrent.futures
 import numpy as np
 from fastapi import Request, Response
 
-from sbert_flax.arraylike import l2_normalize_rows
-from sbert_flax.prompts import Prompts
+from sbert_flax.common.arraylike import l2_normalize_rows
+from sbert_flax.inference.prompts import Prompts
 from sbert_flax.serving import schemas
 from sbert_flax.serving.schemas import ApiError, Inputs
 

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from sbert_flax import sharding
-from sbert_flax.config import BertConfig, PoolingConfig
+from sbert_flax.common import sharding
+from sbert_flax.models.config import BertConfig, PoolingConfig
 from sbert_flax.training import optim
 from sbert_flax.training.losses import Loss, make_loss
 from sbert_flax.training.siamese import ModelDef

@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sbert_flax import sharding
-from sbert_flax.packing import Packer
+from sbert_flax.common import sharding
+from sbert_flax.inference.packing import Packer
 
 Array = jax.Array
 # embeddings [C, B, D] -> (loss, metrics)

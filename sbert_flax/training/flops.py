@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sbert_flax.config import BertConfig
+from sbert_flax.models.config import BertConfig
 
 # Dense bf16 peak FLOP/s per device (vendor figures), matched against `device_kind` lowercase.
 PEAK_FLOPS = (

@@ -32,9 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sbert_flax.config import BertConfig, PoolingConfig
-from sbert_flax.embedder import SentenceEmbedder
-from sbert_flax.pooling import l2_normalize
+from sbert_flax.models.config import BertConfig, PoolingConfig
+from sbert_flax.models.embedder import SentenceEmbedder
+from sbert_flax.models.pooling import l2_normalize
 from sbert_flax.training import columns as cols
 from sbert_flax.training import siamese
 from sbert_flax.training.siamese import ModelDef

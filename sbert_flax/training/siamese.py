@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sbert_flax.config import BertConfig, PoolingConfig
-from sbert_flax.embedder import SentenceEmbedder
+from sbert_flax.models.config import BertConfig, PoolingConfig
+from sbert_flax.models.embedder import SentenceEmbedder
 
 Array = jax.Array
 

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from sbert_flax import sharding
+from sbert_flax.common import sharding
 from sbert_flax.training.siamese import ModelDef
 
 

@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from sbert_flax import sharding
+from sbert_flax.common import sharding
+from sbert_flax.common.xla import compiler_options
 from sbert_flax.training.losses import Loss
 from sbert_flax.training.state import StateLayout, TrainState
-from sbert_flax.xla import compiler_options
 
 Batch = dict[str, jax.Array]
 

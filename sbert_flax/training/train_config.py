@@ -12,7 +12,7 @@ import json
 import typing
 from typing import Any
 
-from sbert_flax.files import read_json
+from sbert_flax.common.files import read_json
 from sbert_flax.training import fingerprint
 
 # The losses by name: the one list the CLI, the config and `losses.make_loss` take (here, not in

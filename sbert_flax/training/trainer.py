@@ -25,14 +25,15 @@ from typing import Any
 import jax
 import numpy as np
 
-from sbert_flax import retrieval, sharding
-from sbert_flax.encoder import SentenceEncoder
-from sbert_flax.files import write_json
+from sbert_flax.checkpoints.pretrained import load_pretrained, model_sha256, vocab_sha256
+from sbert_flax.common import sharding
+from sbert_flax.common.files import write_json
+from sbert_flax.inference.encoder import SentenceEncoder
+from sbert_flax.retrieval import ir_evaluation as retrieval
 from sbert_flax.training import build, data, fingerprint, flops, optim
-from sbert_flax.training.checkpointing import RunCheckpoints, checkpoint_steps, read_meta
-from sbert_flax.training.evaluator import Evaluator
-from sbert_flax.training.pretrained import load_pretrained, model_sha256, vocab_sha256
+from sbert_flax.training.dev_eval import Evaluator
 from sbert_flax.training.reporting import MetricsWriter, log, progress, setup_logging
+from sbert_flax.training.run_checkpoints import RunCheckpoints, checkpoint_steps, read_meta
 from sbert_flax.training.state import create_train_state
 from sbert_flax.training.step import TraceCounter, make_train_step
 from sbert_flax.training.train_config import TrainConfig, resume_plan

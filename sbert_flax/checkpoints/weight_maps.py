@@ -1,0 +1,470 @@
+"""Explicit PyTorch <-> Flax weight maps (HF BertModel, UER-py sbert and single-tower layouts).
+
+Nothing is guessed: every Flax parameter is listed with the PyTorch key(s) it comes from and the
+transform between them; loading checks that every key is present, every shape matches the
+config, and every checkpoint key is used or on an explicit ignore list. Errors name the key.
+
+The UER layouts are translated to the HF layout by a key table first (the same tables as UER-py's
+`scripts/convert_{sbert,bert}_from_uer_to_huggingface.py`), so there is one HF -> Flax map.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Callable, Mapping
+from typing import Literal
+
+import numpy as np
+
+from sbert_flax.models.config import BertConfig
+
+StateDict = dict[str, np.ndarray]
+FlaxPath = tuple[str | int, ...]
+
+
+class WeightsError(ValueError):
+    """A checkpoint does not match what the config says; the message names the file/key."""
+
+
+# --------------------------------------------------------------------------------------------
+# Reading checkpoint files
+# --------------------------------------------------------------------------------------------
+
+def _torch_to_numpy(t) -> np.ndarray:
+    import torch
+
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.float()
+    return t.detach().cpu().numpy()
+
+
+def _torch_load_reason(e: Exception) -> str:
+    """The informative part of a `torch.load` error, on one line.
+
+    With weights_only=True torch wraps every unpickling failure in a long message that suggests
+    retrying with weights_only=False; for a corrupt file that advice is wrong (and unsafe), so
+    keep only the unpickler's own reason.
+    """
+    msg = str(e)
+    if "WeightsUnpickler error:" in msg:
+        msg = msg.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+    return " ".join(msg.split()) or type(e).__name__
+
+
+def read_state_dict(path: str | os.PathLike) -> StateDict:
+    """Reads `*.safetensors` (no torch needed) or `*.bin`/`*.pt` (needs torch) into numpy.
+
+    Raises:
+      FileNotFoundError: the file does not exist.
+      WeightsError: the file is corrupt or not a state dict.
+      ImportError: a `.bin` file and torch is not installed (says how to install it).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        try:
+            return dict(load_file(path))
+        except Exception as e:  # safetensors raises several error types for corrupt files
+            raise WeightsError(f"{path}: cannot read safetensors file: it is corrupt, truncated or not "
+                               f"safetensors ({type(e).__name__}: {e})") from None
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(
+            f"{path} is a PyTorch pickle checkpoint and reading it needs torch, which is not "
+            "installed. Install the CPU build (pip install 'sbert-flax[torch]' or "
+            "pip install torch==2.13.0), or convert the checkpoint to model.safetensors."
+        ) from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(f"{path}: cannot read PyTorch checkpoint: it is corrupt, truncated or not "
+                           f"saved with torch.save ({type(e).__name__}: {_torch_load_reason(e)})") from None
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise WeightsError(f"{path}: expected a state dict (mapping of name -> tensor), got {type(obj).__name__}")
+    out: StateDict = {}
+    for k, v in obj.items():
+        if not isinstance(v, torch.Tensor):
+            raise WeightsError(f"{path}: key {k!r} is a {type(v).__name__}, not a tensor")
+        out[k] = _torch_to_numpy(v)
+    return out
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def find_weights_file(model_dir: str | os.PathLike) -> str:
+    """The weights file of a HF / sentence-transformers folder, safetensors preferred."""
+    for name in WEIGHT_FILES:
+        p = os.path.join(model_dir, name)
+        if os.path.isfile(p):
+            return p
+    raise FileNotFoundError(
+        f"{model_dir}: no weights file found (looked for {', '.join(WEIGHT_FILES)})"
+    )
+
+
+def read_weights(path: str) -> StateDict:
+    """Reads a weights file, following a sharded-checkpoint `*.index.json` to its shards."""
+    if path.endswith(".index.json"):
+        try:
+            with open(path, encoding="utf-8") as f:
+                index = json.load(f)
+            shards = sorted(set(index["weight_map"].values()))
+        except (OSError, json.JSONDecodeError, KeyError) as e:
+            raise WeightsError(f"{path}: not a valid sharded-checkpoint index ({e})") from None
+        state: StateDict = {}
+        for shard in shards:
+            state.update(read_state_dict(os.path.join(os.path.dirname(path), shard)))
+        return state
+    return read_state_dict(path)
+
+
+# --------------------------------------------------------------------------------------------
+# HF BertModel <-> Flax
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Port:
+    """One Flax parameter and the HF tensors it is made of."""
+
+    flax: FlaxPath
+    hf: tuple[str, ...]
+    to_flax: Callable[[list[np.ndarray]], np.ndarray]
+    to_hf: Callable[[np.ndarray], list[np.ndarray]]
+    hf_shapes: tuple[tuple[int, ...], ...]
+
+
+def _same(ws: list[np.ndarray]) -> np.ndarray:
+    return ws[0]
+
+
+def _linear(ws: list[np.ndarray]) -> np.ndarray:
+    return ws[0].T  # torch Linear stores [out, in]; we keep [in, out]
+
+
+def hf_ports(cfg: BertConfig) -> list[Port]:
+    """The complete HF `BertModel` <-> sbert-flax parameter map for `cfg`."""
+    d, f, h, hd = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.head_dim
+    ports = [
+        Port(("embeddings", "word_embeddings"), ("embeddings.word_embeddings.weight",),
+             _same, lambda x: [x], ((cfg.vocab_size, d),)),
+        Port(("embeddings", "position_embeddings"), ("embeddings.position_embeddings.weight",),
+             _same, lambda x: [x], ((cfg.max_position_embeddings, d),)),
+        Port(("embeddings", "token_type_embeddings"), ("embeddings.token_type_embeddings.weight",),
+             _same, lambda x: [x], ((cfg.type_vocab_size, d),)),
+        Port(("embeddings", "layer_norm", "scale"), ("embeddings.LayerNorm.weight",),
+             _same, lambda x: [x], ((d,),)),
+        Port(("embeddings", "layer_norm", "bias"), ("embeddings.LayerNorm.bias",),
+             _same, lambda x: [x], ((d,),)),
+    ]
+    for i in range(cfg.num_hidden_layers):
+        p = f"encoder.layer.{i}."
+        qkv = tuple(p + f"attention.self.{n}" for n in ("query", "key", "value"))
+        ports += [
+            # Fused QKV: three [D, D] torch weights -> one [D, 3, H, Dh] kernel.
+            Port(("layers", i, "attention", "qkv_kernel"), tuple(k + ".weight" for k in qkv),
+                 lambda ws: np.stack([w.T for w in ws], axis=1).reshape(d, 3, h, hd),
+                 lambda x: [x.reshape(d, 3, d)[:, j].T for j in range(3)], ((d, d),) * 3),
+            Port(("layers", i, "attention", "qkv_bias"), tuple(k + ".bias" for k in qkv),
+                 lambda ws: np.stack(ws).reshape(3, h, hd),
+                 lambda x: list(x.reshape(3, d)), ((d,),) * 3),
+            Port(("layers", i, "attention", "out_kernel"), (p + "attention.output.dense.weight",),
+                 lambda ws: ws[0].T.reshape(h, hd, d), lambda x: [x.reshape(d, d).T], ((d, d),)),
+            Port(("layers", i, "attention", "out_bias"), (p + "attention.output.dense.bias",),
+                 _same, lambda x: [x], ((d,),)),
+            Port(("layers", i, "attention_norm", "scale"), (p + "attention.output.LayerNorm.weight",),
+                 _same, lambda x: [x], ((d,),)),
+            Port(("layers", i, "attention_norm", "bias"), (p + "attention.output.LayerNorm.bias",),
+                 _same, lambda x: [x], ((d,),)),
+            Port(("layers", i, "mlp", "wi_kernel"), (p + "intermediate.dense.weight",),
+                 _linear, lambda x: [x.T], ((f, d),)),
+            Port(("layers", i, "mlp", "wi_bias"), (p + "intermediate.dense.bias",),
+                 _same, lambda x: [x], ((f,),)),
+            Port(("layers", i, "mlp", "wo_kernel"), (p + "output.dense.weight",),
+                 _linear, lambda x: [x.T], ((d, f),)),
+            Port(("layers", i, "mlp", "wo_bias"), (p + "output.dense.bias",),
+                 _same, lambda x: [x], ((d,),)),
+            Port(("layers", i, "output_norm", "scale"), (p + "output.LayerNorm.weight",),
+                 _same, lambda x: [x], ((d,),)),
+            Port(("layers", i, "output_norm", "bias"), (p + "output.LayerNorm.bias",),
+                 _same, lambda x: [x], ((d,),)),
+        ]
+    return ports
+
+
+# Keys a HF checkpoint may carry that the sentence encoder does not use.
+HF_IGNORED = (
+    re.compile(r"^embeddings\.position_ids$"),  # a buffer, not a weight
+    re.compile(r"^pooler\."),                   # BERT pooler: not part of sentence embeddings
+    re.compile(r"^cls\."),                      # pre-training heads (BertForPreTraining)
+)
+
+
+def canonical_hf_keys(state: Mapping[str, np.ndarray]) -> StateDict:
+    """Strips the `bert.` prefix of task models and renames legacy TF-era `gamma`/`beta`."""
+    prefixed = any(k.startswith("bert.") for k in state)
+    out: StateDict = {}
+    for k, v in state.items():
+        if prefixed and k.startswith("bert."):
+            k = k[len("bert."):]
+        k = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", k)
+        k = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", k)
+        out[k] = v
+    return out
+
+
+def _set_path(tree: dict, path: FlaxPath, value) -> None:
+    for p in path[:-1]:
+        tree = tree.setdefault(p, {})
+    tree[path[-1]] = value
+
+
+def _get_path(tree: Mapping, path: FlaxPath):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def hf_to_flax(state: Mapping[str, np.ndarray], cfg: BertConfig, source: str = "checkpoint") -> dict:
+    """HF BertModel state dict -> nested dict of float32 numpy arrays for `BertModel`.
+
+    Raises:
+      WeightsError: a key is missing, has the wrong shape, or is not used (names them).
+    """
+    state = canonical_hf_keys(state)
+    used: set[str] = set()
+    params: dict = {}
+    missing: list[str] = []
+    for port in hf_ports(cfg):
+        ws = []
+        for key, shape in zip(port.hf, port.hf_shapes, strict=True):
+            if key not in state:
+                missing.append(key)
+                continue
+            w = np.asarray(state[key])
+            if w.shape != shape:
+                raise WeightsError(
+                    f"{source}: key {key!r} has shape {w.shape} but the config needs {shape} "
+                    "(does config.json belong to these weights?)"
+                )
+            ws.append(w.astype(np.float32))
+            used.add(key)
+        if len(ws) == len(port.hf):
+            _set_path(params, port.flax, port.to_flax(ws))
+    if missing:
+        raise WeightsError(f"{source}: missing {len(missing)} key(s), first: {missing[:5]}")
+    unused = sorted(k for k in state if k not in used and not any(r.search(k) for r in HF_IGNORED))
+    if unused:
+        raise WeightsError(
+            f"{source}: {len(unused)} unexpected key(s) not in the BERT map, first: {unused[:5]} "
+            f"(the config has {cfg.num_hidden_layers} layers)"
+        )
+    return params
+
+
+def flax_to_hf(params: Mapping, cfg: BertConfig) -> StateDict:
+    """Nested Flax params -> HF `BertModel` state dict (contiguous float32 numpy)."""
+    out: StateDict = {}
+    for port in hf_ports(cfg):
+        value = np.asarray(_get_path(params, port.flax), dtype=np.float32)
+        for key, w in zip(port.hf, port.to_hf(value), strict=True):
+            out[key] = np.ascontiguousarray(w)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# UER-py / TencentPretrain layouts -> HF
+# --------------------------------------------------------------------------------------------
+
+UerLayout = Literal["sbert", "single", "single_legacy"]
+
+_UER_LAYER = {
+    "self_attn.linear_layers.0.weight": "attention.self.query.weight",
+    "self_attn.linear_layers.0.bias": "attention.self.query.bias",
+    "self_attn.linear_layers.1.weight": "attention.self.key.weight",
+    "self_attn.linear_layers.1.bias": "attention.self.key.bias",
+    "self_attn.linear_layers.2.weight": "attention.self.value.weight",
+    "self_attn.linear_layers.2.bias": "attention.self.value.bias",
+    "self_attn.final_linear.weight": "attention.output.dense.weight",
+    "self_attn.final_linear.bias": "attention.output.dense.bias",
+    "layer_norm_1.gamma": "attention.output.LayerNorm.weight",
+    "layer_norm_1.beta": "attention.output.LayerNorm.bias",
+    "feed_forward.linear_1.weight": "intermediate.dense.weight",
+    "feed_forward.linear_1.bias": "intermediate.dense.bias",
+    "feed_forward.linear_2.weight": "output.dense.weight",
+    "feed_forward.linear_2.bias": "output.dense.bias",
+    "layer_norm_2.gamma": "output.LayerNorm.weight",
+    "layer_norm_2.beta": "output.LayerNorm.bias",
+}
+
+_UER_EMB_NAMES = {
+    # layout -> (word, position, segment) embedding key stems
+    "sbert": ("word.embedding", "pos.embedding", "seg.embedding"),
+    "single": ("word.embedding", "pos.embedding", "seg.embedding"),
+    "single_legacy": ("word_embedding", "position_embedding", "segment_embedding"),
+}
+
+# Keys of a UER checkpoint that are not part of the sentence encoder.
+UER_IGNORED = (
+    re.compile(r"^target\."),          # pre-training heads (MLM / NSP / SOP)
+    re.compile(r"^classifier\."),      # fine-tuning heads
+    re.compile(r"^output_layer"),
+)
+
+
+def _uer_prefixes(layout: UerLayout, tower: int) -> tuple[str, str]:
+    if layout == "sbert":
+        return f"embedding.embedding_{tower}.", f"encoder.encoder_{tower}.transformer."
+    return "embedding.", "encoder.transformer."
+
+
+def uer_key_map(layout: UerLayout, num_layers: int, tower: int = 0) -> dict[str, str]:
+    """UER key -> HF key, for every tensor of the encoder (the segment table is remapped too)."""
+    emb, enc = _uer_prefixes(layout, tower)
+    word, pos, seg = _UER_EMB_NAMES[layout]
+    table = {
+        f"{emb}{word}.weight": "embeddings.word_embeddings.weight",
+        f"{emb}{pos}.weight": "embeddings.position_embeddings.weight",
+        f"{emb}{seg}.weight": "embeddings.token_type_embeddings.weight",
+        f"{emb}layer_norm.gamma": "embeddings.LayerNorm.weight",
+        f"{emb}layer_norm.beta": "embeddings.LayerNorm.bias",
+    }
+    for i in range(num_layers):
+        for uk, hk in _UER_LAYER.items():
+            table[f"{enc}{i}.{uk}"] = f"encoder.layer.{i}.{hk}"
+    return table
+
+
+def detect_uer_layout(state: Mapping[str, np.ndarray]) -> UerLayout:
+    if any(k.startswith("embedding.embedding_0.") for k in state):
+        return "sbert"
+    if "embedding.word.embedding.weight" in state:
+        return "single"
+    if "embedding.word_embedding.weight" in state:
+        return "single_legacy"
+    raise WeightsError(
+        "not a UER-py checkpoint: found neither 'embedding.embedding_0.*' (sbert), "
+        "'embedding.word.embedding.weight' nor 'embedding.word_embedding.weight' (single tower)"
+    )
+
+
+def uer_num_layers(state: Mapping[str, np.ndarray], layout: UerLayout, tower: int = 0) -> int:
+    _, enc = _uer_prefixes(layout, tower)
+    idx = {int(m.group(1)) for k in state if (m := re.match(re.escape(enc) + r"(\d+)\.", k))}
+    if not idx or idx != set(range(max(idx) + 1)):
+        raise WeightsError(f"UER checkpoint: transformer layers under {enc!r} are {sorted(idx)}, "
+                           "expected 0..N-1")
+    return max(idx) + 1
+
+
+def uer_to_hf(state: Mapping[str, np.ndarray], layout: UerLayout | None = None,
+              tower: int | None = None, source: str = "checkpoint") -> StateDict:
+    """Translates a UER-py sbert / single-tower state dict into HF `BertModel` keys.
+
+    UER's segment table has a row for "padding segment" 0 before segments A and B; HF's
+    token-type table has no such row, so the first row is dropped (as UER-py's converter does).
+    For the sbert layout with `tower=None` the other tower's keys are accepted only if they equal
+    tower 0's (UER's `tie_weights`), so untied towers are never silently dropped; an explicit
+    `tower=0` or `tower=1` takes that tower and ignores the other.
+    """
+    # An explicit tower is the only way to load an untied checkpoint (the error below says so);
+    # before, the tie check ran whatever tower was asked for, so that advice could not be followed.
+    check_tied = tower is None
+    tower = 0 if tower is None else tower
+    layout = layout or detect_uer_layout(state)
+    n = uer_num_layers(state, layout, tower)
+    table = uer_key_map(layout, n, tower)
+    out: StateDict = {}
+    missing = [k for k in table if k not in state]
+    if missing:
+        raise WeightsError(f"{source}: UER {layout} checkpoint is missing {len(missing)} key(s), "
+                           f"first: {missing[:5]}")
+    for uk, hk in table.items():
+        out[hk] = np.asarray(state[uk])
+    seg = out["embeddings.token_type_embeddings.weight"]
+    if seg.ndim != 2 or seg.shape[0] < 2:
+        raise WeightsError(f"{source}: UER segment embedding has shape {seg.shape}; expected "
+                           "[1 + type_vocab_size, hidden]")
+    out["embeddings.token_type_embeddings.weight"] = seg[1:]
+    other_ok: set[str] = set()
+    if layout == "sbert":
+        other = 1 - tower
+        for uk in uer_key_map(layout, n, other):
+            if uk in state:
+                mine = uk.replace(f"embedding_{other}.", f"embedding_{tower}.").replace(
+                    f"encoder_{other}.", f"encoder_{tower}.")
+                if check_tied and not np.array_equal(state[uk], state[mine]):
+                    raise WeightsError(
+                        f"{source}: towers are not tied ({uk!r} differs from {mine!r}); "
+                        f"choose one explicitly with tower=0 or tower=1")
+                other_ok.add(uk)
+    unused = sorted(k for k in state if k not in table and k not in other_ok
+                    and not any(r.search(k) for r in UER_IGNORED))
+    if unused:
+        raise WeightsError(f"{source}: {len(unused)} unexpected key(s) in UER {layout} checkpoint, "
+                           f"first: {unused[:5]}")
+    return out
+
+
+def hf_to_uer(state: Mapping[str, np.ndarray], layout: UerLayout, num_layers: int,
+              tower: int = 0) -> StateDict:
+    """The inverse of `uer_to_hf` (a zero "padding segment" row is prepended)."""
+    hf = canonical_hf_keys(state)
+    out: StateDict = {}
+    for uk, hk in uer_key_map(layout, num_layers, tower).items():
+        w = np.asarray(hf[hk])
+        if hk == "embeddings.token_type_embeddings.weight":
+            w = np.concatenate([np.zeros_like(w[:1]), w], axis=0)
+        out[uk] = w
+    return out
+
+
+def config_from_uer(uer_cfg: Mapping, state: Mapping[str, np.ndarray], source: str,
+                    tower: int | None = None) -> BertConfig:
+    """A BertConfig from a UER-py model config json plus shapes read off the weights.
+
+    Only what changes the maths is read; UER training fields (batch size, lr, ...) are ignored.
+    The LayerNorm eps defaults to 1e-12, what the published HF conversions declare.
+    `tower` as in `uer_to_hf`.
+    """
+    return config_from_uer_hf(uer_cfg, uer_to_hf(state, tower=tower, source=source), source)
+
+
+def config_from_uer_hf(uer_cfg: Mapping, hf: Mapping[str, np.ndarray], source: str) -> BertConfig:
+    """`config_from_uer` for weights already translated by `uer_to_hf` (saves a second pass)."""
+    if isinstance(uer_cfg.get("stream_0"), Mapping):
+        # UER's sbert configs (models/sbert/*.json) nest each tower's fields under stream_0/1.
+        uer_cfg = {**uer_cfg, **uer_cfg["stream_0"]}
+    vocab, hidden = hf["embeddings.word_embeddings.weight"].shape
+    heads = uer_cfg.get("heads_num")
+    if heads is None:
+        raise WeightsError(f"{source}: UER config has no 'heads_num'; cannot infer attention heads")
+    n_layers = sum(1 for k in hf if k.endswith("attention.self.query.weight"))
+    # UER names the tanh approximation "gelu_fast"; its "gelu" is the exact erf form, like HF.
+    act = {"gelu": "gelu", "gelu_fast": "gelu_new", "relu": "relu"}.get(
+        uer_cfg.get("hidden_act", "gelu"))
+    if act is None:
+        raise WeightsError(f"{source}: UER hidden_act={uer_cfg.get('hidden_act')!r} is not supported")
+    return BertConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=n_layers,
+        num_attention_heads=int(heads),
+        intermediate_size=hf["encoder.layer.0.intermediate.dense.weight"].shape[0],
+        hidden_act=act,
+        max_position_embeddings=hf["embeddings.position_embeddings.weight"].shape[0],
+        type_vocab_size=hf["embeddings.token_type_embeddings.weight"].shape[0],
+        layer_norm_eps=float(uer_cfg.get("layernorm_eps", 1e-12) or 1e-12),
+        hidden_dropout_prob=float(uer_cfg.get("dropout", 0.1)),
+        attention_probs_dropout_prob=float(uer_cfg.get("dropout", 0.1)),
+    )

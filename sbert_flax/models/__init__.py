@@ -1,0 +1,1 @@
+"""The model: frozen configs, the NNX BERT backbone, pooling, `SentenceEmbedder`, splash attention."""

@@ -18,7 +18,7 @@ query's scores), and Adam turns noise into full-size steps of random sign on eit
 The defaults (`--adam-eps 1e-8 --clip backbone`) are what sentence-transformers does: torch's
 AdamW epsilon and HF Trainer's `clip_grad_norm_(model.parameters())`, which leaves the loss's
 classifier out of the norm and unclipped (torch_siamese.SoftmaxRecipe steps it so). `run_torch` / `run_flax` / `compare` are what
-tests/test_siamese_divergence.py runs on a tiny model.
+tests/training/test_siamese_divergence.py runs on a tiny model.
 """
 
 from __future__ import annotations

@@ -109,7 +109,7 @@ def test_m3e_bfloat16_close_to_float32(m3e, stsb_test):
     cos = _cosines(f32, bf16)
     print(f"m3e-small bf16 vs f32: min cosine {cos.min():.5f}")
     # Measured: min cosine 0.99998 over these 64 sentences; 0.9999 allows 1 - cos 6x that. See
-    # tests/test_encoder.py::test_bfloat16_close_to_float32.
+    # tests/inference/test_encoder.py::test_bfloat16_close_to_float32.
     assert cos.min() >= 0.9999
 
 

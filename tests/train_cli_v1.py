@@ -1,5 +1,5 @@
 """A frozen copy of the training CLI's hand-written parser as it was before the flags were
-generated from TrainConfig (commit 4131e53): tests/test_train_cli.py checks that every spelling it
+generated from TrainConfig (commit 4131e53): tests/training/test_train_cli.py checks that every spelling it
 took still parses to the same TrainConfig. Do not update it: it is the old contract.
 """
 

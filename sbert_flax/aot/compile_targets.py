@@ -52,7 +52,7 @@ DEFAULT_NUM_LABELS = 3
 
 _HOW_FILES_ARE_READ = "how the data files are read, not what the batch holds"
 # TrainConfig fields that change none of the programs compiled here, with why. Every other field
-# is read where `Trainer` reads it: tests/test_aot_compile.py walks them all (each must change the
+# is read where `Trainer` reads it: tests/aot/test_aot_compile.py walks them all (each must change the
 # lowered programs), so a new field fails there until it is read here or listed here.
 NOT_COMPILED: dict[str, str] = {
     "vocab_path": "the tokenizer: which ids, not how many (passed to the loader, which a UER "

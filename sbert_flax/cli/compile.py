@@ -67,7 +67,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     # Every TrainConfig field, as `sbert-flax train` spells it; --model is the model flag.
     add_config_flags(p, extra_spellings=SPELLINGS, required=False)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, starts_backends=True)
     return p
 
 

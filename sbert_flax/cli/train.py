@@ -58,7 +58,7 @@ UER_IGNORED_FLAGS = frozenset({
 # Every TrainConfig field is a flag `--<field>`: its type from the annotation, its default from the
 # dataclass, its help from the field's comment in train_config.py, its group from the banner
 # comment above it, its choices from `CHOICES`. A field added to TrainConfig is a flag with no edit
-# here (tests/test_train_cli.py checks that every field has one). The tables below hold only what
+# here (tests/training/test_train_cli.py checks that every field has one). The tables below hold only what
 # the rule cannot know: the spellings people already type, and the fields with no flag of their own.
 
 # Option strings of a field other than `--<field>`: UER-py's spellings first, then the kebab-case

@@ -33,7 +33,7 @@ EXIT_USER_ERROR = 2
 
 # Module -> the classes it defines for "the input is wrong". Looked up by name, and only in
 # modules already imported, so that classifying an error never imports JAX or torch (an exception
-# cannot be an instance of a class whose module was never imported). tests/test_errors.py checks
+# cannot be an instance of a class whose module was never imported). tests/common/test_errors.py checks
 # that every name resolves, so a rename cannot silently drop one.
 USER_ERROR_CLASSES: dict[str, tuple[str, ...]] = {
     "sbert_flax.models.config": ("ConfigError",),
@@ -43,7 +43,7 @@ USER_ERROR_CLASSES: dict[str, tuple[str, ...]] = {
     "sbert_flax.training.sources": ("DataError",),
     "sbert_flax.training.trainer": ("ResumeMismatch",),
     "sbert_flax.cli.serve": ("MissingServeExtra",),
-    "sbert_flax.cli.main": ("UsageError",),
+    "sbert_flax.cli.args": ("UsageError",),
 }
 
 

@@ -2,7 +2,7 @@
 the optimizer and the state layout.
 
 `Trainer` builds them here, and so does `sbert-flax compile` (`aot.programs.run_parts`): one
-builder, so the step compile checks is the step train runs (tests/test_aot_compile.py compares
+builder, so the step compile checks is the step train runs (tests/aot/test_aot_compile.py compares
 the two lowerings).
 """
 

@@ -34,7 +34,7 @@ RETRIEVAL_BEST_METRICS = (*(f"accuracy@{k}" for k in (1, 3, 5, 10)),
                           *(f"{m}@{k}" for m in ("precision", "recall") for k in (1, 3, 5, 10, 100)),
                           "mrr@10", "ndcg@10", "map@100")
 # The resume plan's data: every TrainConfig field is in exactly one of these two tables, with why
-# (tests/test_resume_plan.py fails on a field in neither, so a new field cannot be forgotten).
+# (tests/training/test_resume_plan.py fails on a field in neither, so a new field cannot be forgotten).
 #
 # What `--resume` refuses to change (without --force): the run would no longer be the one
 # checkpointed. Each is recorded in the checkpoint's meta and compared before anything is written.

@@ -2,7 +2,7 @@
 batch independence, compile counts, bf16.
 
 Heavy tests pass `devices=one_device` (the suite sees 8 fake CPU devices; multi-device is
-tests/test_multidevice.py) and small bucket sets, because every (rows, length) shape is a
+tests/inference/test_multidevice.py) and small bucket sets, because every (rows, length) shape is a
 compilation and compiles dominate the run time on a 2-core machine.
 """
 

@@ -2,7 +2,7 @@
 
 Pallas's interpret mode runs the TPU kernel on any backend (`attention_impl="splash-interpret"`),
 so the kernel's numerics, its gradient and the row split over a mesh are checked here; the TPU
-compile itself is checked by tests/test_aot_compile.py. Kept cheap: a 2-layer hidden-32 model,
+compile itself is checked by tests/aot/test_aot_compile.py. Kept cheap: a 2-layer hidden-32 model,
 rows of 128 tokens (the kernel's smallest).
 """
 

@@ -67,7 +67,7 @@ def test_openai_sdk_equals_direct_encode(server, encoder):
     small = client.embeddings.create(model=NAME, input=SENTENCES[:3], dimensions=64)
     np.testing.assert_allclose([d.embedding for d in small.data], unit(want[:3, :64]), atol=1e-5)
     # Any model name is served, as TEI does (LangChain sends its own default); only
-    # --strict-model-name refuses it (tests/test_serving_tei.py).
+    # --strict-model-name refuses it (tests/serving/test_serving_tei.py).
     other = client.embeddings.create(model="text-embedding-3-small", input=SENTENCES[:3])
     assert cosines(np.asarray([d.embedding for d in other.data]), want[:3]).min() >= 0.99999
     with pytest.raises(AuthenticationError):

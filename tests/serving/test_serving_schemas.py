@@ -11,7 +11,7 @@ list for a route (401, 404, 405, 408, 413, 500, 503) is held to the route's erro
 
 Here: a fault-injecting fake backend (tests/serve_fault_driver.py) in-process (httpx over ASGI,
 its lifespan driven as a server does), walked through every route's good answers and every
-refusal and failure it can give; tests/test_serving_tei.py walks the real tiny model's routes
+refusal and failure it can give; tests/serving/test_serving_tei.py walks the real tiny model's routes
 over HTTP with the same check (`assert_tei_schema`).
 """
 

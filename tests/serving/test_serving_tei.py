@@ -189,7 +189,7 @@ def test_decode_vertex_similarity_info(url, encoder):
 
 def test_every_route_answers_in_tei_schemas(url):
     """The real model's answers on every route, good and refused, validate against TEI's
-    published schemas (tests/test_serving_schemas.py restates them)."""
+    published schemas (tests/serving/test_serving_schemas.py restates them)."""
     long = "很" * 40
     good = {"/embed": {"inputs": ["那个人很开心", [101, 872, 102]]},
             "/embed_all": {"inputs": ["那个人很开心", "好"]},

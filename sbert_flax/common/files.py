@@ -277,6 +277,33 @@ def read_text_lines(path: str) -> list[str]:
     return lines
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+class BadLine(ValueError):
+    """A line of an input file that cannot be read; the message is `path:line: what`."""
+
+    def __init__(self, path: str, lineno: int, what: str):
+        super().__init__(f"{path}:{lineno}: {what}")
+        self.path, self.lineno, self.what = path, lineno, what
+
+
+def decode_line(raw: bytes, path: str, lineno: int) -> str:
+    """One line's bytes as text, the one place input lines are decoded (text files, training
+    files, BEIR jsonl): UTF-8, with a BOM on line 1 dropped.
+
+    Raises:
+      BadLine: `path:line: not valid UTF-8 (... at byte N of the line); re-save the file as UTF-8`.
+    """
+    if lineno == 1 and raw.startswith(UTF8_BOM):
+        raw = raw[len(UTF8_BOM):]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadLine(path, lineno, f"not valid UTF-8 ({e.reason} at byte {e.start} of the "
+                      "line); re-save the file as UTF-8") from None
+
+
 def iter_text_lines(path: str) -> Iterator[str]:
     """Streams the lines of a UTF-8 text file, exactly as `read_text_lines` splits them.
 
@@ -299,16 +326,10 @@ def iter_text_lines(path: str) -> Iterator[str]:
             # A lone \r also ends a line in Python's text mode (and in `read_text_lines`).
             for part in raw.split(b"\r"):
                 lineno += 1
-                if lineno == 1 and part.startswith(b"\xef\xbb\xbf"):
-                    part = part[3:]
                 if b"\x00" in part:
-                    raise ValueError(f"{path}:{lineno}: contains a NUL byte; is it a text file "
-                                     "(UTF-8, one sentence per line)?")
-                try:
-                    yield part.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte "
-                                     f"{e.start} of the line); re-save the file as UTF-8") from None
+                    raise BadLine(path, lineno, "contains a NUL byte; is it a text file (UTF-8, "
+                                  "one sentence per line)?")
+                yield decode_line(part, path, lineno)
 
 
 def count_text_lines(path: str) -> int:

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from sbert_flax.common.files import decode_line
 from sbert_flax.inference.prompts import side_prompt_kwargs
 
 # sentence-transformers' defaults, with 100 added to precision/recall for recall@100.
@@ -46,12 +47,8 @@ def _jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
         raise FileNotFoundError(f"BEIR file not found: {path}")
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, 1):
-            try:
-                # Binary lines + per-line decoding, so a bad byte is reported with its line.
-                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid UTF-8 ({e.reason}); re-save the "
-                                 "file as UTF-8") from None
+            # Binary lines + per-line decoding, so a bad byte is reported with its line.
+            line = decode_line(raw, path, line_no)
             if not line.strip():
                 continue
             try:
@@ -289,11 +286,6 @@ def evaluate_retrieval(encoder: Any, folder: str | BeirFolder, split: str = "tes
       Ranking is by score, equal scores by ascending document id (as sentence-transformers),
       also where they straddle the top-k cut.
     """
-    from sbert_flax.retrieval.search import (  # JAX: imported when a search runs
-        merge_top_k,
-        top_k_arrays,
-    )
-
     f = folder if isinstance(folder, BeirFolder) else load_beir(folder, split)
     ks = {"accuracy_at_k": ACCURACY_AT_K, "precision_recall_at_k": PRECISION_RECALL_AT_K,
           "mrr_at_k": MRR_AT_K, "ndcg_at_k": NDCG_AT_K, "map_at_k": MAP_AT_K}
@@ -302,6 +294,28 @@ def evaluate_retrieval(encoder: Any, folder: str | BeirFolder, split: str = "tes
         raise TypeError(f"unknown k-value arguments: {sorted(unknown)}")
     ks |= k_values
     max_k = max(max(v) for v in ks.values())
+    ranked = rank_corpus(encoder, f, max_k, batch_size=batch_size,
+                         corpus_chunk_size=corpus_chunk_size, query_prompt=query_prompt,
+                         query_prompt_name=query_prompt_name, corpus_prompt=corpus_prompt,
+                         corpus_prompt_name=corpus_prompt_name)
+    out = retrieval_metrics(ranked, f.query_ids, f.relevant, **ks)
+    return out | {"queries": len(f.query_ids), "corpus": len(f.corpus_ids)}
+
+
+def rank_corpus(encoder: Any, f: BeirFolder, top_k: int, batch_size: int | None = None,
+                corpus_chunk_size: int = 100_000, query_prompt: str | None = None,
+                query_prompt_name: str | None = None, corpus_prompt: str | None = None,
+                corpus_prompt_name: str | None = None) -> list[list[str]]:
+    """The `top_k` corpus ids of each query of `f` (its `query_ids` order), best first: what
+    `evaluate_retrieval` scores, and the candidates a reranker reorders (`rerank_evaluation`).
+
+    Ranking is by cosine score, equal scores by ascending document id (as sentence-transformers),
+    also where they straddle the cut. The arguments are `evaluate_retrieval`'s.
+    """
+    from sbert_flax.retrieval.search import (  # JAX: imported when a search runs
+        merge_top_k,
+        top_k_arrays,
+    )
 
     # sentence-transformers' InformationRetrievalEvaluator encodes with encode_query /
     # encode_document: each side's own prompt, never default_prompt_name, unless one is given.
@@ -321,18 +335,16 @@ def evaluate_retrieval(encoder: Any, folder: str | BeirFolder, split: str = "tes
         # One more than needed, to see whether equal scores straddle the cut: the search cuts
         # them in row order, sentence-transformers by id. Those (rare) queries are settled
         # against the whole chunk by id (`_cut_ties_by_id`).
-        s, i = top_k_arrays(q_emb, chunk, top_k=min(max_k + 1, len(rows)),
+        s, i = top_k_arrays(q_emb, chunk, top_k=min(top_k + 1, len(rows)),
                             corpus_chunk_size=len(rows))
-        if s.shape[1] > max_k:
-            tied = np.flatnonzero(np.isfinite(s[:, max_k]) & (s[:, max_k] == s[:, max_k - 1]))
+        if s.shape[1] > top_k:
+            tied = np.flatnonzero(np.isfinite(s[:, top_k]) & (s[:, top_k] == s[:, top_k - 1]))
             if tied.size:
-                _cut_ties_by_id(q_emb, chunk, s, i, tied, max_k, id_rank[rows])
+                _cut_ties_by_id(q_emb, chunk, s, i, tied, top_k, id_rank[rows])
         r = np.where(i >= 0, rows[np.maximum(i, 0)], -1)
         # Score descending, then document id ascending (empty slots last).
-        best_s, best_r = merge_top_k(best_s, best_r, s, r, max_k, tie_rank=id_rank)
-    ranked = [[f.corpus_ids[j] for j in row if j >= 0] for row in best_r.tolist()]
-    out = retrieval_metrics(ranked, f.query_ids, f.relevant, **ks)
-    return out | {"queries": nq, "corpus": len(f.corpus_ids)}
+        best_s, best_r = merge_top_k(best_s, best_r, s, r, top_k, tie_rank=id_rank)
+    return [[f.corpus_ids[j] for j in row if j >= 0] for row in best_r.tolist()]
 
 
 def _cut_ties_by_id(q_emb: np.ndarray, chunk: np.ndarray, s: np.ndarray, i: np.ndarray,

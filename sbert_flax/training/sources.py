@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from sbert_flax.common.files import UTF8_BOM, BadLine, decode_line
+
 FORMATS = ("tsv", "csv", "jsonl")
 # How many bad lines an error spells out; the rest are counted.
 MAX_REPORTED = 5
@@ -384,15 +386,14 @@ def open_source(path: str, schema: Schema, *, data_format: str = "auto", has_hea
         lineno = 0
         for offset, raw in lines:
             lineno += 1
-            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw, offset = raw[3:], offset + 3
+            if lineno == 1 and raw.startswith(UTF8_BOM):
+                raw, offset = raw[len(UTF8_BOM):], offset + len(UTF8_BOM)
             try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
+                line = decode_line(raw, path, lineno)
+            except BadLine as e:
                 if parser is None and (has_header and fmt != "jsonl"):
-                    raise DataError(f"{path}:1: not valid UTF-8 ({e.reason}); re-save the file as "
-                                    "UTF-8") from None
-                bad.append((lineno, f"not valid UTF-8 ({e.reason} at byte {e.start} of the line)"))
+                    raise DataError(str(e)) from None
+                bad.append((lineno, e.what))
                 continue
             if parser is None:
                 parser = _first_line(path, fmt, schema, line, has_header, columns)

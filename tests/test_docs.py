@@ -1,4 +1,5 @@
-"""README stays short and every relative link in README.md and docs/ points at a file that exists.
+"""README stays short, every relative link in README.md and docs/ points at a file that exists, every
+import they show works, and their Python snippets run.
 
 Fast and offline: the site itself is built by `.ci/run` (`mkdocs build --strict`), which also checks
 anchors and the API pages; this catches a moved file before that.
@@ -86,3 +87,56 @@ def test_every_import_the_docs_show_works():
             exec(stmt, {})
         except ImportError as e:
             raise AssertionError(f"{where}: `{stmt}` fails: {e}") from None
+
+
+# A Python block is run unless the line before its fence says why not.
+NOT_RUN = "<!-- snippet: not run"
+SNIPPET = re.compile(r"^(.*)\n```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
+# What the snippets are run with: the hub download answers with a tiny random model (no network
+# here), in a scratch folder holding the files the snippets read.
+RUNNER = """
+import os, sys
+from sbert_flax.checkpoints import hub
+hub.download = lambda repo_id, **kwargs: os.environ["DOCS_TINY_MODEL"]
+code = open(sys.argv[1], encoding="utf-8").read()
+exec(compile(code, sys.argv[2], "exec"), {"__name__": "__main__"})
+"""
+
+
+def _snippets() -> list[tuple[str, str]]:
+    """(where, code): `README.md#1` is README's first Python block."""
+    out = []
+    for path in _markdown_files():
+        blocks = [code for before, code in SNIPPET.findall(path.read_text(encoding="utf-8"))
+                  if not before.startswith(NOT_RUN) and "sbert_flax" in code]
+        out += [(f"{path.relative_to(ROOT)}#{i}", code) for i, code in enumerate(blocks, 1)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    import helpers
+
+    return helpers.make_tiny_bert_dir(str(tmp_path_factory.mktemp("docs") / "tiny"), pooling="mean")
+
+
+@pytest.mark.parametrize("where, code", _snippets(), ids=[w for w, _ in _snippets()])
+def test_python_snippets_run(where, code, tiny_model, tmp_path):
+    """Each Python block of README and docs runs as written (the model a tiny random one), so a
+    renamed argument or a changed return shape fails here rather than in a user's first try."""
+    import subprocess
+    import sys
+
+    import helpers
+
+    np = pytest.importorskip("numpy")
+    (tmp_path / "corpus.txt").write_text("那个人很开心\n天气很好\n", encoding="utf-8")
+    np.save(tmp_path / "emb.npy", np.ones((2, 4), np.float32))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "snippet.py").write_text(code, encoding="utf-8")
+    (tmp_path / "runner.py").write_text(RUNNER, encoding="utf-8")
+    env = {**helpers.without_test_cache(dict(__import__("os").environ)), "DOCS_TINY_MODEL": tiny_model}
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "jax-cache")
+    r = subprocess.run([sys.executable, "runner.py", "snippet.py", where], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"{where} fails:\n{r.stderr[-3000:]}"

@@ -19,14 +19,10 @@ from typing import Literal
 
 import numpy as np
 
-from sbert_flax.models.config import BertConfig
+from sbert_flax.models.config import BertConfig, WeightsError  # noqa: F401  (WeightsError: re-exported)
 
 StateDict = dict[str, np.ndarray]
 FlaxPath = tuple[str | int, ...]
-
-
-class WeightsError(ValueError):
-    """A checkpoint does not match what the config says; the message names the file/key."""
 
 
 # --------------------------------------------------------------------------------------------

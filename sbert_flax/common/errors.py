@@ -36,8 +36,7 @@ EXIT_USER_ERROR = 2
 # cannot be an instance of a class whose module was never imported). tests/common/test_errors.py checks
 # that every name resolves, so a rename cannot silently drop one.
 USER_ERROR_CLASSES: dict[str, tuple[str, ...]] = {
-    "sbert_flax.models.config": ("ConfigError",),
-    "sbert_flax.checkpoints.weight_maps": ("WeightsError",),
+    "sbert_flax.models.config": ("ConfigError", "WeightsError"),
     "sbert_flax.checkpoints.loading": ("ModelNotFoundError",),
     "sbert_flax.inference.encoder": ("InputTooLong",),
     "sbert_flax.training.sources": ("DataError",),

@@ -7,7 +7,7 @@ written pages stay resident in the process (they count in RSS until the kernel e
 sequential writes leave them to the page cache. Everything goes to a temp name renamed at the end.
 
 Several processes (`jax.distributed`, e.g. one per TPU host) split the file by line ranges; each
-writes its shard and process 0 writes the manifest (`util.write_manifest`), so
+writes its shard and process 0 writes the manifest (`embeddings_file.write_manifest`), so
 `util.load_embeddings(output)` returns the rows in input order.
 """
 
@@ -21,8 +21,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from sbert_flax import util
 from sbert_flax.common.files import atomic_path, count_text_lines, iter_text_lines
+from sbert_flax.inference import embeddings_file
+from sbert_flax.inference.quantization import quantize_embeddings
 
 PRECISIONS = ("float32", "int8", "uint8", "binary", "ubinary")
 _BLOCK_ROWS = 65536  # rows per read/quantize block in the second pass
@@ -139,7 +140,7 @@ def encode_file(encoder, input_path: str, output_path: str, *, batch_size: int |
         raise FileNotFoundError(f"output directory does not exist: {out_dir}")
     total = count_text_lines(input_path)  # validates every line before any encoding
     start, stop = line_range(total, process_index, process_count)
-    target = output_path if process_count == 1 else util.shard_path(output_path, process_index,
+    target = output_path if process_count == 1 else embeddings_file.shard_path(output_path, process_index,
                                                                      process_count)
     dim = truncate_dim or encoder.dim
     lines = itertools.islice(iter_text_lines(input_path), start, stop)
@@ -169,12 +170,12 @@ def encode_file(encoder, input_path: str, output_path: str, *, batch_size: int |
             write_floats(float_tmp)
             ranges = (_global_ranges(float_tmp, process_count)
                       if precision in ("int8", "uint8") else None)
-            probe = util.quantize_embeddings(np.zeros((1, dim), np.float32), precision, ranges=ranges)
+            probe = quantize_embeddings(np.zeros((1, dim), np.float32), precision, ranges=ranges)
             with atomic_path(target) as q_tmp:
                 qw = _NpyWriter(q_tmp, stop - start, probe.shape[1], probe.dtype)
                 try:
                     for block in _read_blocks(float_tmp):
-                        qw.write(util.quantize_embeddings(block, precision, ranges=ranges))
+                        qw.write(quantize_embeddings(block, precision, ranges=ranges))
                 finally:
                     qw.f.close()
                 qw.close()
@@ -189,10 +190,10 @@ def encode_file(encoder, input_path: str, output_path: str, *, batch_size: int |
         rows = np.asarray(multihost_utils.process_allgather(np.int64(stop - start))).reshape(-1)
         multihost_utils.sync_global_devices("sbert_flax.encode_file: shards written")
         if process_index == 0:
-            shards = [(util.shard_path(output_path, i, process_count), int(r))
+            shards = [(embeddings_file.shard_path(output_path, i, process_count), int(r))
                       for i, r in enumerate(rows)]
-            manifest = util.write_manifest(output_path, shards, out_dim, out_dtype)
+            manifest = embeddings_file.write_manifest(output_path, shards, out_dim, out_dtype)
             if merge:
-                util.merge_shards(output_path)
+                embeddings_file.merge_shards(output_path)
         multihost_utils.sync_global_devices("sbert_flax.encode_file: manifest written")
     return EncodeFileResult(target, stop - start, total, out_dim, out_dtype, manifest)

@@ -24,6 +24,10 @@ class ConfigError(ValueError):
     """A config file asks for something sbert-flax does not support; the message names the field."""
 
 
+class WeightsError(ValueError):
+    """A checkpoint does not match what the config says; the message names the file/key."""
+
+
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
     """BERT encoder hyper-parameters (the subset of HF `BertConfig` that changes the maths)."""

@@ -23,9 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sbert_flax.checkpoints.weight_maps import WeightsError
 from sbert_flax.models.bert import BertModel
-from sbert_flax.models.config import BertConfig, PoolingConfig
+from sbert_flax.models.config import BertConfig, PoolingConfig, WeightsError
 from sbert_flax.models.pooling import l2_normalize, pool
 
 Array = jax.Array

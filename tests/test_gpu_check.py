@@ -22,7 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEEDED = ("stsb-zh/test.tsv", "contrastive/nli-zh-pairs.tsv", "vocab/google_zh_vocab.txt")
 
 sys.path.insert(0, os.path.join(REPO, "bench"))
-import gpu_profile  # noqa: E402
+from gpu import profiling  # noqa: E402  (bench/gpu/profiling.py)
 
 
 def _check_profile(prof: dict, where: str) -> None:
@@ -112,7 +112,7 @@ def test_profile_parsing_of_a_gpu_trace():
                {"ph": "X", "pid": 1, "tid": 7, "ts": 80, "dur": 10, "name": "MemcpyD2H"},
                {"ph": "X", "pid": 1, "tid": 8, "ts": 0, "dur": 90, "name": "fusion.1"},
                {"ph": "X", "pid": 701, "tid": 3, "ts": 0, "dur": 500, "name": "PjitFunction(f)"}]
-    s = gpu_profile.summarize(meta + kernels, wall_s=200e-6)
+    s = profiling.summarize(meta + kernels, wall_s=200e-6)
     assert s["source"] == "device-streams" and s["events"] == 3
     assert s["busy_s"] == pytest.approx(80e-6) and s["busy_fraction"] == pytest.approx(0.4)
     assert s["compute_busy_fraction"] == pytest.approx(0.35)
@@ -127,6 +127,6 @@ def test_nested_host_ops_count_self_time():
     ev = [{"ph": "X", "pid": 1, "tid": 1, "ts": 0, "dur": 100, "name": "while", "args": {"hlo_op": "w"}},
           {"ph": "X", "pid": 1, "tid": 1, "ts": 10, "dur": 30, "name": "dot", "args": {"hlo_op": "d"}},
           {"ph": "X", "pid": 1, "tid": 1, "ts": 50, "dur": 20, "name": "dot", "args": {"hlo_op": "d"}}]
-    s = gpu_profile.summarize(ev, wall_s=1e-3)
+    s = profiling.summarize(ev, wall_s=1e-3)
     assert s["source"] == "host-xla-ops" and s["busy_s"] == pytest.approx(100e-6)
     assert {o["name"]: o["ms"] for o in s["top_ops"]} == pytest.approx({"dot": 0.05, "while": 0.05})

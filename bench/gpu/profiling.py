@@ -1,4 +1,7 @@
-"""Device busy time and top ops from a `jax.profiler` trace (the perfetto / Chrome JSON trace).
+"""Profiling a measured stretch: a `jax.profiler` trace, then its device busy time and top ops.
+
+`traced` records a block's trace under `sizes.TRACE_ROOT`, `profile_summary` parses it (`summarize`
+on the trace file) into what the result JSON keeps.
 
 `jax.profiler.trace(dir, create_perfetto_trace=True)` writes
 `dir/plugins/profile/<run>/perfetto_trace.json.gz`: Chrome trace events, one process per plane.
@@ -15,12 +18,19 @@ fractions are null and the op list empty).
 from __future__ import annotations
 
 import collections
+import contextlib
 import glob
 import gzip
 import json
 import os
 import re
+import shutil
+import time
 from collections.abc import Iterable
+
+from gpu.sizes import TRACE_ROOT
+
+# ---- parsing -------------------------------------------------------------------------------------
 
 # Lines of a device plane that summarise the stream lines rather than add to them.
 DERIVED_LINES = re.compile(r"^(XLA Modules|XLA Ops|Async XLA Ops|XLA TraceMe|Steps|Framework Ops|"
@@ -68,7 +78,8 @@ def select_device_events(events: list[dict]) -> tuple[str, list[dict]]:
         lines = {k: n for k, n in threads.items() if k[0] in device_pids}
         streams = {k for k, n in lines.items() if n.lower().startswith("stream")}
         if streams:
-            return "device-streams", [e for e in complete if (e.get("pid"), e.get("tid")) in streams]
+            return "device-streams", [e for e in complete
+                                      if (e.get("pid"), e.get("tid")) in streams]
         keep = {k for k, n in lines.items() if not DERIVED_LINES.match(n)}
         picked = [e for e in complete if e.get("pid") in device_pids
                   and ((e.get("pid"), e.get("tid")) in keep
@@ -165,4 +176,27 @@ def summarize_dir(trace_dir: str, wall_s: float, top: int = 10) -> dict:
         return {"source": "none", "error": f"no trace file under {trace_dir}", "top_ops": []}
     out = summarize(load_events(path), wall_s, top)
     out["trace_mb"] = os.path.getsize(path) / 2**20
+    return out
+
+
+# ---- recording -----------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def traced(name: str):
+    """A `jax.profiler` trace into TRACE_ROOT/name; yields a dict that gets the trace's dir."""
+    import jax
+
+    d = os.path.join(TRACE_ROOT, name)
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d, exist_ok=True)
+    info = {"dir": d}
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+        yield info
+
+
+def profile_summary(info: dict, wall_s: float) -> dict:
+    """`summarize_dir` of a `traced` block that took `wall_s`, with the parse's own time."""
+    t = time.perf_counter()
+    out = summarize_dir(info["dir"], wall_s)
+    out["parse_s"] = round(time.perf_counter() - t, 3)
     return out

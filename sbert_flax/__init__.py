@@ -15,6 +15,7 @@ _EXPORTS = {
     "PoolingConfig": "sbert_flax.models.config",
     "SentenceEmbedder": "sbert_flax.models.embedder",
     "SentenceEncoder": "sbert_flax.inference.encoder",
+    "CrossEncoder": "sbert_flax.inference.cross_encoder",
     "enable_compilation_cache": "sbert_flax.inference.encoder",
     "DEFAULT_MODEL": "sbert_flax.checkpoints.hub",
     "LoadedModel": "sbert_flax.checkpoints.loading",
@@ -28,6 +29,7 @@ __version__ = "0.2.0"
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on demand
     from sbert_flax.checkpoints.hub import DEFAULT_MODEL  # noqa: F401
     from sbert_flax.checkpoints.loading import LoadedModel, load_model  # noqa: F401
+    from sbert_flax.inference.cross_encoder import CrossEncoder  # noqa: F401
     from sbert_flax.inference.encoder import SentenceEncoder, enable_compilation_cache  # noqa: F401
     from sbert_flax.models.bert import BertModel  # noqa: F401
     from sbert_flax.models.config import BertConfig, PoolingConfig  # noqa: F401

@@ -3,6 +3,8 @@
 - `semantic_search`, `paraphrase_mining`, `paraphrase_mining_embeddings` (`search.py`): exact
   top-k by cosine or dot score, jitted chunks sharded over the local devices.
 - `quantize_embeddings` (`quantization.py`): sentence-transformers' precisions, bit for bit.
+- `semantic_search_faiss`, `semantic_search_usearch` (`ann.py`): sentence-transformers'
+  approximate / quantized search over faiss or usearch (the `index` extra).
 - `load_embeddings`, `save_embeddings`, `write_manifest`, `merge_shards` (`embeddings_file.py`):
   one `.npy`, or the shards + manifest of a multi-process `sbert-flax encode`.
 - `mine_hard_negatives` (`mining.py`): sentence-transformers' hard-negative mining, ranked by
@@ -29,6 +31,10 @@ from sbert_flax.inference.embeddings_file import (  # noqa: F401  (re-exported)
 )
 from sbert_flax.inference.prompts import side_prompt_kwargs
 from sbert_flax.inference.quantization import PRECISIONS, Precision, quantize_embeddings  # noqa: F401
+from sbert_flax.retrieval.ann import (  # noqa: F401  (re-exported)
+    semantic_search_faiss,
+    semantic_search_usearch,
+)
 from sbert_flax.retrieval.mining import mine_hard_negatives  # noqa: F401  (re-exported)
 from sbert_flax.retrieval.search import (  # noqa: F401  (re-exported)
     TRACE_COUNTS,
@@ -43,6 +49,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["MANIFEST_FORMAT", "MANIFEST_VERSION", "PRECISIONS", "TRACE_COUNTS", "load_embeddings",
            "manifest_path", "merge_shards", "mine_hard_negatives", "paraphrase_mining",
            "paraphrase_mining_embeddings", "quantize_embeddings", "save_embeddings", "search_corpus", "semantic_search",
+           "semantic_search_faiss", "semantic_search_usearch",
            "shard_path", "write_manifest"]
 
 

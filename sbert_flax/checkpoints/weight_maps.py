@@ -464,3 +464,136 @@ def config_from_uer_hf(uer_cfg: Mapping, hf: Mapping[str, np.ndarray], source: s
         hidden_dropout_prob=float(uer_cfg.get("dropout", 0.1)),
         attention_probs_dropout_prob=float(uer_cfg.get("dropout", 0.1)),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# HF BertForSequenceClassification (cross-encoders) <-> Flax `SequenceClassifier`
+# --------------------------------------------------------------------------------------------
+
+# The head's HF keys as `canonical_hf_keys` leaves them (the `bert.` prefix stripped) -> as a
+# `BertForSequenceClassification` state dict names them (what errors and exports say).
+_HEAD_HF_NAMES = {
+    "pooler.dense.weight": "bert.pooler.dense.weight",
+    "pooler.dense.bias": "bert.pooler.dense.bias",
+    "classifier.weight": "classifier.weight",
+    "classifier.bias": "classifier.bias",
+}
+
+
+def classifier_head_ports(cfg: BertConfig, num_labels: int) -> list[Port]:
+    """The pooler (dense + tanh) and classifier of `BertForSequenceClassification` (canonical
+    keys, without `bert.`): torch Linear [out, in] <-> our Dense [in, out]."""
+    d = cfg.hidden_size
+    return [
+        Port(("pooler", "kernel"), ("pooler.dense.weight",), _linear, lambda x: [x.T], ((d, d),)),
+        Port(("pooler", "bias"), ("pooler.dense.bias",), _same, lambda x: [x], ((d,),)),
+        Port(("classifier", "kernel"), ("classifier.weight",), _linear, lambda x: [x.T],
+             ((num_labels, d),)),
+        Port(("classifier", "bias"), ("classifier.bias",), _same, lambda x: [x], ((num_labels,),)),
+    ]
+
+
+def classifier_num_labels(state: Mapping[str, np.ndarray], source: str = "checkpoint") -> int | None:
+    """The number of labels the checkpoint's `classifier.weight` has; None if it has none."""
+    w = canonical_hf_keys(state).get("classifier.weight")
+    if w is None:
+        return None
+    if np.ndim(w) != 2:
+        raise WeightsError(f"{source}: key 'classifier.weight' has shape {np.shape(w)}; "
+                           "expected [num_labels, hidden]")
+    return int(np.shape(w)[0])
+
+
+def seq_cls_hf_to_flax(state: Mapping[str, np.ndarray], cfg: BertConfig, num_labels: int,
+                       source: str = "checkpoint", head: Mapping | None = None) -> dict:
+    """HF `BertForSequenceClassification` state dict -> `SequenceClassifier` params
+    ({"backbone", "pooler", "classifier"}, float32 numpy).
+
+    Args:
+      state: the state dict (`bert.*` backbone and pooler, `classifier.*`).
+      cfg, num_labels: the architecture every shape is checked against.
+      source: the file, for messages.
+      head: a new head's params (`init_head_params`) for the parts the checkpoint lacks (a
+        `BertModel` checkpoint: no classifier, maybe a pooler); None requires all four keys.
+
+    Raises:
+      WeightsError: a key is missing (named as `BertForSequenceClassification` names it), has
+        the wrong shape, or is not used.
+    """
+    canon = canonical_hf_keys(state)
+    body = {k: v for k, v in canon.items() if k not in _HEAD_HF_NAMES}
+    params = {"backbone": hf_to_flax(body, cfg, source=source)}
+    missing = []
+    for port in classifier_head_ports(cfg, num_labels):
+        (key,), (shape,) = port.hf, port.hf_shapes
+        if key not in canon:
+            if head is None:
+                missing.append(_HEAD_HF_NAMES[key])
+            else:
+                _set_path(params, port.flax, np.asarray(_get_path(head, port.flax), np.float32))
+            continue
+        w = np.asarray(canon[key])
+        if w.shape != shape:
+            raise WeightsError(f"{source}: key {_HEAD_HF_NAMES[key]!r} has shape {w.shape} but the "
+                               f"config needs {shape} (num_labels={num_labels}, hidden_size="
+                               f"{cfg.hidden_size})")
+        _set_path(params, port.flax, port.to_flax([w.astype(np.float32)]))
+    if missing:
+        raise WeightsError(f"{source}: missing {len(missing)} key(s) of the sequence-classification "
+                           f"head: {missing} (is this a BertForSequenceClassification checkpoint?)")
+    return params
+
+
+def seq_cls_flax_to_hf(params: Mapping, cfg: BertConfig, num_labels: int) -> StateDict:
+    """`SequenceClassifier` params -> HF `BertForSequenceClassification` state dict."""
+    out = {f"bert.{k}": v for k, v in flax_to_hf(params["backbone"], cfg).items()}
+    for port in classifier_head_ports(cfg, num_labels):
+        value = np.asarray(_get_path(params, port.flax), dtype=np.float32)
+        out[_HEAD_HF_NAMES[port.hf[0]]] = np.ascontiguousarray(port.to_hf(value)[0])
+    return out
+
+
+# UER-py's run_classifier head (finetune/run_classifier.py: tanh(output_layer_1(first token)),
+# then output_layer_2) -> HF, as UER-py's scripts/convert_bert_text_classification_from_uer_to_
+# huggingface.py maps it.
+UER_CLASSIFIER_HEAD = {
+    "output_layer_1.weight": "bert.pooler.dense.weight",
+    "output_layer_1.bias": "bert.pooler.dense.bias",
+    "output_layer_2.weight": "classifier.weight",
+    "output_layer_2.bias": "classifier.bias",
+}
+
+
+def uer_classifier_to_hf(state: Mapping[str, np.ndarray], source: str = "checkpoint") -> StateDict:
+    """A UER-py `run_classifier` checkpoint -> HF `BertForSequenceClassification` keys.
+
+    The encoder goes through `uer_to_hf` (single-tower layouts, the segment table's padding row
+    dropped); the head through `UER_CLASSIFIER_HEAD`. Any other `output_layer*` key is an error:
+    it would be a head this map does not know.
+
+    Raises:
+      WeightsError: a head key missing, an unknown head key, or an encoder error (names them).
+    """
+    missing = [k for k in UER_CLASSIFIER_HEAD if k not in state]
+    if missing:
+        raise WeightsError(f"{source}: missing UER classifier key(s) {missing} (a run_classifier "
+                           "checkpoint has output_layer_1.* and output_layer_2.*)")
+    extra = sorted(k for k in state if k.startswith("output_layer") and k not in UER_CLASSIFIER_HEAD)
+    if extra:
+        raise WeightsError(f"{source}: unexpected UER head key(s) {extra[:5]}; only run_classifier's "
+                           "output_layer_1 / output_layer_2 head is supported")
+    body = {k: v for k, v in state.items() if k not in UER_CLASSIFIER_HEAD}
+    out = {f"bert.{k}": v for k, v in uer_to_hf(body, source=source).items()}
+    for uk, hk in UER_CLASSIFIER_HEAD.items():
+        out[hk] = np.asarray(state[uk])
+    return out
+
+
+def hf_to_uer_classifier(state: Mapping[str, np.ndarray], layout: UerLayout,
+                         num_layers: int) -> StateDict:
+    """The inverse of `uer_classifier_to_hf` (a zero padding-segment row is prepended)."""
+    canon = canonical_hf_keys(state)
+    out = hf_to_uer({k: v for k, v in canon.items() if k not in _HEAD_HF_NAMES}, layout, num_layers)
+    for uk, hk in UER_CLASSIFIER_HEAD.items():
+        out[uk] = np.asarray(canon[hk.removeprefix("bert.")])
+    return out

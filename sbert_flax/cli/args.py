@@ -99,3 +99,16 @@ def add_convert_args(p: argparse.ArgumentParser, to: str | None = None, uer: boo
     g.add_argument("--tower", type=int, choices=(0, 1), default=None,
                    help="sbert checkpoints: take this tower and ignore the other (default: "
                    "require tied towers, i.e. identical, and take tower 0)")
+
+
+def add_db_args(p: argparse.ArgumentParser, required: bool = False,
+                collection_help: str = "the collection of the corpus") -> None:
+    """--uri / --collection / --db-token: a vector database (`sbert_flax.retrieval.vectorstore`).
+    Not `--token`: that is the hub's (`add_hub_args`)."""
+    g = p.add_argument_group("vector database (Milvus; the vectordb extra)")
+    g.add_argument("--uri", required=required,
+                   help="a local file ending in .db (Milvus Lite, embedded: nothing to start) or a "
+                   "Milvus server, e.g. http://localhost:19530")
+    g.add_argument("--collection", required=required, help=collection_help)
+    g.add_argument("--db-token", default=os.environ.get("MILVUS_TOKEN"),
+                   help="the server's token, user:password or an API key (default: $MILVUS_TOKEN)")

@@ -23,8 +23,8 @@ PROG = "sbert-flax"
 
 # The commands in `--help` order: each a module of this package with add_parser(sub) / run(args).
 # `train` is not among them: it owns its argv (UER-py's flags) and is forwarded whole.
-COMMANDS = ("convert", "encode", "search", "mine_negatives", "similarity", "eval_sts", "serve",
-            "compile", "eval")
+COMMANDS = ("convert", "encode", "index", "search", "upload", "mine_negatives", "similarity",
+            "rerank", "eval_sts", "serve", "compile", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:

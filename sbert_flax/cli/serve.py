@@ -35,13 +35,19 @@ class MissingServeExtra(ImportError):
 
 DESCRIPTION = """Serve a sentence-embedding model over HTTP with dynamic batching: TEI routes
 (/embed, /similarity, /tokenize, /info, /health, /metrics) and OpenAI routes (/v1/embeddings,
-/embeddings). Every device shape is compiled before /health answers 200."""
+/embeddings). A cross-encoder (a sentence-transformers CrossEncoder or BertForSequenceClassification
+folder) serves TEI's /rerank and /predict: alone as --model, or beside the embedder with
+--rerank-model. Every device shape is compiled before /health answers 200."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The serve options, on any parser."""
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"sbert-flax dir, HF / sentence-transformers dir, or hub id (default: {DEFAULT_MODEL})")
+    p.add_argument("--rerank-model", default=None, metavar="MODEL",
+                   help="a cross-encoder (CrossEncoder / BertForSequenceClassification dir or hub "
+                   "id) served beside --model: /rerank and /predict go to it, the embedding "
+                   "routes to --model (default: none; a cross-encoder as --model is served alone)")
     p.add_argument("--revision", help="hub ids: branch, tag or commit (default: the default branch)")
     p.add_argument("--token", help="hub ids: access token for a gated or private model "
                    "(default: HF_TOKEN or the saved `hf auth login`)")
@@ -98,7 +104,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_parser(subparsers) -> None:
     """Adds the `serve` subcommand to the main CLI's subparsers."""
-    p = subparsers.add_parser("serve", help="serve embeddings over HTTP (TEI and OpenAI APIs)",
+    p = subparsers.add_parser("serve", help="serve embeddings and reranking over HTTP (TEI and "
+                              "OpenAI APIs)",
                               description=DESCRIPTION)
     add_arguments(p)
     p.set_defaults(func=run)
@@ -106,15 +113,9 @@ def add_parser(subparsers) -> None:
 
 def load_encoder(args: argparse.Namespace):
     """The encoder the server runs, with the token budget when the encoder takes one."""
-    import sbert_flax
     from sbert_flax.inference.encoder import SentenceEncoder
 
-    # CLIs turn the persistent compilation cache on (a restart then compiles nothing);
-    # SBERT_FLAX_COMPILATION_CACHE=0 opts out.
-    enable = getattr(sbert_flax, "enable_compilation_cache", None)
-    if enable is None:
-        from sbert_flax.inference.encoder import enable_compilation_cache as enable
-    enable()
+    _enable_compilation_cache()
     kwargs = {}
     accepts = set(inspect.signature(SentenceEncoder.from_pretrained).parameters)
     accepts |= set(inspect.signature(SentenceEncoder.__init__).parameters)
@@ -124,6 +125,63 @@ def load_encoder(args: argparse.Namespace):
                                            max_seq_length=args.max_input_length,
                                            dtype=args.dtype, revision=args.revision,
                                            token=args.token, cache_dir=args.cache_dir, **kwargs)
+
+
+def load_cross_encoder(args: argparse.Namespace, source: str, max_length: int | None,
+                       revision: str | None = None):
+    """A cross-encoder for /rerank and /predict, as the serving backend the app takes."""
+    from sbert_flax.inference.cross_encoder import CrossEncoder
+    from sbert_flax.serving.rerank_backend import RerankBackend
+
+    kwargs = {} if args.max_batch_tokens is None else {"max_batch_tokens": args.max_batch_tokens}
+    ce = CrossEncoder(source, max_length=max_length, dtype=args.dtype, revision=revision,
+                      token=args.token, cache_dir=args.cache_dir, **kwargs)
+    return RerankBackend(ce, model_id=source)
+
+
+def load_models(args: argparse.Namespace) -> tuple[object | None, object | None]:
+    """(the embedder or None, the cross-encoder or None) that `--model` and `--rerank-model` name.
+
+    A cross-encoder folder as --model (config.json names a `...ForSequenceClassification`
+    architecture, or sentence-transformers' config a CrossEncoder) is served alone, as TEI serves
+    a reranker or classifier; --max-input-length then is its pair length.
+
+    Raises:
+      ValueError: --rerank-model beside a cross-encoder --model, or a --rerank-model that is not
+        a cross-encoder.
+    """
+    from sbert_flax.checkpoints.loading import resolve_model_path
+    from sbert_flax.serving.rerank_backend import is_cross_encoder_dir
+
+    hub = {"token": args.token, "cache_dir": args.cache_dir}
+    if is_cross_encoder_dir(resolve_model_path(args.model, revision=args.revision, **hub)):
+        if args.rerank_model:
+            raise ValueError(f"--model {args.model} is a cross-encoder; --rerank-model goes "
+                             "beside an embedding model (serve the cross-encoder alone with "
+                             "--model only)")
+        if args.pooling:
+            log.warning("--pooling is ignored: %s is a cross-encoder", args.model)
+        _enable_compilation_cache()
+        return None, load_cross_encoder(args, args.model, args.max_input_length, args.revision)
+    reranker = None
+    if args.rerank_model:
+        if not is_cross_encoder_dir(resolve_model_path(args.rerank_model, **hub)):
+            raise ValueError(f"--rerank-model {args.rerank_model} is not a cross-encoder: its "
+                             "config.json names no ...ForSequenceClassification architecture "
+                             "and it is no sentence-transformers CrossEncoder")
+        reranker = load_cross_encoder(args, args.rerank_model, None)
+    return load_encoder(args), reranker
+
+
+def _enable_compilation_cache() -> None:
+    # CLIs turn the persistent compilation cache on (a restart then compiles nothing);
+    # SBERT_FLAX_COMPILATION_CACHE=0 opts out.
+    import sbert_flax
+
+    enable = getattr(sbert_flax, "enable_compilation_cache", None)
+    if enable is None:
+        from sbert_flax.inference.encoder import enable_compilation_cache as enable
+    enable()
 
 
 def settings_from_args(args: argparse.Namespace):
@@ -160,8 +218,8 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)  # bad limits fail before the slow model load
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    encoder = load_encoder(args)
-    return serve(create_app(encoder, settings), host=args.host, port=args.port,
+    encoder, reranker = load_models(args)
+    return serve(create_app(encoder, settings, reranker=reranker), host=args.host, port=args.port,
                  log_level=args.log_level, access_log=args.access_log)
 
 

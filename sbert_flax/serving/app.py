@@ -23,11 +23,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from sbert_flax.serving import schemas
-from sbert_flax.serving.backend import EncoderBackend, InputTooLong
+from sbert_flax.serving.backend import InputTooLong
 from sbert_flax.serving.batcher import Batcher, Job, Unavailable
 from sbert_flax.serving.prometheus import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from sbert_flax.serving.prometheus import ServeMetrics
+from sbert_flax.serving.rerank_routes import RerankRoutes
 from sbert_flax.serving.schemas import ApiError
+from sbert_flax.serving.served_models import serving_backend
 from sbert_flax.serving.settings import ServeSettings
 from sbert_flax.serving.tei import TeiRoutes
 
@@ -81,9 +83,10 @@ def unavailable_response(message: str, kind: str = "unhealthy", openai: bool = F
 class Server:
     """The state behind the routes: backend, batcher, metrics, limits."""
 
-    def __init__(self, encoder, settings: ServeSettings):
+    def __init__(self, encoder, settings: ServeSettings, reranker=None):
         self.settings = settings
-        self.backend = encoder if isinstance(encoder, EncoderBackend) else EncoderBackend(encoder)
+        # An embedder's `EncoderBackend`; with a cross-encoder, `ServedModels` over both.
+        self.backend = serving_backend(encoder, reranker)
         self.max_batch_tokens = settings.max_batch_tokens or self.backend.max_batch_tokens
         self.metrics = ServeMetrics(compile_count=lambda: self.backend.num_compiles,
                                     queue_size=lambda: self.batcher.queued_inputs,
@@ -101,6 +104,7 @@ class Server:
         self.in_flight = 0
         self.started = int(time.time())
         self.tei = TeiRoutes(self)  # the embedding routes, in TEI's and OpenAI's shapes
+        self.rerank_routes = RerankRoutes(self)  # /rerank and /predict (a cross-encoder's)
 
     # ---- request plumbing -------------------------------------------------------------------
 
@@ -139,14 +143,18 @@ class Server:
         request.state.body = body = b"".join(chunks)
         return body
 
-    async def tokenize(self, texts: list[str], truncate: bool, direction: str) -> list[np.ndarray]:
+    async def tokenize(self, texts: list, truncate: bool, direction: str,
+                       tokenizer: Callable | None = None) -> list[np.ndarray]:
+        """Token ids per input on the tokenizer pool (`tokenizer`: the backend's `tokenize`, or
+        the cross-encoder's `tokenize_pairs` for /rerank and /predict)."""
+        tokenizer = tokenizer or self.backend.tokenize
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
         # The batcher may hold a partial batch for this request while it is tokenized. `arrived`
         # runs on the loop's next turn: after the caller, in this same turn, has submitted.
         self.batcher.expect()
         try:
-            ids = await loop.run_in_executor(self.tokenizer_pool, lambda: self.backend.tokenize(
+            ids = await loop.run_in_executor(self.tokenizer_pool, lambda: tokenizer(
                 texts, truncate=truncate, direction=direction))
         except InputTooLong as e:
             raise schemas.input_too_long(e.index, e.length, e.limit) from None
@@ -264,8 +272,8 @@ class Server:
         s, b = self.settings, self.backend
         return json_response({
             "model_id": s.model_id, "served_model_name": s.model_name, "model_sha": None,
-            "model_dtype": b.dtype, "model_type": {"embedding": {"pooling": b.pooling}},
-            "dim": b.dim, "max_input_length": b.max_seq_length,
+            "model_dtype": b.dtype, **self.rerank_routes.info(),  # model_type, dim, rerank_model
+            "max_input_length": b.max_seq_length,
             "max_batch_tokens": self.max_batch_tokens, "max_batch_requests": None,
             "max_client_batch_size": s.max_client_batch_size,
             "max_concurrent_requests": s.max_concurrent_requests, "payload_limit": s.payload_limit,
@@ -306,8 +314,11 @@ async def _wait_disconnect(request: Request) -> None:
         pass
 
 
-def create_app(encoder, settings: ServeSettings | None = None) -> FastAPI:
+def create_app(encoder, settings: ServeSettings | None = None, reranker=None) -> FastAPI:
     """A FastAPI app serving `encoder` (a `SentenceEncoder`) over the TEI and OpenAI APIs.
+
+    With a cross-encoder (`reranker`, or a `CrossEncoder` as `encoder`) /rerank and /predict
+    serve too; `serving.rerank_routes` says how the routes choose between the models.
 
     The batcher thread starts (and warms up: every shape compiled, then a test batch) when the
     app's lifespan starts; `/health` answers 503 until then. On shutdown the queue is drained.
@@ -315,9 +326,10 @@ def create_app(encoder, settings: ServeSettings | None = None) -> FastAPI:
     Args:
       encoder: the model; the app's worker thread is its only user from then on.
       settings: limits and names; default `ServeSettings()`.
+      reranker: a `CrossEncoder` served beside `encoder` (None: none, or `encoder` is one).
     """
     settings = settings or ServeSettings()
-    server = Server(encoder, settings)
+    server = Server(encoder, settings, reranker)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -7,9 +7,11 @@ answers by model type. For a dense embedding model, as this server runs:
   `/embeddings`, `/tokenize`, `/decode`, `/info`, `/health` (also `GET /` and `GET /ping`),
   `/metrics`, `/vertex` (`{"instances": [embed requests]}`), and `POST /` and `POST /invocations`
   (SageMaker's names for /embed) serve.
-- `/embed_sparse` (SPLADE models), `/predict` (classifiers) and `/rerank` (re-rankers) check the
-  request as TEI does, then answer 424 `error_type` "Backend" with TEI's message and count
-  `te_request_failure{err="model_type"}`.
+- `/embed_sparse` (SPLADE models) checks the request as TEI does, then answers 424 `error_type`
+  "Backend" with TEI's message and counts `te_request_failure{err="model_type"}`.
+- `/predict` and `/rerank` are `rerank_routes`': a cross-encoder's, or the same 424s without one.
+  On a server with a cross-encoder only, the embedding routes here answer TEI's 424 for a
+  classifier ("Model is not an embedding model"); `rerank_routes` says how routes choose.
 
 `/embed_all` goes through the batcher as /embed does (its own rounds, on the encoder's token
 program): the warm-up, the drain, a dead worker and the watchdog apply to it alike.
@@ -114,6 +116,11 @@ class TeiRoutes:
             ids[i] = arr
         return ids
 
+    def _require_embedder(self) -> None:
+        """TEI's 424 on an embedding route of a cross-encoder (core/src/infer.rs `embed`)."""
+        if not getattr(self.server.backend, "serves_embeddings", True):
+            raise model_type_error("Model is not an embedding model")
+
     def _embed_fields(self, request: Request, obj: dict, method_field: str = "inputs"
                       ) -> tuple[Inputs, bool, str, str]:
         # Counted before the checks, as TEI counts te_request_count before its batch checks.
@@ -128,6 +135,7 @@ class TeiRoutes:
     async def embed(self, request: Request, obj: dict) -> np.ndarray:
         """/embed: pooled embeddings [n, dim] (normalized unless `normalize` is false)."""
         inputs, truncate, direction, prefix = self._embed_fields(request, obj)
+        self._require_embedder()
         normalize = schemas.optional_bool(obj, "normalize", True)
         dims = schemas.dimensions(obj, self.server.backend.dim)
         ids = await self.token_ids(inputs, truncate, direction, prefix)
@@ -136,6 +144,7 @@ class TeiRoutes:
     async def embed_all(self, request: Request, obj: dict) -> list[np.ndarray]:
         """/embed_all: every token's last hidden state, [tokens_i, dim] per input."""
         inputs, truncate, direction, prefix = self._embed_fields(request, obj)
+        self._require_embedder()
         if not getattr(self.server.backend, "token_output", False):
             raise model_type_error("this backend has no token-level output")
         ids = await self.token_ids(inputs, truncate, direction, prefix)
@@ -149,6 +158,7 @@ class TeiRoutes:
         """/similarity: cosine of each sentence with the source sentence."""
         req = schemas.similarity_request(obj, self._max_items)
         request.state.tei_shape = ("batch", len(req.sentences) + 1)
+        self._require_embedder()
         truncate = self.server.settings.auto_truncate if req.truncate is None else req.truncate
         inputs = Inputs([req.source, *req.sentences], False)
         ids = await self.token_ids(inputs, truncate, req.direction, self.prompt(req.prompt_name))
@@ -167,34 +177,13 @@ class TeiRoutes:
                            f"{settings.model_name!r} (--strict-model-name)", "model_not_found")
         request.state.tei_shape = schemas.request_shape(obj.get("input"))
         inputs = schemas.inputs(obj, "input", self._max_items)
+        self._require_embedder()
         fmt = schemas.encoding_format(obj)
         dims = schemas.dimensions(obj, self.server.backend.dim)
         ids = await self.token_ids(inputs, settings.auto_truncate, "right", self.prompt(None))
         emb = schemas.shape_embeddings(await self.server.embed(request, ids), True, dims)
         tokens = int(sum(len(x) for x in ids))
         return schemas.openai_response(emb, settings.model_name, tokens, fmt)
-
-    async def predict(self, request: Request, obj: dict):
-        value = obj.get("inputs")
-        if not isinstance(value, str | list):
-            raise ApiError(422, "`inputs` must be a string, a pair of strings or a list of those, "
-                           f"got {type(value).__name__}")
-        batch = isinstance(value, list) and bool(value) and isinstance(value[0], list)
-        if batch and len(value) > self._max_items:
-            raise ApiError(422, f"batch size {len(value)} > maximum allowed batch size "
-                           f"{self._max_items}", err="batch_size")
-        request.state.tei_shape = ("batch" if batch else "single", len(value) if batch else 1)
-        raise model_type_error("Model is not a classifier model")
-
-    async def rerank(self, request: Request, obj: dict):
-        query, texts = obj.get("query"), obj.get("texts")
-        if not isinstance(query, str):
-            raise ApiError(422, f"`query` must be a string, got {type(query).__name__}")
-        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-            raise ApiError(422, "`texts` must be a list of strings")
-        if not texts:
-            raise ApiError(400, "`texts` cannot be empty", "empty")
-        raise model_type_error("model is not a re-ranker model")
 
     async def decode(self, request: Request, obj: dict) -> list[str]:
         """/decode: token ids back to text, per sequence."""
@@ -206,8 +195,9 @@ class TeiRoutes:
         return [await loop.run_in_executor(self.pool, self._decode, ids, skip) for ids in seqs]
 
     async def vertex(self, request: Request, obj: dict) -> dict:
-        """/vertex: `{"instances": [...]}`, each an /embed request (or a /rerank one, which this
-        model answers with 424) -> `{"predictions": [...]}`."""
+        """/vertex: `{"instances": [...]}`, each an /embed request, or a /rerank one (or a /predict
+        one on a cross-encoder alone; `rerank_routes.vertex_instance`) -> `{"predictions": [...]}`.
+        """
         instances = obj.get("instances")
         if not isinstance(instances, list):
             raise ApiError(422, f"`instances` must be a list, got {type(instances).__name__}")
@@ -215,9 +205,8 @@ class TeiRoutes:
         for i, inst in enumerate(instances):
             if not isinstance(inst, dict):
                 raise ApiError(422, f"instances[{i}] must be an object, got {type(inst).__name__}")
-            if "query" in inst and "texts" in inst:  # TEI tries a rerank request first
-                await self.rerank(request, inst)
-            predictions.append(await self.embed(request, inst))
+            route = self.server.rerank_routes.vertex_instance(inst) or self.embed
+            predictions.append(await route(request, inst))
         request.state.tei_shape = ("batch", len(instances))
         return {"predictions": predictions}
 
@@ -237,12 +226,15 @@ class TeiRoutes:
     def routes(self) -> list[tuple[str, str, str, object]]:
         """(path, HTTP method, metric route name, route function) of every TEI route that the
         app's own table does not already hold; GET / and /ping are /health's aliases."""
+        rr = self.server.rerank_routes
+        # SageMaker's and the Inference API's default route: /embed, or on a cross-encoder alone
+        # /rerank or /predict (`rerank_routes.default_route`).
+        default = rr.default_route() or ("embed", self.embed)
         post = [("/embed_all", "embed_all", self.embed_all),
                 ("/embed_sparse", "embed_sparse", self.embed_sparse),
-                ("/predict", "predict", self.predict), ("/rerank", "rerank", self.rerank),
+                ("/predict", "predict", rr.predict), ("/rerank", "rerank", rr.rerank),
                 ("/decode", "decode", self.decode), ("/vertex", "vertex", self.vertex),
-                # SageMaker's and the Inference API's names for /embed on an embedding model
-                ("/", "embed", self.embed), ("/invocations", "embed", self.embed)]
+                ("/", *default), ("/invocations", *default)]
         out = [(path, "POST", name, self.endpoint(fn)) for path, name, fn in post]
         health = self.server.route_health
         return out + [("/", "GET", "health", health), ("/ping", "GET", "health", health)]

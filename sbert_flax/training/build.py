@@ -19,10 +19,11 @@ from jax.sharding import Mesh
 from sbert_flax.common import sharding
 from sbert_flax.models.config import BertConfig, PoolingConfig
 from sbert_flax.training import optim
+from sbert_flax.training.cross_encoder_losses import CrossEncoderLoss, make_cross_encoder_loss
 from sbert_flax.training.losses import Loss, make_loss
 from sbert_flax.training.siamese import ModelDef
 from sbert_flax.training.state import StateLayout, state_layout
-from sbert_flax.training.train_config import TrainConfig
+from sbert_flax.training.train_config import CROSS_ENCODER_LOSSES, TrainConfig
 
 
 def check_batch_sizes(cfg: TrainConfig, num_devices: int, unit: str = "devices") -> None:
@@ -42,17 +43,22 @@ def check_batch_sizes(cfg: TrainConfig, num_devices: int, unit: str = "devices")
 
 
 def model_and_loss(cfg: TrainConfig, model: BertConfig, pooling: PoolingConfig,
-                   num_labels: int | None) -> tuple[BertConfig, PoolingConfig, Loss, ModelDef]:
+                   num_labels: int | None
+                   ) -> tuple[BertConfig, PoolingConfig, Loss | CrossEncoderLoss, ModelDef]:
     """(model config with the run's remat / scan_layers, the pooling the loss sees, the loss, the
-    model definition) of `cfg`; `num_labels` is the softmax head's classes (None otherwise)."""
+    model definition) of `cfg`; `num_labels` is the classes of a labelled loss's data (softmax,
+    ce-bce, ce-softmax; None otherwise)."""
     # How the backbone computes (remat, scan over layers) lives on its config.
     flags = {f: True for f in ("remat", "scan_layers") if getattr(cfg, f)}
     model = dataclasses.replace(model, **flags) if flags else model
     if cfg.loss == "softmax":  # UER's recipe: the head sees unnormalised embeddings
         pooling = dataclasses.replace(pooling, normalize=False)
-    loss = make_loss(cfg.loss, scale=cfg.scale, symmetric=cfg.symmetric,
-                     mini_batch_size=cfg.mini_batch_size, matryoshka_dims=cfg.matryoshka_dims,
-                     num_labels=num_labels, pooling=pooling)
+    if cfg.loss in CROSS_ENCODER_LOSSES:  # cross-encoders (issue 25): pairs through one BERT
+        loss = make_cross_encoder_loss(cfg.loss, num_labels)
+    else:
+        loss = make_loss(cfg.loss, scale=cfg.scale, symmetric=cfg.symmetric,
+                         mini_batch_size=cfg.mini_batch_size, matryoshka_dims=cfg.matryoshka_dims,
+                         num_labels=num_labels, pooling=pooling)
     mdef = loss.model_def(model, pooling, jnp.bfloat16 if cfg.bf16 else jnp.float32)
     return model, pooling, loss, mdef
 

@@ -49,6 +49,11 @@ SCHEMAS: Mapping[str, Schema] = {
     "mnrl": Schema(("anchor", "positive"), optional=("negative",), numbered=("negative",)),
     "cached-mnrl": Schema(("anchor", "positive"), optional=("negative",), numbered=("negative",)),
     "cosent": Schema(("sentence1", "sentence2"), target="score"),
+    # Cross-encoders (cross_encoder_losses.py): labelled pairs, or an anchor with its positive and
+    # mined negatives (a triplet, or the n-tuples of `sbert-flax mine-negatives`).
+    "ce-bce": Schema(("text_a", "text_b"), target="label"),
+    "ce-softmax": Schema(("text_a", "text_b"), target="label"),
+    "ce-listwise": Schema(("anchor", "positive"), optional=("negative",), numbered=("negative",)),
 }
 
 

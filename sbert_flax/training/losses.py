@@ -38,7 +38,7 @@ from sbert_flax.models.pooling import l2_normalize
 from sbert_flax.training import columns as cols
 from sbert_flax.training import siamese
 from sbert_flax.training.siamese import ModelDef
-from sbert_flax.training.train_config import LOSSES
+from sbert_flax.training.train_config import CROSS_ENCODER_LOSSES, LOSSES
 
 Array = jax.Array
 Batch = dict[str, Array]
@@ -307,6 +307,9 @@ def make_loss(name: str, *, scale: float = 20.0, symmetric: bool = False,
     """
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; expected one of {LOSSES}")
+    if name in CROSS_ENCODER_LOSSES:  # not an embedding loss: its own builder and options
+        raise ValueError(f"{name} is a cross-encoder loss: build it with "
+                         "cross_encoder_losses.make_cross_encoder_loss")
     pool = None if pooling is None else siamese.as_pooling(pooling)
     if (mini_batch_size is not None) != (name == "cached-mnrl"):
         raise ValueError("mini_batch_size is required by cached-mnrl and used by no other loss "

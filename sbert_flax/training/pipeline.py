@@ -305,15 +305,9 @@ class BatchBuilder:
             raise ValueError(f"{n} records for a global batch of {g}")
         # Every process tokenizes the whole global batch: the padded lengths (or the packing) must
         # be the same on all of them, and they depend on every text of the batch.
-        cols = src.texts(records)
-        flat = [t for c in src.columns for t in cols[c]]
-        # No lock: `Tokenizer.encode` is thread-safe, so grain's threads tokenize in parallel
-        # (the Rust tokenizer releases the GIL).
-        ids = self.tokenizer.encode(flat, cfg.seq_length) if flat else []
         lo = cfg.process_index * rows
-        mine = range(lo, min(lo + rows, n))
-        out = self._packed(ids, n, lo) if cfg.pack else self._padded(ids, n, lo)
-        real = len(mine)
+        out = self.layout(src.texts(records), n, lo)
+        real = len(range(lo, min(lo + rows, n)))
         w = np.zeros((rows,), np.float32)
         w[:real] = 1.0
         out["weights"] = w
@@ -326,6 +320,16 @@ class BatchBuilder:
             index[:real] = records[lo: lo + real]
             out["index"] = index
         return out
+
+    def layout(self, cols: dict[str, list[str]], n: int, lo: int) -> Batch:
+        """The text arrays of this process's rows (from global row `lo`) of a global batch of `n`
+        records whose texts are `cols`: packed or padded. (`cross_encoder_batches` lays out
+        pairs instead.)"""
+        flat = [t for c in self.source.columns for t in cols[c]]
+        # No lock: `Tokenizer.encode` is thread-safe, so grain's threads tokenize in parallel
+        # (the Rust tokenizer releases the GIL).
+        ids = self.tokenizer.encode(flat, self.cfg.seq_length) if flat else []
+        return self._packed(ids, n, lo) if self.cfg.pack else self._padded(ids, n, lo)
 
     def _padded(self, ids: list[np.ndarray], n: int, lo: int) -> Batch:
         """Each text in its own row of the local batch, padded to its column's bucket."""
@@ -388,17 +392,19 @@ class TrainPipeline:
       tokenizer: host tokenizer.
       cfg: batching config.
       lengths: per-record token lengths (computed here when group_by_length needs them).
+      builder: the `BatchBuilder` class that lays out the batches (default `BatchBuilder`).
     """
 
     def __init__(self, source: TextSource, tokenizer: Tokenizer, cfg: PipelineConfig,
-                 lengths: np.ndarray | None = None):
+                 lengths: np.ndarray | None = None, builder: type[BatchBuilder] | None = None):
         if cfg.no_duplicates and source.text_hashes is None:
             raise ValueError("no_duplicates needs a source opened with hash_texts=True")
         if cfg.group_by_length and lengths is None:
             lengths = token_lengths(source, tokenizer, cfg.seq_length)
         self.source, self.cfg = source, cfg
         self.plan = BatchPlan(len(source), cfg, lengths=lengths, text_hashes=source.text_hashes)
-        self.builder = BatchBuilder(source, tokenizer, cfg, self.plan)
+        # `builder`: another layout of the same plan (the cross-encoders' pairs).
+        self.builder = (builder or BatchBuilder)(source, tokenizer, cfg, self.plan)
         self.dataset = grain.MapDataset.range(self.plan.total_steps).map(self.builder)
 
     @property

@@ -17,7 +17,12 @@ from sbert_flax.training import fingerprint
 
 # The losses by name: the one list the CLI, the config and `losses.make_loss` take (here, not in
 # losses.py, so that parsing a command line imports no JAX).
-LOSSES = ("softmax", "mnrl", "cached-mnrl", "cosent")
+# Cross-encoder losses (issue 25): a `SequenceClassifier` trained on (query, document) pairs,
+# built by `cross_encoder_losses.make_cross_encoder_loss`.
+CROSS_ENCODER_LOSSES = ("ce-bce", "ce-softmax", "ce-listwise")
+LOSSES = ("softmax", "mnrl", "cached-mnrl", "cosent", *CROSS_ENCODER_LOSSES)
+# The losses with a label column: their --dev_path / --test_path are classification sets.
+CLASSIFICATION_LOSSES = ("softmax", "ce-bce", "ce-softmax")
 POOLINGS = ("first", "cls", "mean", "max")
 DATA_FORMATS = ("auto", "tsv", "csv", "jsonl")
 PARAM_SHARDINGS = ("replicated", "fsdp")
@@ -147,7 +152,9 @@ class TrainConfig:
     pooling: str | None = None  # "first"/"cls" | "mean" | "max"; None: UER config's, else softmax
     #   "cls" (UER's default) and the embedding losses the model folder's own pooling
     # ---- loss ----
-    loss: str = "softmax"  # "softmax" (UER siamese) | "mnrl" | "cached-mnrl" | "cosent"
+    loss: str = "softmax"  # "softmax" (UER siamese) | "mnrl" | "cached-mnrl" | "cosent" |
+    #   cross-encoders: "ce-bce" (pairs, label 0/1) | "ce-softmax" (pairs, classes) | "ce-listwise"
+    #   (anchor, positive, negatives); they pad each pair (--pack does not apply)
     scale: float = 20.0  # cosine multiplier of mnrl / cached-mnrl / cosent
     symmetric: bool = False  # mnrl: add the positive -> anchor term
     mini_batch_size: int | None = None  # cached-mnrl: sentences per forward pass (GradCache)
@@ -235,11 +242,16 @@ class TrainConfig:
                              "BEIR dev folder (--ir-dev DIR)")
         if self.best_metric == "sts_spearman" and not self.sts_dev_paths:
             raise ValueError("best_metric=sts_spearman needs an STS dev file (--sts-dev)")
-        if self.best_metric in ("accuracy", "macro_f1") and not (self.loss == "softmax" and self.dev_path):
-            raise ValueError(f"best_metric={self.best_metric} needs the softmax loss and --dev_path")
-        if self.loss != "softmax" and (self.dev_path or self.test_path):
-            raise ValueError(f"dev_path / test_path are classification sets of the softmax loss; "
-                             f"with loss={self.loss} evaluate with --sts-dev")
+        if self.best_metric in ("accuracy", "macro_f1") and not (
+                self.loss in CLASSIFICATION_LOSSES and self.dev_path):
+            raise ValueError(f"best_metric={self.best_metric} needs a classification loss "
+                             f"({' | '.join(CLASSIFICATION_LOSSES)}) and --dev_path")
+        if self.loss not in CLASSIFICATION_LOSSES and (self.dev_path or self.test_path):
+            raise ValueError(f"dev_path / test_path are classification sets of the "
+                             f"{' / '.join(CLASSIFICATION_LOSSES)} losses; with loss={self.loss} "
+                             "evaluate with --sts-dev")
+        if self.loss in CROSS_ENCODER_LOSSES:  # ---- cross-encoders (issue 25) ----
+            self._check_cross_encoder()
         for name in ("epochs_num", "batch_size", "nan_check_every", "log_every_steps", "max_to_keep",
                      "data_threads"):
             if getattr(self, name) < (0 if name == "data_threads" else 1):
@@ -264,11 +276,27 @@ class TrainConfig:
         """The dev metric that picks the best model (None: the last evaluation wins)."""
         if self.best_metric:
             return self.best_metric
-        if self.loss == "softmax" and self.dev_path:
+        if self.loss in CLASSIFICATION_LOSSES and self.dev_path:
             return "accuracy"
         if self.sts_dev_paths:
             return "sts_spearman"
         return "ndcg@10" if self.ir_dev_paths else None
+
+    def _check_cross_encoder(self) -> None:
+        """What a cross-encoder run cannot take: the embedding losses' options, BEIR folders
+        (a reranker needs a retriever: `sbert-flax eval --rerank-model`), and STS files with a
+        multi-class head (no single score to correlate)."""
+        for name in ("symmetric", "mini_batch_size", "matryoshka_dims", "pooling"):
+            if getattr(self, name):
+                raise ValueError(f"{name} is an option of the embedding losses; a cross-encoder "
+                                 f"(loss={self.loss}) scores the pair's [CLS] through its pooler")
+        if self.ir_dev_paths:
+            raise ValueError(f"--ir-dev evaluates embeddings; a cross-encoder (loss={self.loss}) "
+                             "is evaluated on BEIR folders with `sbert-flax eval --retrieval DIR "
+                             "--model BI_ENCODER --rerank-model RUN/best_model`")
+        if self.loss == "ce-softmax" and self.sts_dev_paths:
+            raise ValueError("--sts-dev correlates one score per pair; the ce-softmax head gives "
+                             "several (use --dev_path, or ce-bce for a score)")
 
     def resume_mismatches(self, saved: dict[str, Any], resolved: dict[str, Any] | None = None
                           ) -> list[str]:

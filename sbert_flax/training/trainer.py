@@ -1,4 +1,5 @@
-"""`Trainer`: one fine-tuning run (softmax siamese, mnrl, cached-mnrl or cosent), top to bottom.
+"""`Trainer`: one fine-tuning run (softmax siamese, mnrl, cached-mnrl or cosent; or a cross-encoder,
+ce-bce / ce-softmax / ce-listwise: `cross_encoder_*.py`), top to bottom.
 
     Trainer(cfg) -> data (validated first) -> model + loss -> mesh + data pipeline
                  -> resume plan (before config.json or a checkpoint is written) -> state layout
@@ -31,12 +32,21 @@ from sbert_flax.common.files import write_json
 from sbert_flax.inference.encoder import SentenceEncoder
 from sbert_flax.retrieval import ir_evaluation as retrieval
 from sbert_flax.training import build, data, fingerprint, flops, optim
+from sbert_flax.training import cross_encoder_start as ce_start
+from sbert_flax.training.cross_encoder_batches import PairBatchBuilder
+from sbert_flax.training.cross_encoder_eval import CrossEncoderEvaluator
+from sbert_flax.training.cross_encoder_losses import make_cross_encoder_loss
 from sbert_flax.training.dev_eval import Evaluator
 from sbert_flax.training.reporting import MetricsWriter, log, progress, setup_logging
 from sbert_flax.training.run_checkpoints import RunCheckpoints, checkpoint_steps, read_meta
 from sbert_flax.training.state import create_train_state
 from sbert_flax.training.step import TraceCounter, make_train_step
-from sbert_flax.training.train_config import TrainConfig, resume_plan
+from sbert_flax.training.train_config import (
+    CLASSIFICATION_LOSSES,
+    CROSS_ENCODER_LOSSES,
+    TrainConfig,
+    resume_plan,
+)
 
 
 class TrainingDiverged(RuntimeError):
@@ -115,7 +125,7 @@ class Trainer:
                                hash_texts=cfg.no_duplicates)
         self.dev_src = _open(cfg.dev_path, cfg, schema, cfg.labels_num) if cfg.dev_path else None
         self.num_labels = None
-        if cfg.loss == "softmax":
+        if cfg.loss in CLASSIFICATION_LOSSES:
             self.num_labels = cfg.labels_num or max(self.train_src.num_labels,
                                                     self.dev_src.num_labels if self.dev_src else 0)
         for p in cfg.sts_dev_paths:
@@ -136,10 +146,16 @@ class Trainer:
         self.resume_meta = read_meta(cfg.output_dir) if (cfg.resume and steps) else None
 
         # ---- model and loss ----
-        self.pre = load_pretrained(cfg.pretrained_model_path, vocab_path=cfg.vocab_path,
-                                   config_path=cfg.config_path, pooling=cfg.pooling,
-                                   seq_length=cfg.seq_length,
-                                   default_pooling="cls" if cfg.loss == "softmax" else None)
+        self.cross_encoder = None  # cross-encoders (issue 25): backbone + pooler + classifier
+        if cfg.loss in CROSS_ENCODER_LOSSES:
+            head = make_cross_encoder_loss(cfg.loss, self.num_labels).num_labels  # labels first
+            self.cross_encoder = ce_start.load_start(cfg, head)
+            self.pre = self.cross_encoder.pre
+        else:
+            self.pre = load_pretrained(cfg.pretrained_model_path, vocab_path=cfg.vocab_path,
+                                       config_path=cfg.config_path, pooling=cfg.pooling,
+                                       seq_length=cfg.seq_length,
+                                       default_pooling="cls" if cfg.loss == "softmax" else None)
         model, pooling, self.loss, self.mdef = build.model_and_loss(
             cfg, self.pre.config, self.pre.pooling_config, self.num_labels)
         self.pre = dataclasses.replace(self.pre, config=model)
@@ -161,7 +177,8 @@ class Trainer:
             pack=cfg.pack, row_multiple=n_dev,
             pack_groups=cfg.batch_size // cfg.mini_batch_size if cfg.mini_batch_size else 1,
             process_index=jax.process_index(),
-            process_count=jax.process_count(), num_threads=cfg.data_threads))
+            process_count=jax.process_count(), num_threads=cfg.data_threads),
+            builder=PairBatchBuilder if self.cross_encoder else None)  # pairs: cross-encoders
         self.total_steps = self.pipeline.total_steps
 
         # ---- the resume plan: every check before config.json or a checkpoint is written ----
@@ -183,10 +200,16 @@ class Trainer:
         self.train_step = make_train_step(self.mdef.graphdef, self.loss, self.tx, self.layout,
                                           seed=cfg.seed, windowed_einsum=cfg.windowed_einsum,
                                           counter=self.counter)
-        self.evaluator = Evaluator(self.mdef.graphdef, self.layout, self.pre.tokenizer,
-                                   seq_length=cfg.seq_length,
-                                   batch_size=cfg.eval_batch_size or cfg.batch_size,
-                                   sts_paths=cfg.sts_dev_paths, classify=cfg.loss == "softmax")
+        if self.cross_encoder:  # scores pairs instead of embedding sentences
+            self.evaluator = CrossEncoderEvaluator(
+                self.mdef.graphdef, self.layout, self.pre.tokenizer, seq_length=cfg.seq_length,
+                batch_size=cfg.eval_batch_size or cfg.batch_size,
+                num_logits=self.loss.num_labels, sts_paths=cfg.sts_dev_paths)
+        else:
+            self.evaluator = Evaluator(self.mdef.graphdef, self.layout, self.pre.tokenizer,
+                                       seq_length=cfg.seq_length,
+                                       batch_size=cfg.eval_batch_size or cfg.batch_size,
+                                       sts_paths=cfg.sts_dev_paths, classify=cfg.loss == "softmax")
         self.peak_flops = cfg.peak_flops or flops.known_peak_flops(
             [d.device_kind for d in self.devices])
         log.info("train %d examples (%s, columns %s), loss %s, pooling %s, %d steps (%s per epoch)",
@@ -463,7 +486,13 @@ class Trainer:
         if cfg.test_path:
             test = _open(cfg.test_path, cfg, data.schema_for(cfg.loss), self.num_labels)
             out["test"] = self.evaluator.report(params, test, self.num_labels, "test (best model)")
-        if cfg.export:
+        if cfg.export and self.cross_encoder:  # one folder: sentence-transformers' CrossEncoder
+            host = sharding.host_tree(params, self.mesh)  # collective: every process takes part
+            if self.is_main:
+                ce_start.export(os.path.join(cfg.output_dir, "best_model"), self.cross_encoder,
+                                host, cfg.seq_length, cfg.label_names)
+                log.info("exported the best cross-encoder to %s/best_model", cfg.output_dir)
+        elif cfg.export:
             enc = self._encoder(params)
             if self.is_main:
                 enc.save(os.path.join(cfg.output_dir, "best_model"), overwrite=True)

@@ -231,7 +231,7 @@ def test_faults_outside_the_device_call_fail_only_their_requests():
 
     async def run():
         batcher.start()
-        unsized = batcher.submit([np.int32(5)])  # len() raises inside _take
+        unsized = batcher.submit([np.int32(5)])  # len() raises inside Intake.take
         with pytest.raises(BatchFailed, match="TypeError"):
             await asyncio.wait_for(unsized.future, WAIT_S)  # the old worker died here: no answer
         garbage = batcher.submit([seq(70, 2)])
@@ -289,7 +289,7 @@ def test_a_dead_worker_thread_fails_its_batch_and_the_queue():
 
     results = asyncio.run(run())
     assert all(isinstance(r, Unavailable) and "Crash" in str(r) for r in results), results
-    # The owner is told after the waiting requests are failed (`Batcher._die`): on a loaded
+    # The owner is told after the waiting requests are failed (`Supervisor.die`): on a loaded
     # machine the answers can come back first, so wait for the call rather than race it.
     assert wait_for(lambda: died, WAIT_S), "on_fatal was never called"
     assert isinstance(batcher.fatal, Crash) and died == [batcher.fatal]

@@ -2,7 +2,8 @@
 
 The event loop admits jobs, announces requests still being tokenized (`expect` / `arrived`) and
 cancels jobs whose client is gone; the worker waits for work and takes one round's inputs, in
-arrival order, under the token budget. Everything here runs with the batcher's condition held.
+arrival order, under the token budget. The loop's half takes the batcher's condition itself (or
+is called with it held: `admit`); the worker's half is called with it held.
 """
 
 from __future__ import annotations

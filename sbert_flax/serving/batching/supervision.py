@@ -13,8 +13,15 @@ import logging
 import time
 from collections.abc import Iterable
 
-from sbert_flax.serving.batching.jobs import (LOGGER, BatchFailed, Job, Unavailable, describe,
-                                              post, unique)
+from sbert_flax.serving.batching.jobs import (
+    LOGGER,
+    BatchFailed,
+    Job,
+    Unavailable,
+    describe,
+    post,
+    unique,
+)
 from sbert_flax.serving.batching.state import BatchState
 from sbert_flax.serving.prometheus import ServeMetrics
 

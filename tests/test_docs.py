@@ -93,11 +93,13 @@ def test_every_import_the_docs_show_works():
 NOT_RUN = "<!-- snippet: not run"
 SNIPPET = re.compile(r"^(.*)\n```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
 # What the snippets are run with: the hub download answers with a tiny random model (no network
-# here), in a scratch folder holding the files the snippets read.
+# here; a hub id naming a reranker gets a tiny cross-encoder), in a scratch folder holding the
+# files the snippets read.
 RUNNER = """
 import os, sys
 from sbert_flax.checkpoints import hub
-hub.download = lambda repo_id, **kwargs: os.environ["DOCS_TINY_MODEL"]
+hub.download = lambda repo_id, **kwargs: os.environ[
+    "DOCS_TINY_RERANKER" if "rerank" in repo_id else "DOCS_TINY_MODEL"]
 code = open(sys.argv[1], encoding="utf-8").read()
 exec(compile(code, sys.argv[2], "exec"), {"__name__": "__main__"})
 """
@@ -114,14 +116,17 @@ def _snippets() -> list[tuple[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
+def tiny_models(tmp_path_factory) -> dict[str, str]:
     import helpers
+    from cross_encoder_helpers import make_tiny_cross_encoder_dir
 
-    return helpers.make_tiny_bert_dir(str(tmp_path_factory.mktemp("docs") / "tiny"), pooling="mean")
+    root = tmp_path_factory.mktemp("docs")
+    return {"DOCS_TINY_MODEL": helpers.make_tiny_bert_dir(str(root / "tiny"), pooling="mean"),
+            "DOCS_TINY_RERANKER": make_tiny_cross_encoder_dir(str(root / "reranker"))}
 
 
 @pytest.mark.parametrize("where, code", _snippets(), ids=[w for w, _ in _snippets()])
-def test_python_snippets_run(where, code, tiny_model, tmp_path):
+def test_python_snippets_run(where, code, tiny_models, tmp_path):
     """Each Python block of README and docs runs as written (the model a tiny random one), so a
     renamed argument or a changed return shape fails here rather than in a user's first try."""
     import subprocess
@@ -135,7 +140,7 @@ def test_python_snippets_run(where, code, tiny_model, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "snippet.py").write_text(code, encoding="utf-8")
     (tmp_path / "runner.py").write_text(RUNNER, encoding="utf-8")
-    env = {**helpers.without_test_cache(dict(__import__("os").environ)), "DOCS_TINY_MODEL": tiny_model}
+    env = {**helpers.without_test_cache(dict(__import__("os").environ)), **tiny_models}
     env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "jax-cache")
     r = subprocess.run([sys.executable, "runner.py", "snippet.py", where], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=600)

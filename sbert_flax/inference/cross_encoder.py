@@ -50,10 +50,10 @@ from sbert_flax.inference.pair_batches import (
     pack_pairs,
 )
 from sbert_flax.inference.score_programs import ScoreProgram, score_program
-from sbert_flax.inference.tokenization import Tokenizer
 from sbert_flax.inference.window_stream import Reassembly, Window, prefetch
 from sbert_flax.models.config import BertConfig
 from sbert_flax.models.cross_encoder import ClassifierConfig, abstract_classifier
+from sbert_flax.models.tokenization import Tokenizer
 
 
 def _is_single_pair(pairs: Any) -> bool:

@@ -34,12 +34,12 @@ from sbert_flax.common.arraylike import l2_normalize_rows
 from sbert_flax.common.files import atomic_directory
 from sbert_flax.inference.encode_programs import EncodeProgram, encode_program
 from sbert_flax.inference.packing import ROW_LENGTHS, PackedBatch, Packer
-from sbert_flax.inference.prompts import Prompts, side_prompt_kwargs
-from sbert_flax.inference.tokenization import Tokenizer
 from sbert_flax.inference.window_stream import Reassembly, Window, prefetch
 from sbert_flax.models.config import BertConfig, PoolingConfig
 from sbert_flax.models.embedder import abstract_embedder, embedder_params
 from sbert_flax.models.pooling import cosine_similarity
+from sbert_flax.models.prompts import Prompts, side_prompt_kwargs
+from sbert_flax.models.tokenization import Tokenizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Token budget of one device batch by default: 64 rows of 64 tokens. On CPU bigger batches gain

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from sbert_flax.inference.tokenization import TokenIds
+from sbert_flax.models.tokenization import TokenIds
 
 # Packed row lengths (tokens). Rows shorter than 64 leave too little room to pack into; longer
 # ones exist for long sentences (a row is at least as long as its longest sentence).

@@ -21,7 +21,7 @@ import numpy as np
 import tokenizers
 
 from sbert_flax.inference.packing import PackedBatch, Packer
-from sbert_flax.inference.tokenization import TokenIds, Tokenizer
+from sbert_flax.models.tokenization import TokenIds, Tokenizer
 
 Pair = tuple[str, str]
 

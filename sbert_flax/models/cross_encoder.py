@@ -27,9 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sbert_flax.checkpoints.weight_maps import WeightsError
 from sbert_flax.models.bert import BertModel, dropout
-from sbert_flax.models.config import BertConfig, ConfigError
+from sbert_flax.models.config import BertConfig, ConfigError, WeightsError
 
 Array = jax.Array
 

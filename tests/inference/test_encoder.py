@@ -13,8 +13,8 @@ import pytest
 from helpers import ZH_SENTENCES, random_zh_sentences
 
 from sbert_flax.checkpoints import weight_maps as weights
-from sbert_flax.inference import tokenization
 from sbert_flax.inference.encoder import SentenceEncoder
+from sbert_flax.models import tokenization
 
 pytest.importorskip("torch")
 st = pytest.importorskip("sentence_transformers")

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from sbert_flax.inference.packing import PackedBatch, Packer, TrainPacking
-from sbert_flax.inference.tokenization import TokenIds
 from sbert_flax.inference.window_stream import Reassembly, Window, prefetch
+from sbert_flax.models.tokenization import TokenIds
 
 # ---- prefetch --------------------------------------------------------------------------------
 

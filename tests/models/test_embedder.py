@@ -9,9 +9,9 @@ from helpers import random_zh_sentences
 from sbert_flax import load_model
 from sbert_flax.inference.encoder import SentenceEncoder
 from sbert_flax.inference.packing import Packer
-from sbert_flax.inference.tokenization import pad_batch
 from sbert_flax.models.config import PoolingConfig
 from sbert_flax.models.embedder import SentenceEmbedder, abstract_embedder, embedder_params
+from sbert_flax.models.tokenization import pad_batch
 from sbert_flax.training.losses import make_loss
 
 SENTS = random_zh_sentences(40, 1, 60, seed=31) + ["", "短"]

@@ -19,9 +19,9 @@ from flax import nnx
 from sbert_flax.checkpoints import weight_maps as weights
 from sbert_flax.inference.packing import Packer
 from sbert_flax.inference.pair_batches import PairEncoder, pack_pairs, pad_pairs
-from sbert_flax.inference.tokenization import load_tokenizer
 from sbert_flax.models.config import BertConfig
 from sbert_flax.models.cross_encoder import ClassifierConfig, abstract_classifier
+from sbert_flax.models.tokenization import load_tokenizer
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

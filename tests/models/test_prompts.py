@@ -13,7 +13,7 @@ from helpers import ZH_SENTENCES
 
 from sbert_flax import SentenceEncoder
 from sbert_flax.cli import main as cli
-from sbert_flax.inference.prompts import Prompts
+from sbert_flax.models.prompts import Prompts
 
 PROMPTS = {"query": "为这个句子生成表示以用于检索相关文章：", "passage": "", "short": "问："}
 

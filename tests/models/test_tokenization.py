@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers import ZH_SENTENCES, random_zh_sentences
 
-from sbert_flax.inference.tokenization import Tokenizer, load_tokenizer
+from sbert_flax.models.tokenization import Tokenizer, load_tokenizer
 
 TEXTS = [*ZH_SENTENCES, "", "   ", "Hello WORLD, héllo naïve café 123.45", "\t混合 text 与 English\n",
          "a " * 300]

@@ -21,7 +21,7 @@ def random_bert_dir(name: str, **config) -> str:
     import torch
     from transformers import BertConfig, BertModel
 
-    from sbert_flax.inference.tokenization import load_tokenizer
+    from sbert_flax.models.tokenization import load_tokenizer
 
     torch.manual_seed(0)
     model = BertModel(BertConfig(vocab_size=21128, **config), add_pooling_layer=False)

@@ -68,7 +68,7 @@ def main() -> None:
     args = p.parse_args()
 
     from sbert_flax.common.devdata import data_path
-    from sbert_flax.inference.tokenization import load_tokenizer
+    from sbert_flax.models.tokenization import load_tokenizer
     from sbert_flax.training import data
 
     vocab = data_path("vocab", "google_zh_vocab.txt")

@@ -29,8 +29,8 @@ from sbert_flax.inference.embeddings_file import (  # noqa: F401  (re-exported)
     shard_path,
     write_manifest,
 )
-from sbert_flax.inference.prompts import side_prompt_kwargs
 from sbert_flax.inference.quantization import PRECISIONS, Precision, quantize_embeddings  # noqa: F401
+from sbert_flax.models.prompts import side_prompt_kwargs
 from sbert_flax.retrieval.ann import (  # noqa: F401  (re-exported)
     semantic_search_faiss,
     semantic_search_usearch,

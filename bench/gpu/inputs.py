@@ -24,8 +24,8 @@ def make_model_dir(path: str, sizes: dict, vocab: str) -> str:
     from safetensors.numpy import save_file
 
     from sbert_flax.checkpoints.weight_maps import hf_ports
-    from sbert_flax.inference.tokenization import load_tokenizer
     from sbert_flax.models.config import BertConfig
+    from sbert_flax.models.tokenization import load_tokenizer
 
     with open(vocab, encoding="utf-8") as f:
         vocab_size = sum(1 for _ in f)

@@ -40,7 +40,7 @@ def packed_batches(tokenizer, pairs, batch: int, seq_length: int, row_multiple: 
     import numpy as np
 
     from sbert_flax.inference.packing import TrainPacking, row_lengths
-    from sbert_flax.inference.tokenization import bucket_for
+    from sbert_flax.models.tokenization import bucket_for
 
     rng = np.random.default_rng(seed)
     made = []

@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 
 from sbert_flax.common.files import atomic_path, read_json, write_json
-from sbert_flax.inference.prompts import ST_CONFIG_FILE
 from sbert_flax.models.config import BertConfig, ConfigError
 from sbert_flax.models.cross_encoder import ClassifierConfig
+from sbert_flax.models.prompts import ST_CONFIG_FILE
 
 ARCHITECTURE = "BertForSequenceClassification"
 # Activation names -> the torch class sentence-transformers saves for them (`util.fullname`).

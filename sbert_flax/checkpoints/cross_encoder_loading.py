@@ -16,13 +16,13 @@ from sbert_flax.checkpoints import weight_maps as weights
 from sbert_flax.checkpoints.cross_encoder_folder import read_cross_encoder_folder
 from sbert_flax.checkpoints.loading import resolve_model_path
 from sbert_flax.common.files import read_json
-from sbert_flax.inference.tokenization import Tokenizer, load_tokenizer
 from sbert_flax.models.config import BertConfig, ConfigError
 from sbert_flax.models.cross_encoder import (
     ClassifierConfig,
     check_classifier_params,
     init_head_params,
 )
+from sbert_flax.models.tokenization import Tokenizer, load_tokenizer
 
 
 @dataclasses.dataclass(frozen=True)

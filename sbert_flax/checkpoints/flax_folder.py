@@ -18,9 +18,9 @@ import os
 
 from sbert_flax.checkpoints import orbax_params as checkpoint
 from sbert_flax.common.files import read_json, write_json
-from sbert_flax.inference.prompts import Prompts
-from sbert_flax.inference.tokenization import Tokenizer
 from sbert_flax.models.config import BertConfig, PoolingConfig
+from sbert_flax.models.prompts import Prompts
+from sbert_flax.models.tokenization import Tokenizer
 
 FORMAT_FILE = "sbert_flax.json"
 FORMAT_VERSION = 1

@@ -19,10 +19,10 @@ from sbert_flax.checkpoints.hub import (
 )
 from sbert_flax.checkpoints.st_folder import read_st_folder
 from sbert_flax.common.files import read_json
-from sbert_flax.inference.prompts import Prompts
-from sbert_flax.inference.tokenization import Tokenizer, load_tokenizer
 from sbert_flax.models.config import BertConfig, PoolingConfig
 from sbert_flax.models.embedder import check_backbone_params
+from sbert_flax.models.prompts import Prompts
+from sbert_flax.models.tokenization import Tokenizer, load_tokenizer
 
 
 @dataclasses.dataclass(frozen=True)

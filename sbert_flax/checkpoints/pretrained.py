@@ -20,9 +20,9 @@ import numpy as np
 from sbert_flax.checkpoints.loading import load_model
 from sbert_flax.checkpoints.weight_maps import WeightsError
 from sbert_flax.common.files import read_json
-from sbert_flax.inference.prompts import Prompts
-from sbert_flax.inference.tokenization import Tokenizer
 from sbert_flax.models.config import BertConfig, PoolingConfig, pooling_from_uer
+from sbert_flax.models.prompts import Prompts
+from sbert_flax.models.tokenization import Tokenizer
 
 log = logging.getLogger("sbert_flax.train")
 

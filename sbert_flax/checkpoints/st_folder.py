@@ -14,8 +14,8 @@ import os
 import numpy as np
 
 from sbert_flax.common.files import atomic_path, read_json, write_json
-from sbert_flax.inference.prompts import ST_CONFIG_FILE, Prompts, read_st_prompts, st_config
 from sbert_flax.models.config import BertConfig, ConfigError, PoolingConfig
+from sbert_flax.models.prompts import ST_CONFIG_FILE, Prompts, read_st_prompts, st_config
 
 _TRANSFORMER = "sentence_transformers.models.Transformer"
 _POOLING = "sentence_transformers.models.Pooling"

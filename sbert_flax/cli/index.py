@@ -83,7 +83,7 @@ def add_index_search_args(p: argparse.ArgumentParser) -> None:
 def search_index(args: argparse.Namespace) -> tuple[list[str], list[list[dict]]]:
     """`search --index`: (queries, hits with their "text"), queries encoded as `--corpus` does."""
     from sbert_flax.common.arraylike import as_matrix
-    from sbert_flax.inference.prompts import side_prompt_kwargs
+    from sbert_flax.models.prompts import side_prompt_kwargs
     from sbert_flax.retrieval.vector_index import open_index
 
     given = [f for f in ("corpus_embeddings", "corpus_prompt", "corpus_prompt_name")

@@ -12,6 +12,10 @@ quantized values for uint8), faiss ubinary and usearch binary / ubinary give Ham
 (lower is closer), usearch float32 gives cosine distances (1 - cosine), usearch int8 its
 inner-product distance. Rescored results are always float dot products, higher is closer.
 
+One difference, where sentence-transformers has no useful behaviour: a float corpus passed with
+a quantized `corpus_precision` is quantized here (sentence-transformers hands the floats to the
+index as if they were codes); integer codes of another precision are refused.
+
 faiss and usearch are optional (`pip install "sbert-flax[index]"`) and imported when called.
 """
 
@@ -49,8 +53,11 @@ def import_optional(module: str) -> Any:
 
 
 def _check_args(corpus_embeddings: Any, corpus_index: Any, precision: str,
-                allowed: tuple[str, ...], library: str) -> np.ndarray | None:
-    """Validates the corpus arguments; returns the corpus as numpy (None with an index)."""
+                allowed: tuple[str, ...], library: str, ranges: np.ndarray | None,
+                calibration_embeddings: np.ndarray | None
+                ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Validates the corpus arguments: (the corpus at `precision`, or None with an index; the
+    int8 / uint8 ranges)."""
     if (corpus_embeddings is None) == (corpus_index is None):
         raise ValueError("pass exactly one of corpus_embeddings and corpus_index "
                          f"(got {'both' if corpus_index is not None else 'neither'})")
@@ -58,21 +65,25 @@ def _check_args(corpus_embeddings: Any, corpus_index: Any, precision: str,
         raise ValueError(f"corpus_precision={precision!r} is not supported for {library}; "
                          f"expected one of {allowed}")
     if corpus_embeddings is None:
-        return None
+        return None, ranges
     corpus = to_numpy(corpus_embeddings)
     if corpus.ndim != 2:
         raise ValueError(f"corpus_embeddings must be 2-D [n, dim], got shape {corpus.shape}")
-    # sentence-transformers adds whatever it is given and the index casts it, so a float corpus
-    # declared "ubinary" would be searched as garbage; refuse instead.
     want = _CODE_DTYPES.get(precision)
-    if want is not None and corpus.dtype != want:
-        raise ValueError(f"corpus_precision={precision!r} expects {np.dtype(want).name} "
-                         f"embeddings from quantize_embeddings(..., {precision!r}), got "
-                         f"{corpus.dtype.name}")
-    if want is None and not np.issubdtype(corpus.dtype, np.floating):
-        raise ValueError(f"corpus_precision='float32' expects float embeddings, got "
-                         f"{corpus.dtype.name}; pass the precision they were quantized to")
-    return corpus
+    if np.issubdtype(corpus.dtype, np.floating):
+        if want is None:
+            return corpus, ranges
+        # sentence-transformers would hand float rows to the index as if they were codes (the
+        # index casts them: garbage); quantize them here instead, and the queries with the same
+        # ranges: `ranges`, else the calibration set's, else the corpus' own.
+        if precision.endswith("int8") and ranges is None:
+            ranges = _quantization_ranges(corpus, precision, calibration_embeddings)
+        return quantize_embeddings(corpus, precision, ranges=ranges), ranges
+    if want is None or corpus.dtype != want:
+        raise ValueError(f"corpus_precision={precision!r} expects float embeddings or "
+                         f"{np.dtype(want or np.float32).name} codes from "
+                         f"quantize_embeddings(..., {precision!r}), got {corpus.dtype.name}")
+    return corpus, ranges
 
 
 def _prepare_queries(query_embeddings: Any, precision: str, ranges: np.ndarray | None,
@@ -156,8 +167,10 @@ def semantic_search_faiss(query_embeddings: Any, corpus_embeddings: Any = None,
     Args:
       query_embeddings: [n_q, D] float queries (quantized here to the corpus precision; kept as
         float for rescoring), or queries already quantized (uint8: no rescoring).
-      corpus_embeddings: [n_c, D] float32, or `quantize_embeddings(..., "uint8" / "ubinary")`;
-        exactly one of this and `corpus_index`.
+      corpus_embeddings: [n_c, D] codes from `quantize_embeddings(..., corpus_precision)`, or
+        floats (quantized here; int8 / uint8 with `ranges`, else the calibration set's, else
+        the corpus' own, which then quantize the queries too); exactly one of this and
+        `corpus_index`.
       corpus_index: a faiss index from an earlier call's `output_index=True`.
       corpus_precision: "float32", "uint8" or "ubinary".
       top_k: results per query (fewer when the index holds fewer).
@@ -175,13 +188,13 @@ def semantic_search_faiss(query_embeddings: Any, corpus_embeddings: Any = None,
       `{"corpus_id", "score"}` best first (scores as the module docstring says).
 
     Raises:
-      ValueError: both or neither corpus argument, an unsupported precision, or a corpus whose
-        dtype does not match it.
+      ValueError: both or neither corpus argument, an unsupported precision, or integer codes
+        of another precision.
       ModuleNotFoundError: faiss is absent.
     """
     faiss = import_optional("faiss")
-    corpus = _check_args(corpus_embeddings, corpus_index, corpus_precision, FAISS_PRECISIONS,
-                         "faiss")
+    corpus, ranges = _check_args(corpus_embeddings, corpus_index, corpus_precision,
+                                 FAISS_PRECISIONS, "faiss", ranges, calibration_embeddings)
     binary = corpus_precision == "ubinary"
     if corpus_index is None:
         if binary:
@@ -239,8 +252,9 @@ def semantic_search_usearch(query_embeddings: Any, corpus_embeddings: Any = None
 
     Args:
       query_embeddings: [n_q, D] float queries, or queries already quantized (no rescoring).
-      corpus_embeddings: [n_c, D] float32, or `quantize_embeddings(..., "int8" / "binary" /
-        "ubinary")`; exactly one of this and `corpus_index`.
+      corpus_embeddings: [n_c, D] codes from `quantize_embeddings(..., corpus_precision)`, or
+        floats (quantized here, as in `semantic_search_faiss`); exactly one of this and
+        `corpus_index`.
       corpus_index: a `usearch.index.Index` from an earlier call's `output_index=True` (keys
         are the corpus rows).
       corpus_precision: "float32" (cosine), "int8" (inner product), "binary" / "ubinary"
@@ -253,13 +267,13 @@ def semantic_search_usearch(query_embeddings: Any, corpus_embeddings: Any = None
       (hits, search seconds) or (hits, search seconds, index).
 
     Raises:
-      ValueError: both or neither corpus argument, an unsupported precision, or a corpus whose
-        dtype does not match it.
+      ValueError: both or neither corpus argument, an unsupported precision, or integer codes
+        of another precision.
       ModuleNotFoundError: usearch is absent.
     """
     usearch_index = import_optional("usearch.index")
-    corpus = _check_args(corpus_embeddings, corpus_index, corpus_precision, USEARCH_PRECISIONS,
-                         "usearch")
+    corpus, ranges = _check_args(corpus_embeddings, corpus_index, corpus_precision,
+                                 USEARCH_PRECISIONS, "usearch", ranges, calibration_embeddings)
     binary = corpus_precision.endswith("binary")
     if corpus_index is None:
         if binary:

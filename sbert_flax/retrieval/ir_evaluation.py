@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from sbert_flax.common.files import decode_line
-from sbert_flax.inference.prompts import side_prompt_kwargs
+from sbert_flax.models.prompts import side_prompt_kwargs
 
 # sentence-transformers' defaults, with 100 added to precision/recall for recall@100.
 ACCURACY_AT_K = (1, 3, 5, 10)

@@ -28,7 +28,7 @@ from typing import Any, Literal
 import numpy as np
 
 from sbert_flax.common.arraylike import as_matrix
-from sbert_flax.inference.prompts import side_prompt_kwargs
+from sbert_flax.models.prompts import side_prompt_kwargs
 from sbert_flax.retrieval.search import merge_top_k, top_k_arrays
 
 logger = logging.getLogger(__name__)

@@ -79,7 +79,7 @@ class IndexConfig:
     pq_bits: int = 8  # ivf-pq: bits per sub-quantizer code
     nprobe: int = 16  # ivf-pq: default cells visited per query (override per search)
     train_rows: int | None = None  # int8 / ivf-pq: sample size (None: max(40 * nlist, 16384))
-    chunk_rows: int = 65536  # rows read and added at a time
+    chunk_rows: int = 16384  # rows read and added at a time (32 MiB of 512-d float32)
     seed: int = 0  # the training sample's draw
 
     def check(self) -> None:

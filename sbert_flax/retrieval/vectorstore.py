@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from sbert_flax.inference.prompts import side_prompt_kwargs
+from sbert_flax.models.prompts import side_prompt_kwargs
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from sbert_flax.inference.prompts import side_prompt_kwargs
+from sbert_flax.models.prompts import side_prompt_kwargs
 from sbert_flax.retrieval import vectorstore
 from sbert_flax.retrieval.ir_evaluation import (
     ACCURACY_AT_K,

@@ -28,7 +28,7 @@ import numpy as np
 
 from sbert_flax.inference.encoder import InputTooLong
 from sbert_flax.inference.pair_batches import PackedPairBatch, PairEncoder, PairIds, pack_pairs
-from sbert_flax.inference.tokenization import TokenIds
+from sbert_flax.models.tokenization import TokenIds
 from sbert_flax.serving.backend import EncoderBackend, Launched, trim_rows
 
 __all__ = ["PairTokens", "RerankBackend", "is_cross_encoder_dir", "tokenize_items"]

@@ -31,7 +31,7 @@ import numpy as np
 from fastapi import Request, Response
 
 from sbert_flax.common.arraylike import l2_normalize_rows
-from sbert_flax.inference.prompts import Prompts
+from sbert_flax.models.prompts import Prompts
 from sbert_flax.serving import schemas
 from sbert_flax.serving.schemas import ApiError, Inputs
 

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from sbert_flax.inference.pair_batches import PairEncoder, PairIds
-from sbert_flax.inference.tokenization import Tokenizer, bucket_for
+from sbert_flax.models.tokenization import Tokenizer, bucket_for
 from sbert_flax.training.cross_encoder_losses import PAIR
 from sbert_flax.training.pipeline import Batch, BatchBuilder, BatchPlan, PipelineConfig
 from sbert_flax.training.sources import TextSource

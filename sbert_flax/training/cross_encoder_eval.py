@@ -24,7 +24,7 @@ from flax import nnx
 from sbert_flax.common import sharding
 from sbert_flax.common.xla import compiler_options
 from sbert_flax.inference.pair_batches import PairEncoder
-from sbert_flax.inference.tokenization import Tokenizer, bucket_for
+from sbert_flax.models.tokenization import Tokenizer, bucket_for
 from sbert_flax.retrieval.sts import read_sts, spearman
 from sbert_flax.training import eval_metrics as metrics
 from sbert_flax.training.cross_encoder_batches import pair_eval_batches

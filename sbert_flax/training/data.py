@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from sbert_flax.inference.tokenization import Tokenizer
+from sbert_flax.models.tokenization import Tokenizer
 from sbert_flax.training.pipeline import (
     FIRST_TRAIN_BUCKETS,
     TRAIN_BUCKETS,

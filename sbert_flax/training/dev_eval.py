@@ -25,7 +25,7 @@ from flax import nnx
 from sbert_flax.common import sharding
 from sbert_flax.common.xla import compiler_options
 from sbert_flax.inference.packing import Packer
-from sbert_flax.inference.tokenization import Tokenizer
+from sbert_flax.models.tokenization import Tokenizer
 from sbert_flax.retrieval.sts import pair_cosines, read_sts, spearman
 from sbert_flax.training import eval_metrics as metrics
 from sbert_flax.training.pipeline import eval_batches

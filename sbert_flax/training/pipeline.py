@@ -33,7 +33,7 @@ import grain
 import numpy as np
 
 from sbert_flax.inference.packing import TrainPacking, row_lengths
-from sbert_flax.inference.tokenization import Tokenizer, bucket_for, bucket_lengths
+from sbert_flax.models.tokenization import Tokenizer, bucket_for, bucket_lengths
 from sbert_flax.training.sources import DataError, TextSource
 
 # Padded lengths for training, in steps of 16 up to 64 (where short sentences live) and coarser

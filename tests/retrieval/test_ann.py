@@ -171,9 +171,32 @@ def test_bad_corpus_arguments(lib):
         fn(x)
     with pytest.raises(ValueError, match="exactly one of .* \\(got both\\)"):
         fn(x, x, corpus_index=object())
-    # A float corpus declared quantized would be searched as garbage by the index.
-    with pytest.raises(ValueError, match="expects uint8 embeddings .* got float32"):
-        fn(x, x, corpus_precision="ubinary")
+    # Codes of another precision would be searched as garbage by the index.
+    with pytest.raises(ValueError, match="'ubinary' expects float embeddings or uint8 codes .* "
+                       "got int8"):
+        fn(x, x.astype(np.int8), corpus_precision="ubinary")
+    with pytest.raises(ValueError, match="'float32' expects float embeddings .* got uint8"):
+        fn(x, x.astype(np.uint8))
+
+
+@pytest.mark.parametrize("lib,precision", [c for c in CASES if c[1] != "float32"])
+def test_float_corpus_is_quantized_with_the_queries_ranges(stsb_emb, lib, precision):
+    """A float corpus with a quantized precision searches like its codes would, the queries
+    quantized with the corpus' own ranges (sentence-transformers would index the floats as
+    codes)."""
+    queries, corpus = stsb_emb
+    fn = _fns(lib)[0]
+    ranges = np.vstack([corpus.min(axis=0), corpus.max(axis=0)])
+    coded = stq.quantize_embeddings(corpus, precision, ranges=ranges)
+    for rescore in (True, False):
+        kw = {"corpus_precision": precision, "rescore": rescore}
+        got, _, index = fn(queries, corpus, output_index=True, **kw)  # no ranges given
+        want, _, coded_index = fn(queries, coded, ranges=ranges, output_index=True, **kw)
+        _assert_same_contents(index, coded_index)
+        # usearch breaks Hamming ties by its slot order, random per build (see _compare): there
+        # the equal contents above are the check.
+        if not (lib == "usearch" and precision.endswith("binary")):
+            _assert_same_hits(got, want)
 
 
 @pytest.mark.parametrize("module,fn", [("faiss", "semantic_search_faiss"),

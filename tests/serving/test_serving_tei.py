@@ -49,7 +49,7 @@ DIM = 32
 @pytest.fixture(scope="module")
 def encoder(tiny_bert, one_device):
     from sbert_flax import SentenceEncoder
-    from sbert_flax.inference.prompts import Prompts
+    from sbert_flax.models.prompts import Prompts
 
     # One compiled shape (1 row x 32 tokens): the warm-up compiles one program, /embed_all one.
     enc = SentenceEncoder.from_pretrained(tiny_bert(pooling="mean"), max_seq_length=MAX_LEN,

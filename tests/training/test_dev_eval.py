@@ -13,7 +13,7 @@ from helpers import random_zh_sentences
 from sbert_flax import load_model
 from sbert_flax.common import sharding
 from sbert_flax.inference.encoder import SentenceEncoder
-from sbert_flax.inference.tokenization import pad_batch
+from sbert_flax.models.tokenization import pad_batch
 from sbert_flax.retrieval.sts import pair_cosines, spearman
 from sbert_flax.training.dev_eval import Evaluator
 from sbert_flax.training.losses import make_loss

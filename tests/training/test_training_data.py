@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from sbert_flax.common.devdata import data_path
-from sbert_flax.inference.tokenization import load_tokenizer
+from sbert_flax.models.tokenization import load_tokenizer
 from sbert_flax.training.data import (
     NLI_LABELS,
     TRAIN_BUCKETS,

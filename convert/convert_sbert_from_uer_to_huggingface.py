@@ -11,7 +11,7 @@ Same arguments, defaults and output as UER-py's scripts/convert_sbert_from_uer_t
 import argparse
 import sys
 
-from sbert_flax.checkpoints.uer import convert_sbert_from_uer_to_huggingface
+from sbert_flax.checkpoints.uer_sbert_to_hf import convert_sbert_from_uer_to_huggingface
 from sbert_flax.checkpoints.weight_maps import WeightsError
 
 

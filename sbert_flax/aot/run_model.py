@@ -39,7 +39,7 @@ def _default_pooling(cfg: TrainConfig) -> str | None:
 
 
 def _bare_config(cfg: TrainConfig) -> RunModel:
-    from sbert_flax.checkpoints.pretrained import read_uer_config
+    from sbert_flax.checkpoints.uer import read_uer_config
 
     config = BertConfig.from_json_file(cfg.pretrained_model_path)
     # load_pretrained's order: --pooling, a UER config's, the loss's default; then (no folder to

@@ -12,6 +12,7 @@ import dataclasses
 import os
 from typing import Any
 
+from sbert_flax.checkpoints import uer
 from sbert_flax.checkpoints import weight_maps as weights
 from sbert_flax.checkpoints.cross_encoder_folder import read_cross_encoder_folder
 from sbert_flax.checkpoints.loading import resolve_model_path
@@ -141,12 +142,12 @@ def _load_uer(source: str, vocab_path: str | None, config_path: str | None, max_
         raise ValueError(f"{source} is a UER-py checkpoint file: pass vocab_path (e.g. "
                          "models/google_zh_vocab.txt) and config_path (its config json)")
     tokenizer = load_tokenizer(vocab_path)  # cheap: a bad vocab fails before the big read
-    hf = weights.uer_classifier_to_hf(weights.read_state_dict(source), source=source)
+    hf = uer.uer_classifier_to_hf(weights.read_state_dict(source), source=source)
     cfg_dict = read_json(config_path)
-    if "model_type" in cfg_dict or "num_hidden_layers" in cfg_dict:
+    if uer.is_hf_config(cfg_dict):
         cfg = BertConfig.from_hf_dict(cfg_dict, source=config_path)
     else:
-        cfg = weights.config_from_uer_hf(cfg_dict, weights.canonical_hf_keys(hf), source=source)
+        cfg = uer.config_from_uer_hf(cfg_dict, weights.canonical_hf_keys(hf), source=source)
     n = weights.classifier_num_labels(hf, source)
     if num_labels is not None and n != num_labels:
         raise weights.WeightsError(f"{source}: key 'output_layer_2.weight' has {n} labels, not the "

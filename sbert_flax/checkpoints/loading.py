@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from sbert_flax.checkpoints import hub
+from sbert_flax.checkpoints import hub, uer
 from sbert_flax.checkpoints import weight_maps as weights
 from sbert_flax.checkpoints.flax_folder import is_flax_folder, read_flax_folder
 from sbert_flax.checkpoints.hub import (
@@ -58,10 +58,6 @@ def resolve_model_path(path: str, *, revision: str | None = None, token: str | b
     return hub.download(path, revision=revision, token=token, cache_dir=cache_dir)
 
 
-def _is_hf_config(d: dict) -> bool:
-    return "model_type" in d or "num_hidden_layers" in d
-
-
 def load_model(source: str = DEFAULT_MODEL, *, pooling: str | None = None,
                max_seq_length: int | None = None, normalize: bool | None = None,
                vocab_path: str | None = None, config_path: str | None = None,
@@ -79,7 +75,7 @@ def load_model(source: str = DEFAULT_MODEL, *, pooling: str | None = None,
       vocab_path: a vocab file; required for a UER `.bin`, overrides a folder's tokenizer.
       config_path: required for a UER `.bin`: its UER config json or an HF config.json.
       tower: UER sbert checkpoints: None requires tied towers and takes tower 0; 0 or 1 takes that
-        tower (see `weights.uer_to_hf`).
+        tower (see `uer.uer_to_hf`).
       uer_max_seq_length: a UER checkpoint's sequence length when `max_seq_length` is None.
       revision: hub ids: branch, tag or commit to fetch (default: the default branch).
       token: hub ids: access token for gated / private models (None: HF_TOKEN or the saved login).
@@ -98,11 +94,11 @@ def load_model(source: str = DEFAULT_MODEL, *, pooling: str | None = None,
         tokenizer = load_tokenizer(vocab_path)  # cheap: a bad vocab fails before the big read
         state = weights.read_state_dict(source)
         cfg_dict = read_json(config_path)
-        hf = weights.uer_to_hf(state, tower=tower, source=source)
-        if _is_hf_config(cfg_dict):
+        hf = uer.uer_to_hf(state, tower=tower, source=source)
+        if uer.is_hf_config(cfg_dict):
             cfg = BertConfig.from_hf_dict(cfg_dict, source=config_path)
         else:
-            cfg = weights.config_from_uer_hf(cfg_dict, hf, source=source)
+            cfg = uer.config_from_uer_hf(cfg_dict, hf, source=source)
         params = weights.hf_to_flax(hf, cfg, source=source)
         pool_cfg, msl, prompts = PoolingConfig("cls"), uer_max_seq_length, Prompts()
     else:

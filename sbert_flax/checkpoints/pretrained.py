@@ -18,32 +18,13 @@ from typing import Any
 import numpy as np
 
 from sbert_flax.checkpoints.loading import load_model
-from sbert_flax.checkpoints.weight_maps import WeightsError
+from sbert_flax.checkpoints.uer import check_uer_architecture, is_hf_config_file, read_uer_config
 from sbert_flax.common.files import read_json
 from sbert_flax.models.config import BertConfig, PoolingConfig, pooling_from_uer
 from sbert_flax.models.prompts import Prompts
 from sbert_flax.models.tokenization import Tokenizer
 
 log = logging.getLogger("sbert_flax.train")
-
-# UER config fields that matter here: the architecture (checked against the weights), the
-# pooling, and the nesting of sbert configs.
-UER_USED_FIELDS = frozenset({
-    "pooling", "heads_num", "hidden_act", "layernorm_eps", "dropout", "hidden_size", "emb_size",
-    "feedforward_size", "layers_num", "max_seq_length", "stream_0", "stream_1", "tie_weights",
-})
-# Fields that describe exactly the architecture we implement (post-LN BERT), so they are fine
-# with these values and need no warning.
-UER_EXPECTED = {
-    "embedding": ["word", "pos", "seg"], "encoder": "transformer", "mask": "fully_visible",
-    "layernorm_positioning": "post", "feed_forward": "dense", "layernorm": "normal",
-    "remove_embedding_layernorm": False, "data_processor": "bert", "target": ["sbert"],
-}
-# UER config field -> the BertConfig field read from the weights' shapes.
-UER_ARCH_FIELDS = {"hidden_size": "hidden_size", "emb_size": "hidden_size",
-                   "layers_num": "num_hidden_layers", "feedforward_size": "intermediate_size",
-                   "heads_num": "num_attention_heads"}
-
 
 @dataclasses.dataclass(frozen=True)
 class Pretrained:
@@ -98,43 +79,6 @@ def vocab_sha256(tokenizer: Tokenizer) -> str:
     return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
 
 
-def _flat_uer(d: dict[str, Any]) -> dict[str, Any]:
-    flat: dict[str, Any] = dict(d)
-    for stream in ("stream_0", "stream_1"):
-        if isinstance(d.get(stream), dict):
-            flat.update({k: v for k, v in d[stream].items() if k not in flat})
-    return flat
-
-
-def read_uer_config(path: str) -> tuple[str | None, list[str]]:
-    """The pooling named by a UER (sbert) config json, and the fields training ignores."""
-    flat = _flat_uer(read_json(path))
-    ignored = sorted(k for k, v in flat.items()
-                     if k not in UER_USED_FIELDS and UER_EXPECTED.get(k, object()) != v)
-    pooling = flat.get("pooling")
-    return (pooling_from_uer(pooling) if pooling else None), ignored
-
-
-def check_uer_architecture(uer_cfg: dict[str, Any], cfg: BertConfig, source: str) -> None:
-    """The UER json's architecture fields must match what the weights hold.
-
-    Raises:
-      WeightsError: names the field, the json's value and the weights' (e.g. a 768/12-layer json
-        next to 8-wide 2-layer weights).
-    """
-    flat = _flat_uer(uer_cfg)
-    for field, attr in UER_ARCH_FIELDS.items():
-        if field in flat and flat[field] is not None and int(flat[field]) != getattr(cfg, attr):
-            raise WeightsError(f"{source}: config says {field}={flat[field]} but the weights have "
-                               f"{attr}={getattr(cfg, attr)}; the config json and the checkpoint "
-                               "do not belong together")
-
-
-def _is_hf_config(path: str) -> bool:
-    d = read_json(path)
-    return "model_type" in d or "num_hidden_layers" in d
-
-
 def load_pretrained(path: str, *, vocab_path: str | None = None, config_path: str | None = None,
                     pooling: str | None = None, seq_length: int = 128,
                     default_pooling: str | None = "cls") -> Pretrained:
@@ -157,7 +101,7 @@ def load_pretrained(path: str, *, vocab_path: str | None = None, config_path: st
     """
     cfg_pooling = None
     uer_cfg = None
-    if config_path and not _is_hf_config(config_path):
+    if config_path and not is_hf_config_file(config_path):
         uer_cfg = read_json(config_path)
         cfg_pooling, ignored = read_uer_config(config_path)
         if ignored:

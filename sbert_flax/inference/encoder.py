@@ -201,7 +201,7 @@ class SentenceEncoder:
         """Loads a UER-py checkpoint (sbert or single-tower `.bin`) with its UER or HF config.
 
         `tower` (sbert checkpoints): None takes tower 0 and requires the towers to be tied;
-        0 or 1 takes that tower and ignores the other (see `weights.uer_to_hf`).
+        0 or 1 takes that tower and ignores the other (see `uer.uer_to_hf`).
         """
         model = load_model(checkpoint_path, pooling=pooling, max_seq_length=max_seq_length,
                            vocab_path=vocab_path, config_path=config_path, tower=tower)

@@ -5,7 +5,7 @@ and transformers.
 
 The UER checkpoint is written out here by hand from UER-py's
 scripts/convert_bert_text_classification_from_uer_to_huggingface.py (legacy key names) and from
-its newer embedding names, independently of `weights.uer_key_map`.
+its newer embedding names, independently of `checkpoints.uer.uer_key_map`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import helpers
 import numpy as np
 import pytest
 
+from sbert_flax.checkpoints import uer as uer_maps
 from sbert_flax.checkpoints import weight_maps as weights
 from sbert_flax.checkpoints.cross_encoder_folder import read_cross_encoder_folder
 from sbert_flax.checkpoints.cross_encoder_loading import load_cross_encoder
@@ -228,7 +229,7 @@ def test_uer_classifier_checkpoint_scores_as_the_hf_one(ce_dirs, pairs, one_devi
                                                         tmp_path, layout):
     state = _uer_state(ce_dirs[3], layout)
     # The library's inverse map writes the same checkpoint (the zero padding row aside).
-    inverse = weights.hf_to_uer_classifier(_state(ce_dirs[3]), layout, LAYERS)
+    inverse = uer_maps.hf_to_uer_classifier(_state(ce_dirs[3]), layout, LAYERS)
     assert set(inverse) == set(state)
     for k, v in state.items():
         np.testing.assert_array_equal(inverse[k][1:] if "seg" in k else inverse[k],
@@ -249,9 +250,9 @@ def test_uer_classifier_checkpoint_scores_as_the_hf_one(ce_dirs, pairs, one_devi
 def test_uer_classifier_errors_name_the_key(ce_dirs):
     state = _uer_state(ce_dirs[1], "single")
     with pytest.raises(weights.WeightsError, match=r"output_layer_2\.bias"):
-        weights.uer_classifier_to_hf({k: v for k, v in state.items() if k != "output_layer_2.bias"})
+        uer_maps.uer_classifier_to_hf({k: v for k, v in state.items() if k != "output_layer_2.bias"})
     with pytest.raises(weights.WeightsError, match=r"output_layer_3\.weight"):
-        weights.uer_classifier_to_hf({**state, "output_layer_3.weight": np.zeros((2, 2))})
+        uer_maps.uer_classifier_to_hf({**state, "output_layer_3.weight": np.zeros((2, 2))})
     with pytest.raises(weights.WeightsError, match=r"encoder\.transformer\.1\.layer_norm_2\.beta"):
-        weights.uer_classifier_to_hf({k: v for k, v in state.items()
+        uer_maps.uer_classifier_to_hf({k: v for k, v in state.items()
                                       if k != "encoder.transformer.1.layer_norm_2.beta"})

@@ -1,7 +1,7 @@
 """convert/convert_sbert_from_uer_to_huggingface.py: UER-py's output, key by key, and its errors.
 
 The expected output is written out here from UER-py's scripts/convert_sbert_from_uer_to_huggingface.py
-(independently of `weights.uer_key_map`, which the library uses): tower 0, HF names without
+(independently of `checkpoints.uer.uer_key_map`, which the library uses): tower 0, HF names without
 `bert.`, the segment table without row 0, in that script's order.
 """
 
@@ -15,7 +15,10 @@ import helpers
 import numpy as np
 import pytest
 
-from sbert_flax.checkpoints.uer import convert_sbert_from_uer_to_huggingface, sbert_uer_to_hf
+from sbert_flax.checkpoints.uer_sbert_to_hf import (
+    convert_sbert_from_uer_to_huggingface,
+    sbert_uer_to_hf,
+)
 from sbert_flax.checkpoints.weight_maps import WeightsError
 
 torch = pytest.importorskip("torch")

@@ -8,6 +8,7 @@ import helpers
 import numpy as np
 import pytest
 
+from sbert_flax.checkpoints import uer as uer_maps
 from sbert_flax.checkpoints import weight_maps as weights
 from sbert_flax.inference.encoder import SentenceEncoder
 from sbert_flax.models.config import BertConfig, ConfigError
@@ -226,9 +227,9 @@ def m3e_hf(m3e):
 @pytest.mark.parametrize("layout", ["sbert", "single", "single_legacy"])
 def test_uer_layouts_round_trip_real_weights(m3e_hf, layout):
     cfg, hf = m3e_hf
-    uer = weights.hf_to_uer(hf, layout, cfg.num_hidden_layers)
-    assert weights.detect_uer_layout(uer) == layout
-    back = weights.uer_to_hf(uer)
+    uer = uer_maps.hf_to_uer(hf, layout, cfg.num_hidden_layers)
+    assert uer_maps.detect_uer_layout(uer) == layout
+    back = uer_maps.uer_to_hf(uer)
     assert set(back) == set(hf)
     for k in hf:
         np.testing.assert_array_equal(back[k], hf[k], err_msg=k)
@@ -237,9 +238,9 @@ def test_uer_layouts_round_trip_real_weights(m3e_hf, layout):
 def test_hand_built_sbert_matches_library_map(m3e_hf):
     cfg, hf = m3e_hf
     by_hand = uer_sbert_by_hand(hf, cfg.num_hidden_layers, towers=(0,))
-    ours = weights.hf_to_uer(hf, "sbert", cfg.num_hidden_layers)
+    ours = uer_maps.hf_to_uer(hf, "sbert", cfg.num_hidden_layers)
     assert set(by_hand) == set(ours)
-    back = weights.uer_to_hf(by_hand)
+    back = uer_maps.uer_to_hf(by_hand)
     for k in hf:
         np.testing.assert_array_equal(back[k], hf[k], err_msg=k)
 
@@ -271,11 +272,11 @@ def _one():
 
 def test_uer_config_matches_hf_config(m3e_hf):
     cfg, hf = m3e_hf
-    uer = weights.hf_to_uer(hf, "sbert", cfg.num_hidden_layers)
-    got = weights.config_from_uer(UER_CFG, uer, source="uer.bin")
+    uer = uer_maps.hf_to_uer(hf, "sbert", cfg.num_hidden_layers)
+    got = uer_maps.config_from_uer(UER_CFG, uer, source="uer.bin")
     assert got == cfg
     with pytest.raises(weights.WeightsError, match="heads_num"):
-        weights.config_from_uer({k: v for k, v in UER_CFG.items() if k != "heads_num"}, uer, "uer.bin")
+        uer_maps.config_from_uer({k: v for k, v in UER_CFG.items() if k != "heads_num"}, uer, "uer.bin")
 
 
 @pytest.mark.parametrize("layout,config", [
@@ -289,7 +290,7 @@ def test_from_uer_checkpoint_equals_hf_layout(m3e_dir, m3e_hf, m3e_cls_reference
         # Pre-training heads ride along in real UER checkpoints and are ignored.
         state["target.mlm.linear_1.weight"] = np.ones((4, 4), np.float32)
     else:
-        state = weights.hf_to_uer(hf, layout, cfg.num_hidden_layers)
+        state = uer_maps.hf_to_uer(hf, layout, cfg.num_hidden_layers)
     ckpt = _torch_save(state, str(tmp_path / "model.bin"))
     if config == "hf":
         cfg_path = os.path.join(m3e_dir, "config.json")
@@ -308,13 +309,13 @@ def test_uer_untied_towers_are_refused_unless_one_is_chosen(m3e_hf):
     key = "encoder.encoder_1.transformer.2.feed_forward.linear_1.bias"
     state[key] = state[key] + 1.0
     with pytest.raises(weights.WeightsError, match=r"encoder_1\.transformer\.2\.feed_forward") as e:
-        weights.uer_to_hf(state, source="uer.bin")
+        uer_maps.uer_to_hf(state, source="uer.bin")
     assert "tower=0 or tower=1" in str(e.value)
     # The error's advice works: an explicit tower loads that tower, ignoring the other.
     hk = "encoder.layer.2.intermediate.dense.bias"
-    np.testing.assert_array_equal(weights.uer_to_hf(state, tower=0)[hk], hf[hk])
-    np.testing.assert_array_equal(weights.uer_to_hf(state, tower=1)[hk], hf[hk] + 1.0)
-    assert weights.config_from_uer(UER_CFG, state, "uer.bin", tower=1) == cfg
+    np.testing.assert_array_equal(uer_maps.uer_to_hf(state, tower=0)[hk], hf[hk])
+    np.testing.assert_array_equal(uer_maps.uer_to_hf(state, tower=1)[hk], hf[hk] + 1.0)
+    assert uer_maps.config_from_uer(UER_CFG, state, "uer.bin", tower=1) == cfg
 
 
 def test_uer_missing_and_unexpected_keys_are_named(m3e_hf):
@@ -322,9 +323,9 @@ def test_uer_missing_and_unexpected_keys_are_named(m3e_hf):
     state = uer_sbert_by_hand(hf, cfg.num_hidden_layers, towers=(0,))
     missing = "encoder.encoder_0.transformer.1.layer_norm_2.beta"
     with pytest.raises(weights.WeightsError, match=missing.replace(".", r"\.")):
-        weights.uer_to_hf({k: v for k, v in state.items() if k != missing})
+        uer_maps.uer_to_hf({k: v for k, v in state.items() if k != missing})
     extra = "encoder.layer_norm.gamma"  # a pre-LN model's final norm: different maths
     with pytest.raises(weights.WeightsError, match=extra.replace(".", r"\.")):
-        weights.uer_to_hf(dict(state, **{extra: np.ones(512, np.float32)}))
+        uer_maps.uer_to_hf(dict(state, **{extra: np.ones(512, np.float32)}))
     with pytest.raises(weights.WeightsError, match="not a UER-py checkpoint"):
-        weights.uer_to_hf(hf)
+        uer_maps.uer_to_hf(hf)

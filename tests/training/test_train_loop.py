@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import train_hooks
 
-from sbert_flax.checkpoints.pretrained import load_pretrained, read_uer_config
+from sbert_flax.checkpoints.pretrained import load_pretrained
+from sbert_flax.checkpoints.uer import hf_to_uer, read_uer_config
 from sbert_flax.cli import train as cli
 from sbert_flax.common.devdata import data_path
 from sbert_flax.training.data import TRAIN_BUCKETS, bucket_of
@@ -316,7 +317,7 @@ def test_uer_checkpoint_and_config(tmp_path, model, caplog):
     from sbert_flax.inference.encoder import SentenceEncoder
 
     hf = weights.read_weights(weights.find_weights_file(model))
-    uer = weights.hf_to_uer(hf, "single", 1)
+    uer = hf_to_uer(hf, "single", 1)
     torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in uer.items()}, tmp_path / "uer.bin")
     cfg_path = tmp_path / "sbert_config.json"
     cfg_path.write_text(json.dumps({

@@ -423,9 +423,10 @@ def test_uer_config_must_match_the_weights(tmp_path, tiny_bert):
 
     from sbert_flax.checkpoints import weight_maps as weights
     from sbert_flax.checkpoints.pretrained import load_pretrained
+    from sbert_flax.checkpoints.uer import hf_to_uer
 
     small = tiny_bert(hidden=8, layers=2, heads=2, intermediate=16, max_position=64)
-    uer = weights.hf_to_uer(weights.read_weights(weights.find_weights_file(small)), "single", 2)
+    uer = hf_to_uer(weights.read_weights(weights.find_weights_file(small)), "single", 2)
     torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in uer.items()}, tmp_path / "uer.bin")
     cfg = tmp_path / "base_config.json"
     from sbert_flax.models.config import ConfigError

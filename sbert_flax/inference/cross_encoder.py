@@ -3,7 +3,7 @@
 `predict(pairs)` and `rank(query, documents)` as `sentence_transformers.CrossEncoder` has them,
 same scores: host-side pair tokenization (`pair_batches`), pairs packed several to a row into a
 few fixed shapes (`packing.Packer`), one jitted program per shape with params as arguments
-(`score_programs`), results put back in input order. Input is read in windows, tokenized and
+(`encode_programs.score_program`), results put back in input order. Input is read in windows, tokenized and
 packed on a background thread while earlier batches compute, so memory is O(window).
 
 Activations are sentence-transformers': the model's saved one (Sigmoid for one label, Identity
@@ -33,6 +33,7 @@ from sbert_flax.checkpoints.cross_encoder_folder import (
 from sbert_flax.checkpoints.cross_encoder_loading import LoadedCrossEncoder, load_cross_encoder
 from sbert_flax.common.files import atomic_directory
 from sbert_flax.inference.activations import resolve_activation, softmax
+from sbert_flax.inference.encode_programs import ScoreProgram, score_program
 from sbert_flax.inference.encoder import (
     DEFAULT_MAX_BATCH_TOKENS,
     DTYPES,
@@ -49,7 +50,6 @@ from sbert_flax.inference.pair_batches import (
     check_pairs,
     pack_pairs,
 )
-from sbert_flax.inference.score_programs import ScoreProgram, score_program
 from sbert_flax.inference.window_stream import Reassembly, Window, prefetch
 from sbert_flax.models.config import BertConfig
 from sbert_flax.models.cross_encoder import ClassifierConfig, abstract_classifier

@@ -260,6 +260,21 @@ def _id_ranks(ids: Sequence[str]) -> np.ndarray:
     return ranks
 
 
+def k_value_lists(k_values: dict[str, Any]) -> dict[str, Any]:
+    """The cut-offs of each metric family: the defaults, overridden by `k_values` (the
+    `*_at_k` keyword arguments of sentence-transformers' `InformationRetrievalEvaluator`).
+
+    Raises:
+      TypeError: a keyword that is not one of them.
+    """
+    ks = {"accuracy_at_k": ACCURACY_AT_K, "precision_recall_at_k": PRECISION_RECALL_AT_K,
+          "mrr_at_k": MRR_AT_K, "ndcg_at_k": NDCG_AT_K, "map_at_k": MAP_AT_K}
+    unknown = set(k_values) - set(ks)
+    if unknown:
+        raise TypeError(f"unknown k-value arguments: {sorted(unknown)}")
+    return ks | k_values
+
+
 def evaluate_retrieval(encoder: Any, folder: str | BeirFolder, split: str = "test",
                        batch_size: int | None = None, corpus_chunk_size: int = 100_000,
                        query_prompt: str | None = None, query_prompt_name: str | None = None,
@@ -287,12 +302,7 @@ def evaluate_retrieval(encoder: Any, folder: str | BeirFolder, split: str = "tes
       also where they straddle the top-k cut.
     """
     f = folder if isinstance(folder, BeirFolder) else load_beir(folder, split)
-    ks = {"accuracy_at_k": ACCURACY_AT_K, "precision_recall_at_k": PRECISION_RECALL_AT_K,
-          "mrr_at_k": MRR_AT_K, "ndcg_at_k": NDCG_AT_K, "map_at_k": MAP_AT_K}
-    unknown = set(k_values) - set(ks)
-    if unknown:
-        raise TypeError(f"unknown k-value arguments: {sorted(unknown)}")
-    ks |= k_values
+    ks = k_value_lists(k_values)
     max_k = max(max(v) for v in ks.values())
     ranked = rank_corpus(encoder, f, max_k, batch_size=batch_size,
                          corpus_chunk_size=corpus_chunk_size, query_prompt=query_prompt,

@@ -19,13 +19,9 @@ import numpy as np
 from sbert_flax.models.prompts import side_prompt_kwargs
 from sbert_flax.retrieval import vectorstore
 from sbert_flax.retrieval.ir_evaluation import (
-    ACCURACY_AT_K,
-    MAP_AT_K,
-    MRR_AT_K,
-    NDCG_AT_K,
-    PRECISION_RECALL_AT_K,
     BeirFolder,
     _id_ranks,
+    k_value_lists,
     load_beir,
     retrieval_metrics,
 )
@@ -86,12 +82,7 @@ def evaluate_retrieval_db(encoder: Any, folder: str | BeirFolder, uri: str,
       The metrics of `retrieval_metrics`, plus "queries" and "corpus" (counts).
     """
     f = folder if isinstance(folder, BeirFolder) else load_beir(folder, split)
-    ks = {"accuracy_at_k": ACCURACY_AT_K, "precision_recall_at_k": PRECISION_RECALL_AT_K,
-          "mrr_at_k": MRR_AT_K, "ndcg_at_k": NDCG_AT_K, "map_at_k": MAP_AT_K}
-    unknown = set(k_values) - set(ks)
-    if unknown:
-        raise TypeError(f"unknown k-value arguments: {sorted(unknown)}")
-    ks |= k_values
+    ks = k_value_lists(k_values)
     max_k = max(max(v) for v in ks.values())
     name = collection or collection_name(f)
     n = len(f.corpus_ids)

@@ -21,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b = actions.add_parser("build", help="build an index folder from `encode --output` (a .npy, "
                            "or the shards + manifest of a multi-process encode), streamed")
     b.add_argument("--embeddings", required=True,
-                   help="encode's output: OUT.npy, or OUT.npy.manifest.json (float32 rows)")
+                   help="encode's output: OUT.npy, or OUT.npy.manifest.json (float rows)")
     b.add_argument("--texts", help="the corpus text file that was encoded (one line per row): "
                    "lets `search --index` print the texts")
     b.add_argument("--index", required=True, help="the index folder to write")

@@ -36,6 +36,9 @@ def cli_reference() -> str:
         # `train` is a stub in build_parser (its arguments go to the training CLI's own parser).
         text = train_parser().format_help() if name == "train" else sub.format_help()
         out.append(_block(f"sbert-flax {name}", text))
+        # A command with subcommands of its own (`index build`) gets each of them too.
+        for sub_name, subsub in _subparsers(sub).items():
+            out.append(_block(f"sbert-flax {name} {sub_name}", subsub.format_help()))
     return "\n".join(out)
 
 

@@ -259,11 +259,17 @@ def table(results: list[dict]) -> str:
     a, b = [r["st"]["pairs_per_s"] for r in results], [r["flax"]["pairs_per_s"] for r in results]
     lines.append(f"| training pairs/s | {_ms(a, '.1f')} | {_ms(b, '.1f')} | "
                  f"{_mean(b) / _mean(a):.2f}x |")
-    a, b = [r["st"]["peak_rss_mb"] for r in results], [r["flax"]["peak_rss_mb"] for r in results]
-    lines.append(f"| peak RSS (MB) | {_ms(a, '.0f')} | {_ms(b, '.0f')} | "
-                 f"{_mean(b) / _mean(a):.2f}x |")
-    a, b = [r["st"]["run_seconds"] for r in results], [r["flax"]["run_seconds"] for r in results]
-    lines.append(f"| training process wall time (s) | {_ms(a, '.0f')} | {_ms(b, '.0f')} | |")
+    # Process figures of the runs that recorded them (a run resumed by hand may not have).
+    measured = [r for r in results if "peak_rss_mb" in r["st"] and "peak_rss_mb" in r["flax"]]
+    if measured:
+        n = "" if len(measured) == len(results) else f" (n = {len(measured)})"
+        a, b = ([r["st"]["peak_rss_mb"] for r in measured],
+                [r["flax"]["peak_rss_mb"] for r in measured])
+        lines.append(f"| peak RSS (MB){n} | {_ms(a, '.0f')} | {_ms(b, '.0f')} | "
+                     f"{_mean(b) / _mean(a):.2f}x |")
+        a, b = ([r["st"]["run_seconds"] for r in measured],
+                [r["flax"]["run_seconds"] for r in measured])
+        lines.append(f"| training process wall time (s){n} | {_ms(a, '.0f')} | {_ms(b, '.0f')} | |")
     return "\n".join(lines)
 
 

@@ -12,7 +12,7 @@ import dataclasses
 import os
 
 from sbert_flax.models.config import BertConfig, PoolingConfig, pooling_from_uer
-from sbert_flax.training.train_config import TrainConfig
+from sbert_flax.training.train_config import CROSS_ENCODER_LOSSES, TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +63,12 @@ def resolve(cfg: TrainConfig, *, encode_seq_length: bool = False) -> RunModel:
         config; ModelNotFoundError, WeightsError: as `sbert-flax train` raises them.
     """
     path = cfg.pretrained_model_path
+    if cfg.loss in CROSS_ENCODER_LOSSES:
+        # Their batches are token-type pairs under a classifier head, which the compiled targets
+        # do not build yet; refusing here beats a weights error about an unexpected classifier.
+        raise ValueError(f"sbert-flax compile does not check cross-encoder runs yet (--loss "
+                         f"{cfg.loss}); compile the embedding losses, or run `sbert-flax train "
+                         "--max_steps 1` on the target to try a cross-encoder run")
     if not path:
         raise ValueError("no model: pass --model (a model folder or a BERT config.json), or "
                          "pretrained_model_path in --config")

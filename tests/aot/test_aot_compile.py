@@ -436,3 +436,14 @@ def test_config_file_then_flags_is_trains_config(tmp_path):
                                           str(path), "--batch_size", "16", "--remat"])
     want, _ = train_cli._parse(["--config", str(path), "batch_size=16", "remat=true"])
     assert command.train_config(args) == want
+
+
+@pytest.mark.parametrize("loss", ["ce-bce", "ce-softmax", "ce-listwise"])
+def test_cross_encoder_runs_are_refused_by_name(loss, tmp_path):
+    """compile does not build cross-encoder batches yet: it says so, naming the loss, rather than
+    failing on the classifier's weights."""
+    data = tmp_path / "pairs.tsv"
+    data.write_text("text_a\ttext_b\tlabel\n那个人很开心\t天气很好\t0\n", encoding="utf-8")
+    cfg = TrainConfig(pretrained_model_path=str(tmp_path / "any"), train_path=str(data), loss=loss)
+    with pytest.raises(ValueError, match=f"does not check cross-encoder runs yet \\(--loss {loss}\\)"):
+        run_model.resolve(cfg)

@@ -33,7 +33,7 @@ from sbert_flax.checkpoints.cross_encoder_folder import (
 from sbert_flax.checkpoints.cross_encoder_loading import LoadedCrossEncoder, load_cross_encoder
 from sbert_flax.common.files import atomic_directory
 from sbert_flax.inference.activations import resolve_activation, softmax
-from sbert_flax.inference.encode_programs import ScoreProgram, score_program
+from sbert_flax.inference.encode_programs import ScoreProgram, run_in_flight, score_program
 from sbert_flax.inference.encoder import (
     DEFAULT_MAX_BATCH_TOKENS,
     DTYPES,
@@ -183,15 +183,7 @@ class CrossEncoder:
     def _run(self, batches: Iterable[PackedPairBatch], dtype: str
              ) -> Iterator[tuple[PackedPairBatch, np.ndarray]]:
         """(batch, host logits [rows, slots, K]) in dispatch order, `in_flight` on the devices."""
-        queue: collections.deque = collections.deque()
-        for batch in batches:
-            queue.append((batch, self._dispatch(batch, dtype)))
-            if len(queue) >= self.in_flight:
-                b, out = queue.popleft()
-                yield b, np.asarray(out)
-        while queue:
-            b, out = queue.popleft()
-            yield b, np.asarray(out)
+        yield from run_in_flight(batches, lambda b: self._dispatch(b, dtype), self.in_flight)
 
     def warmup(self, dtype: str | None = None) -> int:
         """Compiles (and runs once) every packed shape; returns how many."""

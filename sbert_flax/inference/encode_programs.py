@@ -15,7 +15,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,8 @@ from jax.sharding import PartitionSpec as P
 from sbert_flax.common import sharding
 from sbert_flax.common.xla import compiler_options
 from sbert_flax.inference.packing import Packer
+
+B = TypeVar("B")
 
 # Programs kept; past it the least recently used is dropped (its executables with it), so a
 # process that loads many architectures in turn does not grow without bound.
@@ -116,3 +119,19 @@ def score_program(graphdef: nnx.GraphDef, devices: Sequence[jax.Device]) -> Pack
         return forward
 
     return shared_program(("score", graphdef), devices, 4, forward_of)
+
+
+def run_in_flight(batches: Iterable[B], dispatch: Callable[[B], Any], in_flight: int
+                  ) -> Iterator[tuple[B, np.ndarray]]:
+    """Runs `dispatch(batch)` (an asynchronous device call) with at most `in_flight` batches on
+    the devices; yields (batch, host result) in order. `batches` is advanced (tokenizing,
+    packing) while earlier batches compute."""
+    queue: collections.deque = collections.deque()
+    for batch in batches:
+        queue.append((batch, dispatch(batch)))
+        if len(queue) >= in_flight:
+            b, out = queue.popleft()
+            yield b, np.asarray(out)
+    while queue:
+        b, out = queue.popleft()
+        yield b, np.asarray(out)

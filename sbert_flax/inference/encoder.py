@@ -32,7 +32,7 @@ from sbert_flax.checkpoints.loading import DEFAULT_MODEL, LoadedModel, load_mode
 from sbert_flax.checkpoints.st_folder import write_st_folder
 from sbert_flax.common.arraylike import l2_normalize_rows
 from sbert_flax.common.files import atomic_directory
-from sbert_flax.inference.encode_programs import EncodeProgram, encode_program
+from sbert_flax.inference.encode_programs import EncodeProgram, encode_program, run_in_flight
 from sbert_flax.inference.packing import ROW_LENGTHS, PackedBatch, Packer
 from sbert_flax.inference.window_stream import Reassembly, Window, prefetch
 from sbert_flax.models.config import BertConfig, PoolingConfig
@@ -248,15 +248,7 @@ class SentenceEncoder:
 
         The `batches` iterator is advanced (tokenizing, packing) while earlier batches compute.
         """
-        queue: collections.deque = collections.deque()
-        for batch in batches:
-            queue.append((batch, self._dispatch(batch, dtype, output)))
-            if len(queue) >= self.in_flight:
-                b, out = queue.popleft()
-                yield b, np.asarray(out)
-        while queue:
-            b, out = queue.popleft()
-            yield b, np.asarray(out)
+        yield from run_in_flight(batches, lambda b: self._dispatch(b, dtype, output), self.in_flight)
 
     # ---- serving-level API --------------------------------------------------------------------
 

@@ -28,7 +28,8 @@ import numpy as np
 from flax import nnx
 
 from sbert_flax.models.bert import BertModel, dropout
-from sbert_flax.models.config import BertConfig, ConfigError, WeightsError
+from sbert_flax.models.config import BertConfig, ConfigError
+from sbert_flax.models.embedder import check_param_shapes
 
 Array = jax.Array
 
@@ -157,13 +158,4 @@ def check_classifier_params(params: dict, cfg: BertConfig, head: ClassifierConfi
                             source: str) -> None:
     """Every param present with the config's shape, nothing extra; errors name the path."""
     _, abstract = abstract_classifier(cfg, head)
-    want = {jax.tree_util.keystr(p): v.shape for p, v in
-            jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(abstract))}
-    have = {jax.tree_util.keystr(p): np.shape(v)
-            for p, v in jax.tree_util.tree_leaves_with_path(params)}
-    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
-    if missing or extra:
-        raise WeightsError(f"{source}: params missing {missing[:5]}, unexpected {extra[:5]}")
-    for k, shape in want.items():
-        if tuple(have[k]) != tuple(shape):
-            raise WeightsError(f"{source}: param {k} has shape {have[k]}, config needs {shape}")
+    check_param_shapes(nnx.to_pure_dict(abstract), params, source)

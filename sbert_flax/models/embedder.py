@@ -111,15 +111,26 @@ def embedder_params(backbone: dict) -> dict:
     return {"backbone": backbone}
 
 
+def check_param_shapes(want: Any, params: dict, source: str) -> None:
+    """`params` holds exactly the leaves of `want` (an abstract or concrete tree), each with its
+    shape; errors name the path (`source`: the file or folder they came from).
+
+    Raises:
+      WeightsError: params missing or unexpected (the first five), or a shape that differs.
+    """
+    want_shapes = {jax.tree_util.keystr(p): v.shape
+                   for p, v in jax.tree_util.tree_leaves_with_path(want)}
+    have = {jax.tree_util.keystr(p): np.shape(v)
+            for p, v in jax.tree_util.tree_leaves_with_path(params)}
+    missing, extra = sorted(set(want_shapes) - set(have)), sorted(set(have) - set(want_shapes))
+    if missing or extra:
+        raise WeightsError(f"{source}: params missing {missing[:5]}, unexpected {extra[:5]}")
+    for k, shape in want_shapes.items():
+        if tuple(have[k]) != tuple(shape):
+            raise WeightsError(f"{source}: param {k} has shape {have[k]}, config needs {shape}")
+
+
 def check_backbone_params(params: dict, cfg: BertConfig, source: str) -> None:
     """Every backbone param present with the config's shape, nothing extra; errors name the path."""
     _, abstract = abstract_embedder(cfg, PoolingConfig())
-    want = {jax.tree_util.keystr(p): v.shape for p, v in
-            jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(abstract)["backbone"])}
-    have = {jax.tree_util.keystr(p): np.shape(v) for p, v in jax.tree_util.tree_leaves_with_path(params)}
-    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
-    if missing or extra:
-        raise WeightsError(f"{source}: params missing {missing[:5]}, unexpected {extra[:5]}")
-    for k, shape in want.items():
-        if tuple(have[k]) != tuple(shape):
-            raise WeightsError(f"{source}: param {k} has shape {have[k]}, config needs {shape}")
+    check_param_shapes(nnx.to_pure_dict(abstract)["backbone"], params, source)

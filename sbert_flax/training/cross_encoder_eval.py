@@ -126,15 +126,8 @@ class CrossEncoderEvaluator:
         """Accuracy, macro F1 and per-label P/R/F1 of a labelled source (logged UER-style)."""
         preds = self.classify(params, source)
         gold = source.targets
-        prf = metrics.per_label_prf(preds, gold, num_labels)
         log.info("%s:\n%s", name, metrics.format_report(preds, gold, num_labels))
-        out: dict[str, Any] = {"accuracy": metrics.accuracy(preds, gold),
-                               "macro_f1": float(prf["macro_f1"])}
-        for i in range(num_labels):
-            out[f"f1_{i}"] = float(prf["f1"][i])
-            out[f"precision_{i}"] = float(prf["precision"][i])
-            out[f"recall_{i}"] = float(prf["recall"][i])
-        return out
+        return metrics.classification_report(preds, gold, num_labels)
 
     def evaluate(self, params: Any, dev: TextSource | None, num_labels: int | None,
                  label: str) -> dict[str, Any]:

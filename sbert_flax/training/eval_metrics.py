@@ -90,3 +90,16 @@ def format_report(pred, gold, num_labels: int, weights=None) -> str:
     lines += [f"Label {i}: {prf['precision'][i]:.3f}, {prf['recall'][i]:.3f}, {prf['f1'][i]:.3f}"
               for i in range(num_labels)]
     return "\n".join(lines)
+
+
+def classification_report(preds: np.ndarray, gold: np.ndarray, num_labels: int
+                          ) -> dict[str, float]:
+    """Accuracy, macro F1 and per-label P/R/F1 (`f1_i`, `precision_i`, `recall_i`), as the
+    trainer logs and records them for a labelled dev or test set."""
+    prf = per_label_prf(preds, gold, num_labels)
+    out: dict[str, float] = {"accuracy": accuracy(preds, gold), "macro_f1": float(prf["macro_f1"])}
+    for i in range(num_labels):
+        out[f"f1_{i}"] = float(prf["f1"][i])
+        out[f"precision_{i}"] = float(prf["precision"][i])
+        out[f"recall_{i}"] = float(prf["recall"][i])
+    return out

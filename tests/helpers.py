@@ -211,3 +211,21 @@ def wait_for(condition: Callable[[], object], timeout: float = 120.0) -> bool:
             return False
         time.sleep(0.01)
     return True
+
+
+def write_jsonl(path, objs) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for o in objs:
+            f.write(json.dumps(o, ensure_ascii=False) + "\n")
+
+
+def write_beir(root, corpus, queries, qrels, split: str = "test") -> str:
+    """corpus: [(id, title, text)], queries: [(id, text)], qrels: [(qid, cid, score)]."""
+    os.makedirs(os.path.join(root, "qrels"), exist_ok=True)
+    write_jsonl(os.path.join(root, "corpus.jsonl"),
+                 [{"_id": c, "title": t, "text": x} for c, t, x in corpus])
+    write_jsonl(os.path.join(root, "queries.jsonl"), [{"_id": q, "text": x} for q, x in queries])
+    with open(os.path.join(root, "qrels", f"{split}.tsv"), "w", encoding="utf-8") as f:
+        f.write("query-id\tcorpus-id\tscore\n")
+        f.writelines(f"{q}\t{c}\t{s}\n" for q, c, s in qrels)
+    return str(root)

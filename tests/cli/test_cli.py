@@ -118,10 +118,12 @@ def test_convert_to_flax_and_back_to_sentence_transformers(tiny, tiny_enc, tmp_p
 def test_convert_uer_checkpoint(tiny, tiny_enc, tmp_path, capsys, one_device, zh_vocab):
     import torch
 
+    from sbert_flax.checkpoints.uer import hf_to_uer
+
     # A UER-py sbert checkpoint (two tied towers) made from the tiny HF model's weights.
     hf = weights.flax_to_hf(tiny_enc.param_dict(), tiny_enc.config)
-    uer = weights.hf_to_uer(hf, "sbert", tiny_enc.config.num_hidden_layers, tower=0)
-    uer.update(weights.hf_to_uer(hf, "sbert", tiny_enc.config.num_hidden_layers, tower=1))
+    uer = hf_to_uer(hf, "sbert", tiny_enc.config.num_hidden_layers, tower=0)
+    uer.update(hf_to_uer(hf, "sbert", tiny_enc.config.num_hidden_layers, tower=1))
     untied = dict(uer)
     untied["encoder.encoder_1.transformer.0.layer_norm_1.gamma"] = uer[
         "encoder.encoder_1.transformer.0.layer_norm_1.gamma"] + 1.0

@@ -13,6 +13,7 @@ import os
 
 import numpy as np
 import pytest
+from helpers import write_beir
 
 from sbert_flax.cli import main as cli
 from sbert_flax.retrieval.ir_evaluation import (
@@ -28,24 +29,6 @@ from sbert_flax.retrieval.ir_evaluation import (
 )
 
 ROWS = 900  # nli-zh dev rows used: ~300 queries, 900 documents
-
-
-def _write_jsonl(path, objs) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for o in objs:
-            f.write(json.dumps(o, ensure_ascii=False) + "\n")
-
-
-def write_beir(root, corpus, queries, qrels, split: str = "test") -> str:
-    """corpus: [(id, title, text)], queries: [(id, text)], qrels: [(qid, cid, score)]."""
-    os.makedirs(os.path.join(root, "qrels"), exist_ok=True)
-    _write_jsonl(os.path.join(root, "corpus.jsonl"),
-                 [{"_id": c, "title": t, "text": x} for c, t, x in corpus])
-    _write_jsonl(os.path.join(root, "queries.jsonl"), [{"_id": q, "text": x} for q, x in queries])
-    with open(os.path.join(root, "qrels", f"{split}.tsv"), "w", encoding="utf-8") as f:
-        f.write("query-id\tcorpus-id\tscore\n")
-        f.writelines(f"{q}\t{c}\t{s}\n" for q, c, s in qrels)
-    return str(root)
 
 
 def build_nli_beir(root, rows: int):

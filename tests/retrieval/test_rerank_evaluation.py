@@ -20,7 +20,7 @@ import helpers
 import jax
 import numpy as np
 import pytest
-from test_ir_evaluation import write_beir
+from helpers import write_beir
 
 from sbert_flax.cli import main as cli
 from sbert_flax.inference.cross_encoder import CrossEncoder

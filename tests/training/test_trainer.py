@@ -80,7 +80,7 @@ def _flat(tree):
 
 def write_ir_dev(root, seed: int) -> str:
     """A tiny BEIR folder: each query's relevant document is drawn from its character set."""
-    from test_retrieval import write_beir
+    from helpers import write_beir
 
     sets = _sets()
     rng = np.random.default_rng(seed)
